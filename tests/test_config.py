@@ -1,0 +1,119 @@
+"""Config loading: TOML, overrides, printing, and a clear error for each kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from titan.config import ConfigError, JobConfig, load_config
+from titan.config.manager import field_docs, help_text, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_parse(path):
+    cfg = load_config([], config_file=str(path))
+    assert cfg.job.config_file == str(path)
+
+
+def test_seed_layouts():
+    c70 = load_config([], config_file=str(ROOT / "train_configs/llama3_70b.toml"))
+    assert (c70.model.flavor, c70.parallelism.tensor_parallel_degree) == ("70B", 8)
+    c405 = load_config([], config_file=str(ROOT / "train_configs/llama3_405b.toml"))
+    p = c405.parallelism
+    assert (p.data_parallel_shard_degree, p.tensor_parallel_degree, p.pipeline_parallel_degree) == (
+        8,
+        8,
+        8,
+    )
+    assert p.pipeline_parallel_schedule == "Interleaved1F1B"
+
+
+def test_overrides_both_spellings_and_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[training]\nsteps = 3\nseq_len = 64\n[optimizer]\nlr = 1e-3\n")
+    cfg = load_config(
+        ["--job.config_file", str(toml), "--training.steps", "7", "--optimizer.lr=0.5",
+         "--job.print_config", "--compile.components", "model", "--lr_scheduler.decay_ratio", "0.2",
+         "--data.path=none"]
+    )  # fmt: skip
+    assert cfg.training.steps == 7 and cfg.training.seq_len == 64
+    assert cfg.optimizer.lr == 0.5 and cfg.job.print_config is True
+    assert cfg.compile.components == ["model"] and cfg.lr_scheduler.decay_ratio == 0.2
+    assert cfg.data.path is None
+
+
+def test_effective_config_round_trips(tmp_path):
+    cfg = load_config(
+        [
+            "--training.steps",
+            "5",
+            "--lr_scheduler.decay_ratio",
+            "0.5",
+            "--lr_scheduler.warmup_steps",
+            "1",
+        ]
+    )
+    path = tmp_path / "effective.toml"
+    path.write_text(to_toml(cfg))
+    again = load_config([], config_file=str(path))
+    again.job.config_file = cfg.job.config_file
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--trainng.steps", "3"],
+            "unknown config section 'trainng' (command line); did you mean 'training'?",
+        ),
+        (
+            ["--training.step", "3"],
+            "unknown config key training.'step' (command line); did you mean 'steps'?",
+        ),
+        (["--training.steps", "three"], "--training.steps: expected int, got 'three'"),
+        (["--training.steps", "0"], "training.steps = 0 must be > 0"),
+        (["--compile.enable", "maybe"], "--compile.enable: expected bool"),
+        (
+            ["--optimizer.name", "adamw"],
+            "optimizer.name = 'adamw' is not one of AdamW, Adam; did you mean 'AdamW'?",
+        ),
+        (["--optimizer.beta2", "1.0"], "optimizer.beta2 = 1.0 must be in [0, 1)"),
+        (
+            ["--parallelism.tensor_parallel_degree", "0"],
+            "parallelism.tensor_parallel_degree = 0 must be >= 1",
+        ),
+        (["--activation_checkpoint.mode", "memory_budget"], "set compile.enable = true"),
+        (["training.steps", "3"], "unexpected argument 'training.steps'"),
+        (["--job.config_file", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
+    ],
+)
+def test_bad_config_errors(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert message in str(e.value)
+
+
+def test_bad_toml_errors(tmp_path):
+    bad_type = tmp_path / "bad_type.toml"
+    bad_type.write_text('[training]\nsteps = "ten"\n')
+    with pytest.raises(ConfigError, match=r"training.steps in .*bad_type.toml: expected int"):
+        load_config([], config_file=str(bad_type))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[optimizer]\nlearning_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown config key optimizer.'learning_rate'"):
+        load_config([], config_file=str(unknown))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[training\nsteps = 1\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config([], config_file=str(broken))
+
+
+def test_every_field_is_documented():
+    for section in vars(JobConfig()).values():
+        docs = field_docs(type(section))
+        for name in vars(section):
+            assert docs.get(name), f"{type(section).__name__}.{name} has no doc"
+    assert "--training.local_batch_size" in help_text()

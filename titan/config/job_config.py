@@ -1,0 +1,233 @@
+"""The training config: one dataclass per TOML table, each field documented by the string below it.
+
+`titan.config.manager` loads TOML into these classes, applies `--section.key value` overrides
+and validates the result. Builders take their own section only:
+`build_optimizer(model, cfg.optimizer)`.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    config_file: str | None = None
+    """Path of the TOML file this config was loaded from."""
+    dump_folder: str = "./outputs"
+    """Folder for everything a run writes: logs, effective config, traces, checkpoints."""
+    description: str = ""
+    """Free text that names the run in logs."""
+    print_config: bool = False
+    """Print the effective config at start-up."""
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family."""
+    flavor: str = "debugmodel"
+    """Architecture size, a key of llama3.FLAVORS: debugmodel, 1B, 3B, 8B, 70B, 405B."""
+    tokenizer_path: str = "titan/assets/tokenizer/tokenizer.model"
+    """Tokenizer file in Llama 3's tiktoken format (Meta's original/tokenizer.model works)."""
+    vocab_size: int = -1
+    """Embedding rows; -1 takes the flavor's vocabulary (the tokenizer must fit in it)."""
+
+
+@dataclass
+class Training:
+    steps: int = 10
+    """Optimizer steps to train for."""
+    local_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 means local_batch_size x dp degree.
+    Gradient accumulation steps = global / (local x dp degree)."""
+    seq_len: int = 2048
+    """Tokens per training sequence."""
+    max_norm: float = 1.0
+    """Gradient clipping: maximum global L2 norm; 0 disables clipping."""
+    mixed_precision_param: str = "bfloat16"
+    """Compute dtype on GPU (bfloat16 or float32); CPU always computes in float32."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    seed: int = 0
+    """Seed for weights, data order and dropout-free randomness."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower); with a fixed seed two runs give identical losses."""
+    gc_freq: int = 50
+    """Run Python's garbage collector every N steps (automatic collection is disabled)."""
+
+
+@dataclass
+class Data:
+    dataset: str = "default"
+    """default (the embedded corpus), synthetic (random tokens, for benchmarks),
+    or a Hugging Face hub dataset name such as allenai/c4."""
+    path: str | None = None
+    """Local file or folder (jsonl, json, parquet, txt, arrow) read instead of the hub."""
+    config_name: str | None = None
+    """Hugging Face dataset config (subset), e.g. en for allenai/c4."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_field: str = "text"
+    """Column holding each document's text."""
+    streaming: bool = True
+    """Stream hub datasets instead of downloading them whole."""
+    infinite: bool = True
+    """Start another pass over the data when it runs out (else stop with an error)."""
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"
+    """Optimizer: AdamW or Adam."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW)."""
+    implementation: str = "auto"
+    """for-loop, foreach, fused, or auto (fused on CUDA, foreach elsewhere)."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 200
+    """Steps of linear warmup from lr/(warmup_steps+1) to lr."""
+    decay_type: str = "linear"
+    """Shape of the decay: linear, cosine or sqrt."""
+    decay_ratio: float | None = None
+    """Fraction of steps spent decaying, at the end; None decays over all steps after warmup.
+    Below 1 the LR holds at its peak in between: a warmup-stable-decay (WSD) schedule."""
+    min_lr_factor: float = 0.0
+    """The LR decays to lr x min_lr_factor."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """Replicas of the model (DDP, or the replicate dimension of HSDP)."""
+    data_parallel_shard_degree: int = -1
+    """Ranks each replica's FSDP shards span; -1 fills what the other degrees leave of the world."""
+    tensor_parallel_degree: int = 1
+    """Ranks splitting each layer's matmuls (Megatron-style tensor parallel)."""
+    enable_sequence_parallel: bool = True
+    """With tensor parallel, also shard norms and residuals along the sequence."""
+    enable_async_tensor_parallel: bool = False
+    """Overlap tensor-parallel communication with matmuls (CUDA, needs compile)."""
+    disable_loss_parallel: bool = False
+    """With tensor parallel, gather logits before the loss instead of a vocab-parallel loss."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline stages' ranks."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, or a CSV."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Sequences per pipeline micro-batch."""
+    pipeline_parallel_layers_per_stage: int | None = None
+    """Transformer blocks per virtual stage; None gives one stage per rank (two for V schedules)."""
+    context_parallel_degree: int = 1
+    """Ranks splitting each sequence (context parallel)."""
+    fsdp_reshard_after_forward: str = "default"
+    """default, always or never: whether FSDP frees gathered parameters after forward."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    """none, full, selective or memory_budget."""
+    selective_ac_option: str = "op"
+    """For selective: op (save matmul outputs by policy) or N (checkpoint every N-th block)."""
+    memory_budget: float = 0.5
+    """For memory_budget: fraction of activation memory to keep (0 = recompute all, 1 = none)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block and the loss."""
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    """What to compile: model and/or loss."""
+    backend: str = "inductor"
+    """torch.compile backend."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save and resume training state with torch.distributed.checkpoint."""
+    folder: str = "checkpoint"
+    """Sub-folder of job.dump_folder holding step-N checkpoints."""
+    interval: int = 500
+    """Save every N steps."""
+    keep_latest_k: int = 0
+    """Keep the newest K checkpoints and delete older ones; 0 keeps all."""
+    async_mode: str = "disabled"
+    """disabled, async or async_with_pinned_mem."""
+    load_step: int = -1
+    """Step to resume from; -1 takes the newest complete checkpoint."""
+    last_save_model_only: bool = True
+    """At the last step, save the model weights only (no optimizer state)."""
+    export_dtype: str = "float32"
+    """dtype of a model-only save: float32 or bfloat16."""
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """Parts not restored on resume: model, optimizer, lr_scheduler, dataloader, train_state."""
+    initial_load_path: str | None = None
+    """Weights to start from when the run has no checkpoint of its own."""
+    initial_load_in_hf: bool = False
+    """initial_load_path holds Hugging Face safetensors rather than DCP."""
+    create_seed_checkpoint: bool = False
+    """Write step-0 weights from one process and exit."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log metrics every N steps (and at the first and last step)."""
+    enable_tensorboard: bool = False
+    """Write metrics to TensorBoard under job.dump_folder/save_tb_folder."""
+    save_tb_folder: str = "tb"
+    """TensorBoard sub-folder of job.dump_folder."""
+    enable_wandb: bool = False
+    """Send metrics to Weights & Biases (WANDB_MODE=offline works without network)."""
+    wandb_project: str = "titan"
+    """W&B project name."""
+    rank_0_only: bool = True
+    """Log from rank 0 only (else every rank logs, prefixed by its rank)."""
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Record torch profiler traces."""
+    save_traces_folder: str = "profile_traces"
+    """Trace sub-folder of job.dump_folder."""
+    profile_freq: int = 100
+    """Record a trace every N steps."""
+    profiler_warmup: int = 3
+    """Profiler warmup steps before each recorded window."""
+    profiler_active: int = 1
+    """Steps recorded in each window."""
+    enable_memory_snapshot: bool = False
+    """Dump CUDA memory snapshots (CUDA only)."""
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Memory snapshot sub-folder of job.dump_folder."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)

@@ -1,0 +1,299 @@
+"""Load a JobConfig from TOML plus `--section.key value` overrides, and validate it in one place.
+
+Every error names the offending key and, for a misspelling, the nearest valid name.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from titan.config.job_config import JobConfig
+from titan.logger import logger
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used, with a message saying how to fix it."""
+
+
+def load_config(args: list[str] | None = None, config_file: str | None = None) -> JobConfig:
+    """Build the config: defaults <- TOML file <- command-line overrides, then validate.
+
+    The TOML file comes from `config_file`, else `--job.config_file PATH` in `args`.
+    """
+    overrides = _parse_args(sys.argv[1:] if args is None else args)
+    config_file = overrides.pop("job.config_file", None) or config_file
+    cfg = JobConfig()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            with path.open("rb") as f:
+                table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{config_file} is not valid TOML: {e}") from None
+        _apply_table(cfg, table, source=config_file)
+        cfg.job.config_file = str(config_file)
+    for dotted, raw in overrides.items():
+        section, key = _resolve_key(cfg, dotted, source="command line")
+        _set(section, key, raw, where=f"--{dotted}", from_string=True)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """The config as nested plain dicts (for printing, logging and writing to the run folder)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The effective config as TOML text that `load_config` reads back to an equal config."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is not None:  # TOML has no null: an absent key means the default None
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+    """Each field's doc: the string literal written under it in job_config.py."""
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(section_cls)).body[0].body
+    for node, nxt in zip(body, body[1:], strict=False):
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every section and key with its default and doc, for `--help`."""
+    out = []
+    for sec in dataclasses.fields(JobConfig):
+        section = getattr(JobConfig(), sec.name)
+        docs = field_docs(type(section))
+        out.append(f"[{sec.name}]")
+        for f in dataclasses.fields(section):
+            out.append(f"  --{sec.name}.{f.name} (default {getattr(section, f.name)!r})")
+            out.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(out)
+
+
+def _parse_args(args: list[str]) -> dict[str, str]:
+    """`--a.b value`, `--a.b=value`, and bare `--a.b` (a boolean flag) -> {"a.b": "value"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.key value"
+            )
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            takes_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            value = args[i + 1] if takes_value else "true"
+            i += 1 if takes_value else 0
+        out[name] = value
+        i += 1
+    return out
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    lowered = {o.lower(): o for o in options}  # case slips ('adamw') count as close
+    match = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.5)
+    return f"; did you mean {lowered[match[0]]!r}?" if match else f"; valid: {', '.join(options)}"
+
+
+def _resolve_key(cfg: JobConfig, dotted: str, source: str) -> tuple[Any, str]:
+    section_name, _, key = dotted.partition(".")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if section_name not in sections:
+        raise ConfigError(
+            f"unknown config section {section_name!r} ({source})" + _nearest(section_name, sections)
+        )
+    section = getattr(cfg, section_name)
+    keys = [f.name for f in dataclasses.fields(section)]
+    if key not in keys:
+        hint = _nearest(key, keys)
+        raise ConfigError(f"unknown config key {section_name}.{key!r} ({source})" + hint)
+    return section, key
+
+
+def _apply_table(cfg: JobConfig, table: dict[str, Any], source: str) -> None:
+    for section_name, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: top-level key {section_name!r} must be a [table]")
+        for key, value in values.items():
+            section, key = _resolve_key(cfg, f"{section_name}.{key}", source=source)
+            _set(section, key, value, where=f"{section_name}.{key} in {source}", from_string=False)
+
+
+def _set(section: Any, key: str, value: Any, where: str, from_string: bool) -> None:
+    hint = typing.get_type_hints(type(section))[key]
+    try:
+        setattr(section, key, _coerce(value, hint, from_string))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({e})") from None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, from_string: bool) -> Any:
+    """Convert a TOML value or a command-line string to the field's type, or raise."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (from_string and str(value).lower() in ("none", "null")):
+            return None
+        return _coerce(value, inner, from_string)
+    if typing.get_origin(hint) is list:
+        if from_string:
+            value = [v for v in str(value).split(",") if v != ""]
+        if not isinstance(value, list):
+            raise TypeError("not a list")
+        return [_coerce(v, args[0], from_string) for v in value]
+    if hint is bool:
+        if from_string and str(value).lower() in ("true", "1", "yes"):
+            return True
+        if from_string and str(value).lower() in ("false", "0", "no"):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise TypeError("not a boolean")
+    if hint is int:
+        if isinstance(value, bool) or (not from_string and not isinstance(value, int)):
+            raise TypeError("not an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or (not from_string and not isinstance(value, int | float)):
+            raise TypeError("not a number")
+        return float(value)
+    if hint is str:
+        if not from_string and not isinstance(value, str):
+            raise TypeError("not a string")
+        return str(value)
+    raise TypeError(f"unsupported field type {hint}")
+
+
+_CHOICES = {
+    "training.mixed_precision_param": ("bfloat16", "float32"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "optimizer.name": ("AdamW", "Adam"),
+    "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
+    "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "activation_checkpoint.mode": ("none", "full", "selective", "memory_budget"),
+    "checkpoint.async_mode": ("disabled", "async", "async_with_pinned_mem"),
+    "checkpoint.export_dtype": ("float32", "bfloat16"),
+}
+
+
+def validate(cfg: JobConfig) -> None:
+    """Reject impossible values at start-up, naming the key."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(
+                f"{dotted} = {value!r} is not one of {', '.join(choices)}"
+                + _nearest(value, list(choices))
+            )
+    t, o, s = cfg.training, cfg.optimizer, cfg.lr_scheduler
+    _positive(
+        cfg,
+        "training.steps",
+        "training.local_batch_size",
+        "training.seq_len",
+        "optimizer.lr",
+        "metrics.log_freq",
+        "checkpoint.interval",
+        "training.gc_freq",
+    )
+    _non_negative(
+        cfg,
+        "training.max_norm",
+        "optimizer.weight_decay",
+        "optimizer.eps",
+        "lr_scheduler.warmup_steps",
+        "lr_scheduler.min_lr_factor",
+        "checkpoint.keep_latest_k",
+    )
+    if t.global_batch_size != -1 and t.global_batch_size < 1:
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size}: use a positive count or -1"
+        )
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optimizer.{key} = {getattr(o, key)} must be in [0, 1)")
+    if s.min_lr_factor > 1.0:
+        raise ConfigError(f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
+    if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
+        raise ConfigError(f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] or unset")
+    if s.warmup_steps >= t.steps:
+        logger.warning(
+            f"lr_scheduler.warmup_steps = {s.warmup_steps} >= training.steps = {t.steps}: "
+            "the learning rate never reaches its peak"
+        )
+    p = cfg.parallelism
+    for key in (
+        "data_parallel_replicate_degree",
+        "tensor_parallel_degree",
+        "pipeline_parallel_degree",
+        "context_parallel_degree",
+        "pipeline_parallel_microbatch_size",
+    ):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallelism.{key} = {getattr(p, key)} must be >= 1")
+    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}: "
+            "use >= 1 or -1"
+        )
+    unknown = set(cfg.checkpoint.exclude_from_loading) - {
+        "model",
+        "optimizer",
+        "lr_scheduler",
+        "dataloader",
+        "train_state",
+    }
+    if unknown:
+        raise ConfigError(f"checkpoint.exclude_from_loading has unknown parts {sorted(unknown)}")
+    if cfg.activation_checkpoint.mode == "memory_budget" and not cfg.compile.enable:
+        raise ConfigError(
+            "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
+            "set compile.enable = true"
+        )
+    if not set(cfg.compile.components) <= {"model", "loss"}:
+        raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
+
+
+def _positive(cfg: JobConfig, *dotted: str) -> None:
+    for d in dotted:
+        section, key = d.split(".")
+        if getattr(getattr(cfg, section), key) <= 0:
+            raise ConfigError(f"{d} = {getattr(getattr(cfg, section), key)} must be > 0")
+
+
+def _non_negative(cfg: JobConfig, *dotted: str) -> None:
+    for d in dotted:
+        section, key = d.split(".")
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"{d} = {getattr(getattr(cfg, section), key)} must be >= 0")
