@@ -1,0 +1,195 @@
+"""Llama 3 as a plain nn.Module: pre-norm RMSNorm blocks of GQA attention and a SwiGLU FFN.
+
+tokens -> tok_embeddings -> n_layers x [h += attention(attention_norm(h));
+h += feed_forward(ffn_norm(h))] -> norm -> output -> logits. RoPE (theta 500000, Llama 3.1
+frequency scaling) rotates q and k with real cos/sin tables on Meta's interleaved (even, odd)
+pairs. Names follow Meta's checkpoints.
+Build on the meta device, move with `to_empty(device=...)`, then call `init_weights()`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan.models.llama3.args import ModelArgs, RoPEScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RoPEScaling | None) -> torch.Tensor:
+    """Rotation frequency of each (even, odd) pair, with Llama 3.1 scaling when given."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return freqs.float()
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, interpolated)
+    scaled = torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+    return scaled.float()
+
+
+def rope_cache(
+    head_dim: int, max_seq_len: int, theta: float, scaling: RoPEScaling | None
+) -> torch.Tensor:
+    """cos and sin of every position's angles: (max_seq_len, head_dim // 2, 2)."""
+    freqs = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of x by its position's angle.
+
+    x: (bs, seqlen, n_heads, head_dim); cache: (seqlen, head_dim // 2, 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, head_dim // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos = cache[None, :, None, :, 0]  # (1, seqlen, 1, head_dim // 2)
+    sin = cache[None, :, None, :, 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalize in fp32 whatever the compute dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        # -1 rather than n_heads: under tensor parallel each rank holds a slice of the heads
+        q = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
+        k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # GQA: each kv head serves n_heads // n_kv_heads query heads
+        n_rep = q.shape[2] // k.shape[2]
+        k = k.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k
+        v = v.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Output projections of deeper blocks start smaller so the residual stream stays O(1).
+        self.out_init_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
+        for lin in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.out_init_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by index keeps parameter names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: derived from args, rebuilt by init_weights() after to_empty().
+        cache = rope_cache(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
+        self.register_buffer("rope_cache", cache, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size)."""
+        seqlen = tokens.shape[1]
+        if seqlen > self.rope_cache.shape[0]:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds max_seq_len {self.rope_cache.shape[0]}"
+            )
+        rope = self.rope_cache[:seqlen]
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        return self.output(self.norm(h))
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "Transformer":
+        super().to_empty(device=device, recurse=recurse)
+        if self.args.tie_word_embeddings:  # to_empty gives each module a new tensor: re-tie
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialize every parameter and rebuild the RoPE cache (after to_empty() from meta)."""
+        args = self.args
+        with torch.device(buffer_device or self.rope_cache.device):
+            self.rope_cache = rope_cache(
+                args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling
+            )
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.reset_parameters()
+        # Tied: one matrix serves as embedding and output, so it takes the output's scale.
+        final_std = args.dim**-0.5
+        if args.tie_word_embeddings:
+            nn.init.trunc_normal_(
+                self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
+            )
+        else:
+            nn.init.normal_(self.tok_embeddings.weight)
+            nn.init.trunc_normal_(
+                self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
+            )
