@@ -1,0 +1,375 @@
+"""Training data: documents tokenized with BOS/EOS, packed back to back into fixed windows.
+
+`build_dataloader` returns a StatefulDataLoader whose state_dict() resumes exactly. Sources: the
+embedded corpus, synthetic tokens, local files (.txt gives a document per paragraph), or the hub.
+"""
+
+import functools
+import gzip
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from titan.components.tokenizer import Tokenizer
+from titan.config.job_config import Data
+from titan.logger import logger
+
+CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "default_corpus.jsonl.gz"
+OFFLINE_ALTERNATIVES = (
+    "--data.dataset default (the embedded corpus), --data.path /local/files "
+    "(jsonl, json, parquet, txt, arrow), or --data.dataset synthetic (random tokens)"
+)
+# File extension -> Hugging Face `datasets` builder; compressed files keep their inner extension.
+BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+    ".text": "text",
+    ".csv": "csv",
+}
+COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
+
+
+class DocumentSource:
+    """An endless or one-pass stream of document texts for one dp rank, with a resumable state."""
+
+    def __init__(self, name: str, infinite: bool):
+        self.name = name
+        self.infinite = infinite
+        self.epoch = 0
+
+    def next_text(self) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _end_pass(self, empty: bool) -> None:
+        """Start the next pass, or explain why there is none."""
+        if empty:
+            raise ValueError(f"{self.name} has no documents for this data-parallel rank")
+        if not self.infinite:
+            raise RuntimeError(
+                f"ran out of data: pass {self.epoch + 1} over {self.name} is done; "
+                f"set --data.infinite true to start another pass"
+            )
+        self.epoch += 1
+        logger.info(f"data: starting pass {self.epoch + 1} over {self.name}")
+
+
+def _text(example: dict[str, Any], field: str, name: str) -> str:
+    if field not in example:
+        raise ValueError(
+            f"{name} has no column {field!r}; its columns are {sorted(example)}. "
+            f"Pick one with --data.text_field"
+        )
+    text = example[field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: column {field!r} holds {type(text).__name__}, not text")
+    return text
+
+
+class _IndexedSource(DocumentSource):
+    """Documents 0..num_docs-1 read by index: the embedded corpus and map-style datasets."""
+
+    def __init__(self, name: str, num_docs: int, get_text: Callable[[int], str], infinite: bool):
+        super().__init__(name, infinite)
+        self.num_docs = num_docs
+        self.get_text = get_text
+        self.index = 0
+
+    def next_text(self) -> str:
+        if self.index >= self.num_docs:
+            self._end_pass(empty=self.num_docs == 0)
+            self.index = 0
+        text = self.get_text(self.index)
+        self.index += 1
+        return text
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class _StreamSource(DocumentSource):
+    """A Hugging Face IterableDataset, resumed through its own state_dict()."""
+
+    def __init__(self, name: str, dataset: Any, text_field: str, infinite: bool):
+        super().__init__(name, infinite)
+        self.dataset = dataset
+        self.text_field = text_field
+        self._iter = None
+        self._started = False  # the current pass has yielded an example since (re)starting
+        self._resume: dict[str, Any] | None = None  # HF state the current pass starts from
+
+    def next_text(self) -> str:
+        while True:
+            if self._iter is None:
+                self.dataset.set_epoch(self.epoch)
+                self.dataset.load_state_dict(self._resume)  # None clears a state loaded earlier
+                self._iter = iter(self.dataset)
+            try:
+                example = next(self._iter)
+            except StopIteration:
+                self._end_pass(empty=not self._started and self._resume is None)
+                self._iter, self._started, self._resume = None, False, None
+                continue
+            self._started = True
+            return _text(example, self.text_field, self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        hf_state = self.dataset.state_dict() if self._started else self._resume
+        return {"epoch": self.epoch, "hf": hf_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self._resume = state["epoch"], state["hf"]
+        self._iter, self._started = None, False
+
+
+class PackedTextDataset(IterableDataset):
+    """Yields (inputs, labels) of seq_len tokens cut from the stream BOS doc EOS BOS doc EOS ...
+
+    The state is the source's state before the current document plus the tokens of it already
+    emitted, so a resumed loader re-reads one document instead of storing a token buffer.
+    """
+
+    def __init__(
+        self, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, dp: tuple[int, int]
+    ):
+        super().__init__()
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.dp = dp  # (rank, degree): a state only fits the shard it was saved from
+        self._doc_state: dict[str, Any] | None = None  # source state before the current doc
+        self._tokens: list[int] = []
+        self._offset = 0  # tokens of the current document already emitted
+        self._reread = False  # after load_state_dict: re-read the current document first
+
+    def _next_document(self) -> None:
+        self._doc_state = self.source.state_dict()
+        text = self.source.next_text()
+        self._tokens = self.tokenizer.encode(text, bos=True, eos=True)
+        self._offset = 0
+
+    def _window(self) -> list[int]:
+        if self._reread:
+            offset = self._offset
+            self.source.load_state_dict(self._doc_state)
+            self._next_document()
+            self._offset, self._reread = offset, False
+        window: list[int] = []
+        while len(window) < self.seq_len + 1:
+            if self._offset >= len(self._tokens):
+                self._next_document()
+            piece = self._tokens[self._offset : self._offset + self.seq_len + 1 - len(window)]
+            window += piece
+            self._offset += len(piece)
+        return window
+
+    def __iter__(self):
+        while True:
+            window = torch.tensor(self._window(), dtype=torch.long)  # (seq_len + 1,)
+            yield window[:-1], window[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        source = self._doc_state if self._doc_state is not None else self.source.state_dict()
+        return {"source": source, "offset": self._offset, "dp": list(self.dp)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_dp(state, self.dp)
+        self._doc_state, self._offset = state["source"], state["offset"]
+        self._tokens, self._reread = [], True
+
+
+class SyntheticDataset(IterableDataset):
+    """Uniform random tokens; window n depends only on (seed, dp rank, n), so it resumes exactly."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, dp: tuple[int, int]):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.seed = seed % 2**63  # numpy seeds must be non-negative
+        self.dp = dp
+        self.window = 0
+
+    def __iter__(self):
+        while True:
+            rng = np.random.default_rng([self.seed, self.dp[0], self.window])
+            tokens = rng.integers(0, self.vocab_size, size=self.seq_len + 1, dtype=np.int64)
+            self.window += 1
+            window = torch.from_numpy(tokens)
+            yield window[:-1], window[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "dp": list(self.dp)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_dp(state, self.dp)
+        self.window = state["window"]
+
+
+def _check_dp(state: dict[str, Any], dp: tuple[int, int]) -> None:
+    if tuple(state["dp"]) != tuple(dp):
+        raise ValueError(
+            f"dataloader state was saved by dp rank {state['dp'][0]} of {state['dp'][1]}, "
+            f"but this is rank {dp[0]} of {dp[1]}: a data-parallel size change cannot resume "
+            f"the data exactly (exclude 'dataloader' from loading to start the data afresh)"
+        )
+
+
+@functools.cache
+def load_embedded_corpus() -> tuple[str, ...]:
+    """The documents of titan/assets/default_corpus.jsonl.gz, in file order."""
+    if not CORPUS_PATH.is_file():
+        raise FileNotFoundError(
+            f"embedded corpus {CORPUS_PATH} is missing; rebuild it with "
+            f"`python scripts/build_default_corpus.py`"
+        )
+    with gzip.open(CORPUS_PATH, "rt", encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"] for line in f)
+
+
+def _builder_of(file: Path) -> str | None:
+    suffixes = [s.lower() for s in file.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes.pop()
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _files_by_builder(path: Path) -> dict[str, list[str]]:
+    """The readable files at `path` (a file, or a folder searched recursively), by builder."""
+    files = [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    by_builder: dict[str, list[str]] = {}
+    for file in files:
+        if (builder := _builder_of(file)) is not None:
+            by_builder.setdefault(builder, []).append(str(file))
+    return by_builder
+
+
+def _load_local(cfg: Data) -> Any:
+    """A map-style `datasets.Dataset` of the file or folder at cfg.path."""
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--data.path {cfg.path!r} does not exist")
+    if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
+        return loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    by_builder = _files_by_builder(path)
+    if len(by_builder) != 1:
+        found = "no files" if not by_builder else f"several formats ({sorted(by_builder)})"
+        raise ValueError(
+            f"--data.path {cfg.path!r}: found {found}; expected files of one format with an "
+            f"extension among {sorted(BUILDERS)} (optionally compressed: {sorted(COMPRESSION)})"
+        )
+    builder, data_files = next(iter(by_builder.items()))
+    # A text file is one long string: a paragraph per document keeps BOS/EOS meaningful
+    # without holding a whole book in memory as one document.
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    return datasets.load_dataset(
+        builder, data_files={cfg.split: data_files}, split=cfg.split, **options
+    )
+
+
+def _load_hub(cfg: Data) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            cfg.dataset, cfg.config_name, split=cfg.split, streaming=cfg.streaming
+        )
+    except Exception as e:
+        # One clear line instead of the retry log and a chain of connection errors.
+        raise RuntimeError(
+            f"could not load Hugging Face dataset {cfg.dataset!r} (config {cfg.config_name!r}, "
+            f"split {cfg.split!r}): {type(e).__name__}: {e}. Without network, or with a "
+            f"dataset that does not exist, train on {OFFLINE_ALTERNATIVES}."
+        ) from None
+
+
+def build_source(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
+    """This rank's documents: the embedded corpus, local files, or a hub dataset."""
+    if cfg.path is None and cfg.dataset == "default":
+        docs = load_embedded_corpus()[dp_rank::dp_degree]  # document i -> rank i % dp_degree
+        return _IndexedSource("the embedded corpus", len(docs), docs.__getitem__, cfg.infinite)
+    from datasets import Dataset
+    from datasets.distributed import split_dataset_by_node
+
+    name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
+    dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
+    columns = dataset.column_names  # None for some streams: then checked at the first example
+    if columns is not None and cfg.text_field not in columns:
+        raise ValueError(
+            f"{name} has no column {cfg.text_field!r}; its columns are {columns}. "
+            f"Pick one with --data.text_field"
+        )
+    dataset = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_degree)
+    if isinstance(dataset, Dataset):
+        dataset = dataset.select_columns([cfg.text_field])
+        get_text = lambda i: _text(dataset[i], cfg.text_field, name)  # noqa: E731
+        return _IndexedSource(name, len(dataset), get_text, cfg.infinite)
+    return _StreamSource(name, dataset, cfg.text_field, cfg.infinite)
+
+
+def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, labels = zip(*samples, strict=True)
+    return torch.stack(inputs), torch.stack(labels)  # (local_batch_size, seq_len) each
+
+
+def build_dataloader(
+    cfg: Data,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    local_batch_size: int,
+    dp_rank: int = 0,
+    dp_degree: int = 1,
+    seed: int = 0,
+) -> StatefulDataLoader:
+    """A loader of (inputs, labels) int64 batches of shape (local_batch_size, seq_len) for one
+    dp rank; `seed` drives synthetic tokens (text is read in order)."""
+    if not 0 <= dp_rank < dp_degree:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_degree={dp_degree})")
+    if seq_len < 1 or local_batch_size < 1:
+        raise ValueError(
+            f"seq_len ({seq_len}) and local_batch_size ({local_batch_size}) must be >= 1"
+        )
+    dp = (dp_rank, dp_degree)
+    if cfg.dataset == "synthetic":
+        if cfg.path is not None:
+            logger.warning(f"data: --data.dataset synthetic ignores --data.path {cfg.path}")
+        dataset: IterableDataset = SyntheticDataset(tokenizer.n_words, seq_len, seed, dp)
+        logger.info(f"data: synthetic tokens (seed {seed}), dp rank {dp_rank} of {dp_degree}")
+    else:
+        source = build_source(cfg, dp_rank, dp_degree)
+        dataset = PackedTextDataset(source, tokenizer, seq_len, dp)
+        logger.info(f"data: {source.name}, dp rank {dp_rank} of {dp_degree}")
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which newer torch deprecates; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        # num_workers=0: the dataset's state is then exactly that of the batches handed out.
+        return StatefulDataLoader(dataset, batch_size=local_batch_size, collate_fn=_stack)
