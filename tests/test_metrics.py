@@ -1,0 +1,272 @@
+"""Tests for titan.components.metrics (FLOPs, peak table, MetricsLogger, TB/W&B) and
+titan.components.profiling (traces, memory snapshots, config checks)."""
+
+import glob
+import logging
+import os
+import re
+
+import pytest
+import torch
+
+from titan.components.metrics import (
+    DeviceMemoryMonitor,
+    MetricsLogger,
+    flops_per_token,
+    peak_flops,
+)
+from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from titan.config.job_config import Metrics, Profiling
+from titan.logger import logger
+
+CPU = torch.device("cpu")
+
+
+def test_flops_per_token_small_example():
+    # N = 1000 params, 100 of them in the embedding: 6 * 900 = 5400.
+    # Attention: 12 * L2 * H4 * Q8 * T16 = 12 * 1024 = 12288.
+    assert flops_per_token(1000, 100, 2, 4, 8, 16) == 5400 + 12288
+    # A tied embedding is also the output matmul: nothing is excluded.
+    assert flops_per_token(1000, 0, 2, 4, 8, 16) == 6000 + 12288
+
+
+def test_flops_per_token_llama3_8b():
+    n, emb = 8_030_261_248, 128_256 * 4096  # emb = 525,336,576
+    # 6 * (8,030,261,248 - 525,336,576) = 6 * 7,504,924,672 = 45,029,548,032
+    # 12 * 32 * 32 * 128 * 8192 = 12,884,901,888
+    expected = 45_029_548_032 + 12_884_901_888
+    assert expected == 6 * (n - emb) + 12 * 32 * 32 * 128 * 8192
+    assert flops_per_token(n, emb, 32, 32, 128, 8192) == expected == 57_914_449_920
+
+
+def test_flops_per_token_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="embedding <= total"):
+        flops_per_token(10, 20, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "name, bf16, fp8",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.5e12, 1979e12),
+        ("NVIDIA H100 PCIe", 756.5e12, 1513e12),
+        ("NVIDIA H100 NVL", 835.5e12, 1670.5e12),
+        ("NVIDIA H200", 989.5e12, 1979e12),
+        ("NVIDIA H200 NVL", 835.5e12, 1670.5e12),
+        ("NVIDIA GH200 480GB", 989.5e12, 1979e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12, None),
+        ("NVIDIA A100-PCIE-40GB", 312e12, None),
+        ("NVIDIA B200", 2.25e15, 4.5e15),
+        ("NVIDIA GB200", 2.5e15, 5e15),
+    ],
+)
+def test_peak_flops_known_devices(name, bf16, fp8):
+    assert peak_flops(name, "bfloat16") == pytest.approx(bf16)
+    got_fp8 = peak_flops(name, "float8")
+    assert got_fp8 == (None if fp8 is None else pytest.approx(fp8))
+
+
+@pytest.mark.parametrize(
+    "name, precision",
+    [
+        ("cpu", "bfloat16"),
+        ("NVIDIA GeForce RTX 4090", "bfloat16"),
+        ("NVIDIA H100 80GB HBM3", "float32"),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16"),
+        ("", "float8"),
+    ],
+)
+def test_peak_flops_unknown_is_none(name, precision):
+    assert peak_flops(name, precision) is None
+
+
+def test_cpu_memory_monitor():
+    monitor = DeviceMemoryMonitor(CPU)
+    peak_bytes, pct = monitor.peak()
+    assert peak_bytes > 1024**2  # a Python process with torch holds well over 1 MiB
+    assert pct is not None and 0 < pct < 100
+    monitor.reset_peak()  # a no-op on CPU, but must not fail
+    assert monitor.peak()[0] >= peak_bytes
+    assert monitor.stats() == {}
+
+
+@pytest.fixture
+def titan_records(caplog):
+    # titan's logger does not propagate to the root logger that caplog listens on.
+    old = logger.propagate
+    logger.propagate = True
+    with caplog.at_level(logging.INFO, logger="titan"):
+        yield caplog
+    logger.propagate = old
+
+
+def _log_once(metrics_logger: MetricsLogger, step: int = 3) -> dict:
+    return metrics_logger.log(
+        step, loss=7.1234567, grad_norm=1.5, lr=8e-4, ntokens=4096, elapsed_s=2.0, data_s=0.5
+    )
+
+
+def test_metrics_logger_cpu_values_and_line(tmp_path, titan_records):
+    ml = MetricsLogger(
+        Metrics(), str(tmp_path), rank=0, device=CPU, flops_per_token=1000, peak_flops=None
+    )
+    m = _log_once(ml)
+    ml.close()
+    assert m["tokens_per_s"] == 2048.0
+    assert m["tflops"] == 2048.0 * 1000 / 1e12
+    assert m["mfu_pct"] is None
+    assert m["data_pct"] == 25.0
+    assert m["loss"] == 7.1234567
+    assert m["memory_gib"] > 0
+    lines = [r.getMessage() for r in titan_records.records if "loss:" in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert "step: 3" in line
+    assert re.search(r"loss: 7\.123457\b", line)  # six decimals, rounded
+    assert "mfu: n/a" in line
+    assert "tokens/s: 2,048" in line
+    assert not os.path.exists(tmp_path / "tb")  # TensorBoard off by default
+
+
+def test_metrics_logger_mfu_with_known_peak(tmp_path):
+    ml = MetricsLogger(
+        Metrics(), str(tmp_path), rank=0, device=CPU, flops_per_token=10**9, peak_flops=1e13
+    )
+    m = ml.log(1, loss=1.0, grad_norm=0.0, lr=1.0, ntokens=100, elapsed_s=1.0, data_s=0.0)
+    # 100 tokens/s * 1e9 FLOPs = 1e11 FLOP/s = 1% of 1e13.
+    assert m["mfu_pct"] == pytest.approx(1.0)
+    assert m["tflops"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="elapsed_s"):
+        ml.log(2, loss=1.0, grad_norm=0.0, lr=1.0, ntokens=1, elapsed_s=0.0, data_s=0.0)
+
+
+def test_should_log():
+    ml = MetricsLogger(
+        Metrics(log_freq=5), "unused", rank=0, device=CPU, flops_per_token=1, peak_flops=None
+    )
+    assert [s for s in range(1, 13) if ml.should_log(s, last_step=12)] == [1, 5, 10, 12]
+
+
+def test_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = Metrics(enable_tensorboard=True)
+    ml = MetricsLogger(cfg, str(tmp_path), rank=0, device=CPU, flops_per_token=1, peak_flops=None)
+    _log_once(ml, step=3)
+    ml.log(4, loss=6.5, grad_norm=1.0, lr=1e-3, ntokens=10, elapsed_s=1.0, data_s=0.0)
+    ml.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "tflops", "memory_gib"} <= set(tags)
+    assert "mfu_pct" not in tags  # unknown values are not written as numbers
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert loss == [(3, pytest.approx(7.1234567)), (4, pytest.approx(6.5))]
+
+
+def test_tensorboard_rank_0_only(tmp_path):
+    cfg = Metrics(enable_tensorboard=True)
+    ml = MetricsLogger(cfg, str(tmp_path), rank=1, device=CPU, flops_per_token=1, peak_flops=None)
+    _log_once(ml)
+    ml.close()
+    assert not os.path.exists(tmp_path / "tb")
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_SILENT": "true",
+        "HOME": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    dump = tmp_path / "run"
+    cfg = Metrics(enable_wandb=True, wandb_project="titan-test")
+    ml = MetricsLogger(
+        cfg, str(dump), rank=0, device=CPU, flops_per_token=1, peak_flops=None,
+        config_dict={"model": {"flavor": "debugmodel"}},
+    )  # fmt: skip
+    _log_once(ml)
+    ml.close()
+    runs = glob.glob(str(dump / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    assert glob.glob(os.path.join(runs[0], "run-*.wandb"))
+
+
+def _matmul_steps(prof, steps: int) -> None:
+    x = torch.randn(32, 32)
+    for _ in range(steps):
+        x = torch.tanh(x @ x)
+        prof.step()
+
+
+def test_profiling_writes_trace(tmp_path):
+    cfg = Profiling(enable_profiling=True, profile_freq=4, profiler_warmup=1, profiler_active=1)
+    with maybe_enable_profiling(cfg, str(tmp_path), rank=0) as prof:
+        assert prof is not None
+        _matmul_steps(prof, 4)
+        # The window ending at step 4 is written as soon as step 4 is marked done.
+        trace = tmp_path / "profile_traces" / "iteration_4" / "rank0_trace.json"
+        assert trace.is_file() and trace.stat().st_size > 0
+    assert sorted(os.listdir(tmp_path / "profile_traces")) == ["iteration_4"]
+
+
+def test_profiling_resume_keeps_absolute_steps(tmp_path):
+    cfg = Profiling(enable_profiling=True, profile_freq=4, profiler_warmup=1, profiler_active=1)
+    with maybe_enable_profiling(cfg, str(tmp_path), rank=2, global_step=6) as prof:
+        _matmul_steps(prof, 2)  # steps 7 and 8
+    assert (tmp_path / "profile_traces" / "iteration_8" / "rank2_trace.json").is_file()
+
+
+def test_profiling_disabled_yields_none(tmp_path):
+    with maybe_enable_profiling(Profiling(), str(tmp_path), rank=0) as prof:
+        assert prof is None
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"profile_freq": 4, "profiler_warmup": 3, "profiler_active": 1}, "must exceed"),
+        ({"profile_freq": 0}, "profile_freq must be >= 1"),
+        ({"profiler_active": 0}, "profiler_active must be >= 1"),
+        ({"profiler_warmup": -1}, "profiler_warmup must be >= 0"),
+    ],
+)
+def test_profiling_bad_config(tmp_path, kwargs, message):
+    cfg = Profiling(enable_profiling=True, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        with maybe_enable_profiling(cfg, str(tmp_path), rank=0):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the non-CUDA path")
+def test_memory_snapshot_none_without_cuda(tmp_path, titan_records):
+    cfg = Profiling(enable_memory_snapshot=True)
+    with maybe_enable_memory_snapshot(cfg, str(tmp_path), rank=0) as snap:
+        assert snap is None
+    assert any("needs CUDA" in r.getMessage() for r in titan_records.records)
+    with maybe_enable_memory_snapshot(Profiling(), str(tmp_path), rank=0) as snap:
+        assert snap is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_monitor_and_snapshot(tmp_path):
+    device = torch.device("cuda")
+    monitor = DeviceMemoryMonitor(device)
+    cfg = Profiling(enable_memory_snapshot=True, profile_freq=2)
+    with maybe_enable_memory_snapshot(cfg, str(tmp_path), rank=0) as snap:
+        for _ in range(2):
+            x = torch.empty(256 * 1024**2, dtype=torch.uint8, device=device)  # 256 MiB
+            del x
+            snap.step()
+    path = tmp_path / "memory_snapshot" / "iteration_2" / "rank0_memory_snapshot.pickle"
+    assert path.is_file() and path.stat().st_size > 0
+    peak_bytes, pct = monitor.peak()
+    assert peak_bytes >= 256 * 1024**2 and pct is not None and 0 < pct < 100
+    assert monitor.stats()["max_allocated_bytes"] >= 256 * 1024**2
+    torch.cuda.empty_cache()  # give the freed block back, so the new window starts lower
+    monitor.reset_peak()
+    assert monitor.peak()[0] < 256 * 1024**2

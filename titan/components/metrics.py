@@ -1,0 +1,289 @@
+"""Training metrics: FLOPs per token, peak-FLOP/s table for MFU, device memory, and the
+MetricsLogger that writes the fixed metrics line plus TensorBoard and Weights & Biases.
+"""
+
+import os
+import resource
+import sys
+from typing import Any
+
+import torch
+
+from titan.config.job_config import Metrics
+from titan.logger import logger
+
+_GIB = 1024**3
+
+
+def flops_per_token(
+    num_params: int,
+    num_embedding_params: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    seq_len: int,
+) -> int:
+    """Training FLOPs per token: 6·N + 12·L·H·Q·T (forward 2 + backward 4 per multiply-add).
+
+    N = num_params - num_embedding_params: the input embedding is a lookup, not a matmul, so its
+    parameters do no FLOPs; pass num_embedding_params=0 when it is tied to the output projection,
+    whose matmul does count. 12·L·H·Q·T counts the attention scores and the weighted sum of values
+    (L layers, H heads, Q head_dim, T seq_len) without halving for the causal mask, by convention.
+    """
+    sizes = (num_params, num_embedding_params, n_layers, n_heads, head_dim, seq_len)
+    if min(sizes) < 0 or num_embedding_params > num_params:
+        raise ValueError(
+            f"flops_per_token needs non-negative sizes with embedding <= total: {sizes}"
+        )
+    dense = 6 * (num_params - num_embedding_params)
+    attention = 12 * n_layers * n_heads * head_dim * seq_len
+    return dense + attention
+
+
+# Dense (no sparsity) peak FLOP/s per GPU. NVIDIA's datasheets print tensor-core figures "with
+# sparsity", i.e. twice the dense rate, so each entry is the printed number halved. Rows are
+# tried in order and every substring must occur in the upper-cased device name, so the more
+# specific names (GB200 before B200, GH200 and H200 NVL before H200) come first.
+_PEAK_FLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
+    # NVIDIA GB200 NVL72 datasheet: one GB200 superchip (2 GPUs) lists FP16/BF16 10 PFLOPS and
+    # FP8 20 PFLOPS with sparsity -> per GPU 2.5 / 5 PFLOPS dense.
+    (("GB200",), {"bfloat16": 10e15 / 2 / 2, "float8": 20e15 / 2 / 2}),
+    # NVIDIA HGX B200 datasheet: 8 GPUs list FP16/BF16 36 PFLOPS and FP8 72 PFLOPS with
+    # sparsity -> per GPU 2.25 / 4.5 PFLOPS dense.
+    (("B200",), {"bfloat16": 36e15 / 8 / 2, "float8": 72e15 / 8 / 2}),
+    # NVIDIA GH200 Grace Hopper Superchip datasheet: BF16 1,979 and FP8 3,958 TFLOPS sparse.
+    (("GH200",), {"bfloat16": 1979e12 / 2, "float8": 3958e12 / 2}),
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 NVL column: BF16 1,671 and FP8 3,341 TFLOPS.
+    (("H200", "NVL"), {"bfloat16": 1671e12 / 2, "float8": 3341e12 / 2}),
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: BF16 1,979 and FP8 3,958 TFLOPS.
+    (("H200",), {"bfloat16": 1979e12 / 2, "float8": 3958e12 / 2}),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 NVL column: BF16 1,671 and FP8 3,341 TFLOPS.
+    (("H100", "NVL"), {"bfloat16": 1671e12 / 2, "float8": 3341e12 / 2}),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column: BF16 1,513 and FP8 3,026 TFLOPS.
+    (("H100", "PCIE"), {"bfloat16": 1513e12 / 2, "float8": 3026e12 / 2}),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: BF16 1,979 and FP8 3,958 TFLOPS.
+    # The SXM5 part reports itself as "NVIDIA H100 80GB HBM3".
+    (("H100", "HBM3"), {"bfloat16": 1979e12 / 2, "float8": 3958e12 / 2}),
+    (("H100", "SXM"), {"bfloat16": 1979e12 / 2, "float8": 3958e12 / 2}),
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe, 40 and 80 GB): BF16 312 TFLOPS dense
+    # (624 sparse). Ampere has no FP8 tensor cores.
+    (("A100",), {"bfloat16": 624e12 / 2}),
+]
+
+_PRECISION_ALIASES = {"bf16": "bfloat16", "fp8": "float8"}
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device at `precision` ("bfloat16" or "float8").
+
+    `device_name` is torch.cuda.get_device_name(). Unknown devices (CPU included), MIG slices
+    (a fraction of the chip) and precisions the table lacks give None: MFU is then unknown.
+    """
+    name = device_name.upper()
+    precision = _PRECISION_ALIASES.get(precision, precision)
+    if "MIG" in name.split():
+        return None
+    for needles, peaks in _PEAK_FLOPS:
+        if all(needle in name for needle in needles):
+            return peaks.get(precision)
+    return None
+
+
+class DeviceMemoryMonitor:
+    """Peak memory of one device: the CUDA caching allocator's, or the process's host memory.
+
+    On CPU (and any non-CUDA device) the figure is the process's peak resident set, which the
+    kernel tracks from process start: it cannot be reset, so reset_peak() does nothing there.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda:
+            self.total_bytes: int | None = torch.cuda.get_device_properties(
+                self.device
+            ).total_memory
+        else:
+            self.total_bytes = _host_total_bytes()
+        self.reset_peak()
+
+    def peak(self) -> tuple[int, float | None]:
+        """(peak bytes since the last reset, that as % of the device's memory or None)."""
+        if self.is_cuda:
+            # Reserved, not allocated: what the allocator holds is what runs out first.
+            peak_bytes = torch.cuda.max_memory_reserved(self.device)
+        else:
+            peak_bytes = _host_peak_rss_bytes()
+        pct = 100.0 * peak_bytes / self.total_bytes if self.total_bytes else None
+        return peak_bytes, pct
+
+    def stats(self) -> dict[str, int]:
+        """CUDA allocator counters: peak allocated/reserved bytes, alloc retries and OOMs."""
+        if not self.is_cuda:
+            return {}
+        mem = torch.cuda.memory_stats(self.device)
+        return {
+            "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+            "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+            "num_alloc_retries": mem.get("num_alloc_retries", 0),
+            "num_ooms": mem.get("num_ooms", 0),
+        }
+
+    def reset_peak(self) -> None:
+        """Start a new peak window (CUDA only; the CPU peak RSS cannot be reset)."""
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _host_peak_rss_bytes() -> int:
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def _host_total_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class MetricsLogger:
+    """Turns per-interval counts into metrics, logs the fixed metrics line and, when enabled,
+    writes the same scalars to TensorBoard and Weights & Biases."""
+
+    def __init__(
+        self,
+        cfg: Metrics,
+        dump_folder: str,
+        *,
+        rank: int,
+        device: torch.device,
+        flops_per_token: int,
+        peak_flops: float | None,
+        config_dict: dict | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.memory = DeviceMemoryMonitor(device)
+        self._alloc_retries = 0
+        self._tb: Any = None
+        self._wandb_run: Any = None
+        if cfg.rank_0_only and rank != 0:
+            return  # only the logging rank writes TensorBoard and W&B
+        if cfg.enable_tensorboard:
+            self._tb = _open_tensorboard(os.path.join(dump_folder, cfg.save_tb_folder), cfg, rank)
+        if cfg.enable_wandb:
+            self._wandb_run = _open_wandb(cfg, dump_folder, rank, config_dict)
+
+    def should_log(self, step: int, last_step: int) -> bool:
+        """Whether 1-based `step` gets a metrics line: every log_freq steps, the first, the last."""
+        return step == 1 or step == last_step or step % self.cfg.log_freq == 0
+
+    def log(
+        self,
+        step: int,
+        *,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        ntokens: int,
+        elapsed_s: float,
+        data_s: float,
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, float | None]:
+        """Log one interval: `ntokens` this device processed in `elapsed_s` seconds since the last
+        log, `data_s` of them waiting for data. Returns the metric values (mfu_pct None when the
+        device's peak is unknown) and starts a new peak-memory window."""
+        if elapsed_s <= 0:
+            raise ValueError(f"elapsed_s must be positive, got {elapsed_s}")
+        tokens_per_s = ntokens / elapsed_s
+        flops_per_s = tokens_per_s * self.flops_per_token
+        peak_bytes, memory_pct = self.memory.peak()
+        metrics: dict[str, float | None] = {
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "lr": float(lr),
+            "tokens_per_s": tokens_per_s,
+            "tflops": flops_per_s / 1e12,
+            "mfu_pct": 100.0 * flops_per_s / self.peak_flops if self.peak_flops else None,
+            "memory_gib": peak_bytes / _GIB,
+            "memory_pct": memory_pct,
+            "data_pct": 100.0 * data_s / elapsed_s,
+        }
+        self._check_alloc_retries(step)
+        metrics.update(extra or {})
+        logger.info(_format_line(step, metrics, extra or {}))
+        self._write(step, metrics)
+        self.memory.reset_peak()
+        return metrics
+
+    def close(self) -> None:
+        """Flush and close TensorBoard and finish the W&B run."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def _check_alloc_retries(self, step: int) -> None:
+        # A retry means the allocator had to free its cache and synchronize to find memory:
+        # training still runs, but slowly, so it is worth a warning.
+        retries = self.memory.stats().get("num_alloc_retries", 0)
+        if retries > self._alloc_retries:
+            logger.warning(
+                f"step {step}: {retries - self._alloc_retries} CUDA allocation retries since the "
+                "last log (memory is near full; expect slow steps)"
+            )
+        self._alloc_retries = retries
+
+    def _write(self, step: int, metrics: dict[str, float | None]) -> None:
+        scalars = {k: v for k, v in metrics.items() if v is not None}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=step)
+
+
+def _format_line(step: int, m: dict[str, float | None], extra: dict[str, float]) -> str:
+    mfu = "n/a" if m["mfu_pct"] is None else f"{m['mfu_pct']:.2f}%"
+    memory = f"{m['memory_gib']:.2f}GiB"
+    if m["memory_pct"] is not None:
+        memory += f"({m['memory_pct']:.1f}%)"
+    parts = [
+        f"step: {step:<5d}",
+        f"loss: {m['loss']:.6f}",
+        f"grad_norm: {m['grad_norm']:.4f}",
+        f"lr: {m['lr']:.2e}",
+        f"tokens/s: {m['tokens_per_s']:,.0f}",
+        f"tflops: {m['tflops']:.2f}",
+        f"mfu: {mfu}",
+        f"memory: {memory}",
+        f"data: {m['data_pct']:.1f}%",
+    ]
+    parts += [f"{key}: {value:.4g}" for key, value in extra.items()]
+    return "  ".join(parts)
+
+
+def _open_tensorboard(log_dir: str, cfg: Metrics, rank: int) -> Any:
+    # Imported here: tensorboard takes seconds to import and most runs leave it off.
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not cfg.rank_0_only:
+        log_dir = os.path.join(log_dir, f"rank_{rank}")  # one run per rank, not interleaved
+    logger.info(f"TensorBoard logs go to {log_dir}")
+    return SummaryWriter(log_dir=log_dir)
+
+
+def _open_wandb(cfg: Metrics, dump_folder: str, rank: int, config_dict: dict | None) -> Any:
+    import wandb  # slow to import; only when enabled
+
+    os.makedirs(dump_folder, exist_ok=True)
+    name = None if cfg.rank_0_only else f"rank{rank}"
+    run = wandb.init(project=cfg.wandb_project, dir=dump_folder, config=config_dict, name=name)
+    logger.info(f"W&B run {run.name} ({os.environ.get('WANDB_MODE', 'online')} mode)")
+    return run
