@@ -1,0 +1,1 @@
+"""Trainer components: tokenizer, data, optimizer, LR schedule, metrics, profiling."""

@@ -1,0 +1,1 @@
+"""Parallelism transforms applied to a built model over a DeviceMesh."""
