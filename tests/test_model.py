@@ -93,8 +93,9 @@ def _reference_frequencies(head_dim: int, theta: float, s: RoPEScaling) -> list[
     return out
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_rope_matches_complex_exponential_reference(head_dim):
+def test_rope_matches_complex_exponential_reference(head_dim, compiled):
     scaling = RoPEScaling(factor=8.0, original_max_position_embeddings=8192)
     freqs = torch.tensor(_reference_frequencies(head_dim, 500000.0, scaling), dtype=torch.float64)
     # all three regimes of the scaling are exercised at head_dim 128
@@ -104,7 +105,11 @@ def test_rope_matches_complex_exponential_reference(head_dim):
     rot = torch.exp(1j * torch.outer(pos, freqs))  # (seqlen, head_dim // 2)
     xc = torch.view_as_complex(x.reshape(2, seqlen, 3, head_dim // 2, 2).contiguous())
     expected = torch.view_as_real(xc * rot[None, :, None, :]).reshape(x.shape)
-    got = apply_rope(x.float(), rope_cache(head_dim, seqlen, 500000.0, scaling))
+    # eager multiplies complex numbers; under torch.compile the real formulation runs
+    rope = apply_rope
+    if compiled:
+        rope = torch.compile(apply_rope, backend="aot_eager", fullgraph=True)
+    got = rope(x.float(), rope_cache(head_dim, seqlen, 500000.0, scaling))
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
 
 

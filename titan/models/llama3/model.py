@@ -46,8 +46,14 @@ def rope_cache(
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """Rotate each (even, odd) pair of x by its position's angle.
 
-    x: (bs, seqlen, n_heads, head_dim); cache: (seqlen, head_dim // 2, 2).
+    x: (bs, seqlen, n_heads, head_dim); cache: (seqlen, head_dim // 2, 2) of cos, sin.
     """
+    if not torch.compiler.is_compiling():
+        # Eager: one complex multiply is ~5x faster than the real formulation on CPU.
+        rot = torch.view_as_complex(cache)[None, :, None, :]  # (1, seqlen, 1, head_dim // 2)
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+    # Compiled: inductor cannot fuse complex ops, but fuses this into one kernel.
     xf = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, head_dim // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     cos = cache[None, :, None, :, 0]  # (1, seqlen, 1, head_dim // 2)
@@ -89,12 +95,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        # GQA: each kv head serves n_heads // n_kv_heads query heads
-        n_rep = q.shape[2] // k.shape[2]
-        k = k.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k
-        v = v.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # GQA: each kv head serves n_heads // n_kv_heads query heads, without copying k and v
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
         return self.wo(out)
 
