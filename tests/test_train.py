@@ -16,7 +16,16 @@ DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
 
 
 def make_trainer(tmp_path, *overrides: str) -> Trainer:
-    args = ["--job.dump_folder", str(tmp_path), "--metrics.log_freq", "1000", *overrides]
+    # CPU even where a GPU is visible: these tests compare fp32 numerics
+    args = [
+        "--job.dump_folder",
+        str(tmp_path),
+        "--metrics.log_freq",
+        "1000",
+        "--training.device",
+        "cpu",
+    ]
+    args += overrides
     return Trainer(load_config(args, config_file=DEBUG_TOML))
 
 
@@ -91,8 +100,9 @@ def test_main_reports_bad_config(tmp_path, capsys):
 
 def _run_train(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TITAN_PYTHON": sys.executable, "CONFIG_FILE": DEBUG_TOML, **env}
+    cmd = [str(ROOT / "run_train.sh"), f"--job.dump_folder={tmp_path}", "--training.device=cpu"]
     return subprocess.run(
-        [str(ROOT / "run_train.sh"), "--job.dump_folder", str(tmp_path), *args],
+        [*cmd, *args],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
