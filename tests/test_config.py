@@ -80,6 +80,7 @@ def test_effective_config_round_trips(tmp_path):
             ["--optimizer.name", "adamw"],
             "optimizer.name = 'adamw' is not one of AdamW, Adam; did you mean 'AdamW'?",
         ),
+        (["--model.name", "llama4"], "model.name = 'llama4' is not one of llama3"),
         (["--optimizer.beta2", "1.0"], "optimizer.beta2 = 1.0 must be in [0, 1)"),
         (
             ["--parallelism.tensor_parallel_degree", "0"],

@@ -87,11 +87,13 @@ class Trainer:
         self.cfg = cfg
         t = cfg.training
         self.device = pick_device(t.device)
-        self.parallel_dims = self._check_layout()
+        self.parallel_dims = self._check_supported()
         set_determinism(t.seed, t.deterministic)
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.model = self._build_model()
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # tied weights count once
+        logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
         self.loss_fn = build_loss_fn(cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -106,7 +108,8 @@ class Trainer:
         self.metrics = self._build_metrics()
         self.step = 0
 
-    def _check_layout(self) -> ParallelDims:
+    def _check_supported(self) -> ParallelDims:
+        """The parallel layout for this world size; stop early on what this build cannot do."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         try:
             dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
@@ -128,9 +131,6 @@ class Trainer:
         # (1) the model on the meta device: no memory, no init cost
         with torch.device("meta"):
             model = Transformer(self.model_args)
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info(f"model {self.cfg.model.name} {self.cfg.model.flavor}: {n_params:,} parameters")
-        self.n_params = n_params
         # (2) converters (float8/MX/LoRA): none configured
         # (3) parallelize: activation checkpointing, compile (and later TP/FSDP), in one fixed order
         parallelize_llama(model, self.parallel_dims, self.cfg)
