@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from titan.components.dataloader import (
+    DataError,
     PackedTextDataset,
     _IndexedSource,
     build_dataloader,
@@ -192,7 +193,7 @@ def test_resume_streaming_dataset(tok: Tokenizer, tmp_path: Path, monkeypatch: p
 
 def test_finite_data_runs_out(tok: Tokenizer, tmp_path: Path):
     cfg = Data(path=str(_write_jsonl(tmp_path / "small.jsonl", DOCS[:3])), infinite=False)
-    with pytest.raises(RuntimeError, match="ran out of data.*--data.infinite true"):
+    with pytest.raises(DataError, match="ran out of data.*--data.infinite true"):
         _take(build_dataloader(cfg, tok, seq_len=16, local_batch_size=4), 10)
 
 
@@ -202,7 +203,7 @@ def test_hub_failure_names_offline_alternatives(tok: Tokenizer, monkeypatch: pyt
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = Data(dataset="titan-test/no-such-dataset")
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(DataError) as err:
         build_dataloader(cfg, tok, seq_len=16, local_batch_size=2)
     message = str(err.value)
     assert err.value.__suppress_context__  # one error, not a chain of connection errors
@@ -213,7 +214,7 @@ def test_hub_failure_names_offline_alternatives(tok: Tokenizer, monkeypatch: pyt
 
 def test_missing_text_field_names_columns(tok: Tokenizer, tmp_path: Path):
     cfg = Data(path=str(_write_jsonl(tmp_path / "docs.jsonl", DOCS, field="content")))
-    with pytest.raises(ValueError, match=r"no column 'text'.*\['content', 'id'\]"):
+    with pytest.raises(DataError, match=r"no column 'text'.*\['content', 'id'\]"):
         build_dataloader(cfg, tok, seq_len=16, local_batch_size=2)
 
 
@@ -230,7 +231,7 @@ def test_folder_of_files(tmp_path: Path):
         "third paragraph",
     ]
     _write_jsonl(tmp_path / "d.jsonl", DOCS)
-    with pytest.raises(ValueError, match="several formats"):
+    with pytest.raises(DataError, match="several formats"):
         build_source(Data(path=str(tmp_path)), 0, 1)
 
 
@@ -239,5 +240,5 @@ def test_state_from_another_dp_size_is_refused(tok: Tokenizer):
     _take(saved, 1)
     loader = build_dataloader(Data(), tok, seq_len=8, local_batch_size=1)
     loader.load_state_dict(saved.state_dict())
-    with pytest.raises(ValueError, match="dp rank 0 of 2"):
+    with pytest.raises(DataError, match="dp rank 0 of 2"):
         _take(loader, 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from titan.components.dataloader import build_dataloader
+from titan.components.dataloader import DataError, build_dataloader
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, flops_per_token, peak_flops
 from titan.components.optimizer import build_lr_scheduler, build_optimizer
@@ -206,7 +206,7 @@ class Trainer:
         try:
             return [next(data_iter) for _ in range(self.grad_accum_steps)]
         except StopIteration:
-            raise RuntimeError(
+            raise DataError(
                 f"the data ran out at step {self.step}: set data.infinite = true or lower "
                 "training.steps"
             ) from None
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("effective config:\n" + to_toml(cfg))
     try:
         Trainer(cfg).train()
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         logger.error(str(e))
         return 1
     return 0

@@ -39,6 +39,10 @@ BUILDERS = {
 COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
 
 
+class DataError(ValueError):
+    """Data that cannot be read as configured; the message says what to change."""
+
+
 class DocumentSource:
     """An endless or one-pass stream of document texts for one dp rank, with a resumable state."""
 
@@ -59,9 +63,9 @@ class DocumentSource:
     def _end_pass(self, empty: bool) -> None:
         """Start the next pass, or explain why there is none."""
         if empty:
-            raise ValueError(f"{self.name} has no documents for this data-parallel rank")
+            raise DataError(f"{self.name} has no documents for this data-parallel rank")
         if not self.infinite:
-            raise RuntimeError(
+            raise DataError(
                 f"ran out of data: pass {self.epoch + 1} over {self.name} is done; "
                 f"set --data.infinite true to start another pass"
             )
@@ -71,7 +75,7 @@ class DocumentSource:
 
 def _text(example: dict[str, Any], field: str, name: str) -> str:
     if field not in example:
-        raise ValueError(
+        raise DataError(
             f"{name} has no column {field!r}; its columns are {sorted(example)}. "
             f"Pick one with --data.text_field"
         )
@@ -79,7 +83,7 @@ def _text(example: dict[str, Any], field: str, name: str) -> str:
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise TypeError(f"{name}: column {field!r} holds {type(text).__name__}, not text")
+        raise DataError(f"{name}: column {field!r} holds {type(text).__name__}, not text")
     return text
 
 
@@ -227,7 +231,7 @@ class SyntheticDataset(IterableDataset):
 
 def _check_dp(state: dict[str, Any], dp: tuple[int, int]) -> None:
     if tuple(state["dp"]) != tuple(dp):
-        raise ValueError(
+        raise DataError(
             f"dataloader state was saved by dp rank {state['dp'][0]} of {state['dp'][1]}, "
             f"but this is rank {dp[0]} of {dp[1]}: a data-parallel size change cannot resume "
             f"the data exactly (exclude 'dataloader' from loading to start the data afresh)"
@@ -282,7 +286,7 @@ def _load_local(cfg: Data) -> Any:
     by_builder = _files_by_builder(path)
     if len(by_builder) != 1:
         found = "no files" if not by_builder else f"several formats ({sorted(by_builder)})"
-        raise ValueError(
+        raise DataError(
             f"--data.path {cfg.path!r}: found {found}; expected files of one format with an "
             f"extension among {sorted(BUILDERS)} (optionally compressed: {sorted(COMPRESSION)})"
         )
@@ -304,7 +308,7 @@ def _load_hub(cfg: Data) -> Any:
         )
     except Exception as e:
         # One clear line instead of the retry log and a chain of connection errors.
-        raise RuntimeError(
+        raise DataError(
             f"could not load Hugging Face dataset {cfg.dataset!r} (config {cfg.config_name!r}, "
             f"split {cfg.split!r}): {type(e).__name__}: {e}. Without network, or with a "
             f"dataset that does not exist, train on {OFFLINE_ALTERNATIVES}."
@@ -323,7 +327,7 @@ def build_source(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     columns = dataset.column_names  # None for some streams: then checked at the first example
     if columns is not None and cfg.text_field not in columns:
-        raise ValueError(
+        raise DataError(
             f"{name} has no column {cfg.text_field!r}; its columns are {columns}. "
             f"Pick one with --data.text_field"
         )
