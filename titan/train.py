@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
 from titan.components.dataloader import DataError, build_dataloader
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -25,6 +26,7 @@ from titan.config.job_config import Model, Training
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
+from titan.models.llama3.hf_io import CheckpointError
 from titan.models.llama3.parallelize import parallelize_llama
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 
@@ -107,6 +109,26 @@ class Trainer:
             self.compute_dtype = torch.bfloat16
         self.metrics = self._build_metrics()
         self.step = 0
+        self.checkpointer = self._build_checkpointer()
+
+    def _build_checkpointer(self) -> CheckpointManager | None:
+        """Resume from the run's own checkpoint, else start from checkpoint.initial_load_path."""
+        ckpt = self.cfg.checkpoint
+        manager = None
+        if ckpt.enable or ckpt.create_seed_checkpoint:
+            manager = CheckpointManager(
+                ckpt, self.cfg.job.dump_folder, model=self.model, optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader,
+            )  # fmt: skip
+        if manager is not None and not ckpt.create_seed_checkpoint:
+            if complete_steps(manager.folder):
+                self.step = manager.load()
+                return manager
+        if ckpt.initial_load_path:
+            load_initial_weights(
+                self.model, self.model_args, ckpt.initial_load_path, ckpt.initial_load_in_hf
+            )
+        return manager
 
     def _check_supported(self) -> ParallelDims:
         """The parallel layout for this world size; stop early on what this build cannot do."""
@@ -115,10 +137,6 @@ class Trainer:
             dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
-        if self.cfg.checkpoint.enable or self.cfg.checkpoint.create_seed_checkpoint:
-            raise ConfigError(
-                "checkpoint.enable / create_seed_checkpoint: checkpointing is not implemented yet"
-            )
         if world_size > 1:
             raise ConfigError(
                 f"{world_size} processes were started, but this build of titan trains in one "
@@ -248,10 +266,14 @@ class Trainer:
                         elapsed_s=now - last, data_s=data_s,
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
+                if self.checkpointer is not None:
+                    self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
         gc.enable()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         self.metrics.close()
         logger.info(f"training done: {self.step} steps, final loss {losses[-1]:.6f}")
         return losses
@@ -274,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.job.print_config:
         logger.info("effective config:\n" + to_toml(cfg))
     try:
-        Trainer(cfg).train()
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as e:
+        trainer = Trainer(cfg)
+        if cfg.checkpoint.create_seed_checkpoint:
+            trainer.checkpointer.save_model_only(step=0)
+            return 0
+        trainer.train()
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         logger.error(str(e))
         return 1
     return 0

@@ -1,0 +1,123 @@
+"""Checkpointing: exact resume against an uninterrupted run, atomic saves, bad checkpoints,
+seed checkpoints and starting from Hugging Face weights."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from titan.components.checkpoint import complete_steps
+from titan.config import load_config
+from titan.models.llama3.hf_io import CheckpointError, save_hf_checkpoint
+from titan.train import Trainer, main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
+STEPS = 6
+
+
+class Interrupted(Exception):
+    pass
+
+
+def make_trainer(dump: Path, *overrides: str) -> Trainer:
+    args = [
+        "--job.dump_folder", str(dump), "--training.device", "cpu", "--training.steps", str(STEPS),
+        "--training.seq_len", "32", "--training.local_batch_size", "2", "--metrics.log_freq", "100",
+        "--checkpoint.interval", "3", "--checkpoint.last_save_model_only", "false", *overrides,
+    ]  # fmt: skip
+    return Trainer(load_config(args, config_file=DEBUG_TOML))
+
+
+def assert_same_weights(a: Trainer, b: Trainer) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, p in sa.items():
+        assert torch.equal(p, sb[name]), name
+
+
+def crash_after(trainer: Trainer, step: int) -> None:
+    """Make the trainer die before applying step `step + 1`, as a killed job would."""
+    original = trainer.train_step
+
+    def train_step(microbatches):
+        if trainer.step > step:
+            raise Interrupted
+        return original(microbatches)
+
+    trainer.train_step = train_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[float]:
+    return make_trainer(tmp_path_factory.mktemp("full")).train()
+
+
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_resume_is_exact(tmp_path, uninterrupted, mode):
+    first = make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.async_mode", mode)
+    crash_after(first, 4)  # step-3 is saved, steps 4 and the start of 5 are lost
+    with pytest.raises(Interrupted):
+        first.train()
+    first.checkpointer.close()
+    assert complete_steps(tmp_path / "checkpoint") == [3]
+    resumed = make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.async_mode", mode)
+    assert resumed.step == 3
+    assert resumed.train() == uninterrupted[3:]  # bitwise: same weights, optimizer, LR, data
+    assert complete_steps(tmp_path / "checkpoint") == [3, 6]
+
+
+def test_partial_save_is_ignored_and_keep_latest_k(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "1",
+        "--checkpoint.keep_latest_k",
+        "2",
+    )
+    trainer.train()
+    folder = tmp_path / "checkpoint"
+    assert complete_steps(folder) == [5, 6]
+    # a save killed midway leaves step-N.partial: it is never loaded
+    shutil.copytree(folder / "step-6", folder / "step-9.partial")
+    assert make_trainer(tmp_path, "--checkpoint.enable").step == 6
+
+
+def test_corrupt_checkpoint_names_step_and_file(tmp_path):
+    make_trainer(tmp_path, "--checkpoint.enable").train()
+    data_file = sorted((tmp_path / "checkpoint/step-6").glob("*.distcp"))[0]
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"checkpoint step 6 at .*step-6 cannot be loaded"):
+        make_trainer(tmp_path, "--checkpoint.enable")
+    with pytest.raises(CheckpointError, match=r"load_step = 4: no complete checkpoint step-4"):
+        make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "4")
+    # the older checkpoint still loads
+    assert make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "3").step == 3
+
+
+def test_seed_checkpoint_gives_identical_start(tmp_path):
+    seed_dump = tmp_path / "seed"
+    args = ["--job.config_file", DEBUG_TOML, "--job.dump_folder", str(seed_dump),
+            "--training.device", "cpu", "--training.seed", "7",
+            "--checkpoint.create_seed_checkpoint"]  # fmt: skip
+    assert main(args) == 0
+    assert complete_steps(seed_dump / "checkpoint") == [0]
+    seeded = make_trainer(seed_dump, "--checkpoint.enable")  # default seed 0, weights from seed 7
+    reference = make_trainer(tmp_path / "ref", "--training.seed", "7")
+    assert_same_weights(seeded, reference)
+    assert seeded.step == 0
+
+
+def test_initial_load_from_hf(tmp_path):
+    source = make_trainer(tmp_path / "src", "--training.seed", "3")
+    hf_dir = tmp_path / "hf"
+    save_hf_checkpoint(source.model.state_dict(), source.model_args, hf_dir, dtype=torch.float32)
+    started = make_trainer(
+        tmp_path / "run",
+        "--checkpoint.initial_load_path",
+        str(hf_dir),
+        "--checkpoint.initial_load_in_hf",
+    )
+    assert_same_weights(started, source)

@@ -1,0 +1,204 @@
+"""Training checkpoints through torch.distributed.checkpoint (DCP): periodic saves, exact resume.
+
+Layout: <dump_folder>/<checkpoint.folder>/step-<N>/. Each save is written to step-<N>.partial and
+renamed when complete, so every step-<N> folder is a whole checkpoint and a crash mid-save leaves
+the previous one as the newest. Model weights sit flat at the top level under titan's names (the
+layout scripts/convert_*.py read and write); the rest under optimizer, lr_scheduler, dataloader
+and train_state.
+"""
+
+import pickle
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from titan.config.job_config import Checkpoint
+from titan.logger import logger
+from titan.models.llama3.args import ModelArgs
+from titan.models.llama3.hf_io import CheckpointError, load_dcp_model, titan_state_dict_from_hf
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in `folder`, oldest first (partial saves are skipped)."""
+    if not folder.is_dir():
+        return []
+    found = (_STEP_DIR.match(p.name) for p in folder.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def load_initial_weights(model: nn.Module, args: ModelArgs, path: str, in_hf: bool) -> None:
+    """Start from other weights: a Hugging Face safetensors folder or a DCP (e.g. a seed)."""
+    if in_hf:
+        state = titan_state_dict_from_hf(path, args)
+        set_model_state_dict(model, {k: v.to(torch.float32) for k, v in state.items()})
+    else:
+        load_dcp_model(path, model)
+    logger.info(f"checkpoint: initial weights loaded from {path}")
+
+
+class CheckpointManager:
+    """Saves and restores the model, optimizer, LR schedule, data position, step and RNG."""
+
+    def __init__(
+        self,
+        cfg: Checkpoint,
+        dump_folder: str,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        dataloader: Any,
+        dp_rank: int = 0,
+    ):
+        if cfg.async_mode == "async_with_pinned_mem":
+            raise ValueError(
+                "checkpoint.async_mode = 'async_with_pinned_mem' is not implemented yet; "
+                "use 'async' or 'disabled'"
+            )
+        self.cfg = cfg
+        self.folder = Path(dump_folder) / cfg.folder
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.dataloader = dataloader
+        self.dp_key = f"dp{dp_rank}"
+        self._pending: tuple[Future, Path, Path] | None = None
+
+    def _state(self, step: int) -> dict[str, Any]:
+        state: dict[str, Any] = dict(get_model_state_dict(self.model))
+        state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        # Pickled: the loader's state is nested Python whose shape DCP cannot know before loading.
+        state["dataloader"] = {self.dp_key: pickle.dumps(self.dataloader.state_dict())}
+        state["train_state"] = {"step": step, "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["train_state"]["rng_cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def maybe_save(self, step: int, last_step: bool) -> None:
+        """Save at every `interval` steps and at the last step."""
+        self._finish_pending(wait=False)
+        if step % self.cfg.interval and not last_step:
+            return
+        if last_step and self.cfg.last_save_model_only:
+            self.save_model_only(step)
+        else:
+            self._save(self._state(step), step, asynchronous=self.cfg.async_mode == "async")
+
+    def save_model_only(self, step: int) -> None:
+        """Weights only, in checkpoint.export_dtype (seed checkpoints and final exports)."""
+        dtype = _EXPORT_DTYPES[self.cfg.export_dtype]
+        state = {k: v.detach().to(dtype) for k, v in get_model_state_dict(self.model).items()}
+        self._save(state, step, asynchronous=False)
+
+    def _save(self, state: dict[str, Any], step: int, asynchronous: bool) -> None:
+        self._finish_pending(wait=True)  # one save in flight at a time
+        final = self.folder / f"step-{step}"
+        partial = self.folder / f"step-{step}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+        partial.mkdir(parents=True)
+        start = time.perf_counter()
+        if asynchronous:
+            # async_save copies the state to CPU before returning; training goes on meanwhile
+            future = dcp.async_save(state, checkpoint_id=str(partial))
+            self._pending = (future, partial, final)
+            logger.info(f"checkpoint step {step}: staged in {time.perf_counter() - start:.2f}s")
+            return
+        dcp.save(state, checkpoint_id=str(partial))
+        self._publish(partial, final)
+        logger.info(
+            f"checkpoint step {step}: saved to {final} in {time.perf_counter() - start:.2f}s"
+        )
+
+    def _finish_pending(self, wait: bool) -> None:
+        if self._pending is None or not (wait or self._pending[0].done()):
+            return
+        future, partial, final = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed save
+        self._publish(partial, final)
+        logger.info(f"checkpoint: async save to {final} complete")
+
+    def _publish(self, partial: Path, final: Path) -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)  # atomic: the folder is complete or absent
+        if self.cfg.keep_latest_k > 0:
+            for old in complete_steps(self.folder)[: -self.cfg.keep_latest_k]:
+                shutil.rmtree(self.folder / f"step-{old}")
+
+    def close(self) -> None:
+        """Wait for an asynchronous save in flight."""
+        self._finish_pending(wait=True)
+
+    def load(self) -> int:
+        """Restore the configured checkpoint; returns its step (0 when training starts fresh)."""
+        steps = complete_steps(self.folder)
+        if self.cfg.load_step != -1:
+            if self.cfg.load_step not in steps:
+                raise CheckpointError(
+                    f"checkpoint.load_step = {self.cfg.load_step}: no complete checkpoint "
+                    f"step-{self.cfg.load_step} in {self.folder} (found: {steps or 'none'})"
+                )
+            step = self.cfg.load_step
+        elif steps:
+            step = steps[-1]
+        else:
+            return 0
+        path = self.folder / f"step-{step}"
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if not any(k.startswith("train_state.") for k in keys):
+            load_dcp_model(path, self.model)  # a seed or model-only checkpoint
+            logger.info(f"checkpoint: loaded model weights from {path}; training starts at step 0")
+            return 0
+        self._load_full(path, step)
+        logger.info(f"checkpoint: resumed from {path}")
+        return step
+
+    def _load_full(self, path: Path, step: int) -> None:
+        state = self._state(step)
+        for part in self.cfg.exclude_from_loading:
+            if part == "model":
+                for key in get_model_state_dict(self.model):
+                    state.pop(key)
+            else:
+                state.pop(part)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except BaseException as e:  # DCP's CheckpointException is not an Exception
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise CheckpointError(
+                f"checkpoint step {step} at {path} cannot be loaded ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); it may be "
+                f"truncated or corrupt: remove it or set checkpoint.load_step to an older step"
+            ) from None
+        if "model" not in self.cfg.exclude_from_loading:
+            model_state = {k: v for k, v in state.items() if k not in _PARTS}
+            set_model_state_dict(self.model, model_state)
+        if "optimizer" in state:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "dataloader" in state:
+            self.dataloader.load_state_dict(pickle.loads(state["dataloader"][self.dp_key]))
+        if "train_state" in state:
+            torch.set_rng_state(state["train_state"]["rng_cpu"])
+            if "rng_cuda" in state["train_state"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["train_state"]["rng_cuda"])
+
+
+_PARTS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
