@@ -2,6 +2,9 @@
 seed checkpoints and starting from Hugging Face weights."""
 
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,47 @@ def test_initial_load_from_hf(tmp_path):
         "--checkpoint.initial_load_in_hf",
     )
     assert_same_weights(started, source)
+
+
+# Runs titan in a child whose DCP writer stalls on step 4's save, so the parent can SIGKILL it
+# while that asynchronous save is in flight.
+_STALLING_CHILD = """
+import sys, time
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+write_data = FileSystemWriter.write_data
+def stalling_write(self, plan, planner):
+    if "step-4" in str(self.path):
+        print("WRITING step-4", flush=True)
+        time.sleep(120)
+    return write_data(self, plan, planner)
+FileSystemWriter.write_data = stalling_write
+from titan.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_async_save_resumes_from_previous(tmp_path):
+    args = [
+        "--job.config_file", DEBUG_TOML, "--job.dump_folder", str(tmp_path),
+        "--training.device", "cpu", "--training.steps", "8", "--training.seq_len", "32",
+        "--training.local_batch_size", "2", "--checkpoint.enable", "--checkpoint.interval", "2",
+        "--checkpoint.async_mode", "async",
+    ]  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STALLING_CHILD, *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for line in child.stdout:
+            if "WRITING step-4" in line:
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    folder = tmp_path / "checkpoint"
+    assert (folder / "step-4.partial").is_dir()
+    assert complete_steps(folder) == [2]
+    resumed = Trainer(load_config(args[2:], config_file=DEBUG_TOML))
+    assert resumed.step == 2

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -66,11 +67,19 @@ class CheckpointManager:
         dataloader: Any,
         dp_rank: int = 0,
     ):
+        self._stager = None
         if cfg.async_mode == "async_with_pinned_mem":
-            raise ValueError(
-                "checkpoint.async_mode = 'async_with_pinned_mem' is not implemented yet; "
-                "use 'async' or 'disabled'"
-            )
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    "checkpoint.async_mode = 'async_with_pinned_mem' stages GPU tensors into "
+                    "pinned host memory and needs CUDA; use 'async' on this machine"
+                )
+            # Pinned buffers are kept between saves, so only the first save pays to allocate them.
+            options = StagingOptions(
+                use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,
+                use_non_blocking_copy=True,
+            )  # fmt: skip
+            self._stager = DefaultStager(options)
         self.cfg = cfg
         self.folder = Path(dump_folder) / cfg.folder
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
@@ -97,7 +106,7 @@ class CheckpointManager:
         if last_step and self.cfg.last_save_model_only:
             self.save_model_only(step)
         else:
-            self._save(self._state(step), step, asynchronous=self.cfg.async_mode == "async")
+            self._save(self._state(step), step, asynchronous=self.cfg.async_mode != "disabled")
 
     def save_model_only(self, step: int) -> None:
         """Weights only, in checkpoint.export_dtype (seed checkpoints and final exports)."""
@@ -114,7 +123,7 @@ class CheckpointManager:
         start = time.perf_counter()
         if asynchronous:
             # async_save copies the state to CPU before returning; training goes on meanwhile
-            future = dcp.async_save(state, checkpoint_id=str(partial))
+            future = dcp.async_save(state, checkpoint_id=str(partial), async_stager=self._stager)
             self._pending = (future, partial, final)
             logger.info(f"checkpoint step {step}: staged in {time.perf_counter() - start:.2f}s")
             return
@@ -141,8 +150,10 @@ class CheckpointManager:
                 shutil.rmtree(self.folder / f"step-{old}")
 
     def close(self) -> None:
-        """Wait for an asynchronous save in flight."""
+        """Wait for an asynchronous save in flight and free the staging buffers."""
         self._finish_pending(wait=True)
+        if self._stager is not None:
+            self._stager.close()
 
     def load(self) -> int:
         """Restore the configured checkpoint; returns its step (0 when training starts fresh)."""
