@@ -4,6 +4,7 @@ Run: CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh [--section.key va
   or python -m titan.train --job.config_file train_configs/debug_model.toml [--help]
 """
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -13,6 +14,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
 from titan.components.dataloader import DataError, build_dataloader
@@ -20,14 +26,16 @@ from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, flops_per_token, peak_flops
 from titan.components.optimizer import build_lr_scheduler, build_optimizer
 from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from titan.components.tokenizer import build_tokenizer
+from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer, resolve_path
 from titan.config import ConfigError, JobConfig, load_config
-from titan.config.job_config import Model, Training
+from titan.config.job_config import Model, Parallelism, Training
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan.models.llama3.hf_io import CheckpointError
 from titan.models.llama3.parallelize import parallelize_llama
+from titan.parallelisms import dry_run
+from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 
 
@@ -73,6 +81,22 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
     return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
 
 
+def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device) -> None:
+    """Give a parallelized model exactly the weights a one-process run with this seed has.
+
+    DTensor's random ops on CPU draw the same numbers on every rank, so shards initialized in
+    place would repeat each other. On CPU (small models) each rank builds the full model and
+    keeps its own pieces instead: every layout then starts from identical weights.
+    """
+    with torch.device("meta"):
+        full = Transformer(args)
+    full.to_empty(device=device)
+    full.init_weights(buffer_device=device)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, full.state_dict(), options=options)
+    model.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict
+
+
 def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
     per_pass = cfg.local_batch_size * dp_degree
     global_batch = per_pass if cfg.global_batch_size == -1 else cfg.global_batch_size
@@ -89,24 +113,40 @@ class Trainer:
         self.cfg = cfg
         t = cfg.training
         self.device = pick_device(t.device)
-        self.parallel_dims = self._check_supported()
+        self.dry_run = comm_mode() == "fake_backend"
+        self.parallel_dims, self.mesh = self._init_parallel()
+        dims = self.parallel_dims
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.dp_mesh = self.mesh["dp"] if self.mesh is not None else None
+        self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         set_determinism(t.seed, t.deterministic)
-        self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        self.tokenizer = build_tokenizer(self._tokenizer_path())
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.model = self._build_model()
-        self.n_params = sum(p.numel() for p in self.model.parameters())  # tied weights count once
+        # DTensor parameters report their global size; tied weights count once
+        self.n_params = sum(p.numel() for p in self.model.parameters())
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
         self.loss_fn = build_loss_fn(cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.grad_accum_steps = grad_accumulation_steps(t, self.parallel_dims.dp)
+        self.grad_accum_steps = grad_accumulation_steps(t, dims.dp)
+        data_cfg = cfg.data
+        if self.dry_run and data_cfg.dataset != "synthetic":
+            logger.info("dry run: synthetic tokens instead of data.dataset (nothing is read)")
+            data_cfg = dataclasses.replace(data_cfg, dataset="synthetic", path=None)
         self.dataloader = build_dataloader(
-            cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-            dp_rank=0, dp_degree=self.parallel_dims.dp, seed=t.seed,
+            data_cfg, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
+            dp_rank=self.dp_rank, dp_degree=dims.dp, seed=t.seed,
         )  # fmt: skip
         self.compute_dtype = torch.float32
         if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
             self.compute_dtype = torch.bfloat16
+        # FSDP casts parameters itself (bf16 gathers, fp32 reduce); other layouts use autocast.
+        self.use_autocast = self.compute_dtype != torch.float32 and not dims.fsdp_enabled
+        # FSDP and DDP average gradients over the data-parallel ranks; the loss is scaled by
+        # their number so that the average is the sum over the global batch.
+        self.grad_average_over = dims.dp if (dims.fsdp_enabled or dims.ddp_enabled) else 1
+        self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.metrics = self._build_metrics()
         self.step = 0
         self.checkpointer = self._build_checkpointer()
@@ -115,10 +155,19 @@ class Trainer:
         """Resume from the run's own checkpoint, else start from checkpoint.initial_load_path."""
         ckpt = self.cfg.checkpoint
         manager = None
+        if self.dry_run:
+            if ckpt.enable or ckpt.initial_load_path or ckpt.create_seed_checkpoint:
+                logger.warning("dry run: checkpoint loading and saving are off")
+            return None
+        if ckpt.create_seed_checkpoint and self.parallel_dims.world_size > 1:
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint writes the full weights from one process: "
+                "run it with NGPU=1 (any parallel degrees in the config are ignored)"
+            )
         if ckpt.enable or ckpt.create_seed_checkpoint:
             manager = CheckpointManager(
                 ckpt, self.cfg.job.dump_folder, model=self.model, optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader,
+                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, dp_rank=self.dp_rank,
             )  # fmt: skip
         if manager is not None and not ckpt.create_seed_checkpoint:
             if complete_steps(manager.folder):
@@ -130,33 +179,56 @@ class Trainer:
             )
         return manager
 
-    def _check_supported(self) -> ParallelDims:
-        """The parallel layout for this world size; stop early on what this build cannot do."""
+    def _init_parallel(self) -> tuple[ParallelDims, "dist.DeviceMesh | None"]:
+        """The parallel layout for this world size; starts the process group and the mesh."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         try:
             dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
-        if world_size > 1:
+        if dims.pp > 1 or dims.cp > 1:
             raise ConfigError(
-                f"{world_size} processes were started, but this build of titan trains in one "
-                "process only: multi-process parallelism (FSDP, TP, PP, CP) is not implemented "
-                "yet; use NGPU=1"
+                f"[parallelism] pipeline_parallel_degree {dims.pp}, context_parallel_degree "
+                f"{dims.cp}: pipeline and context parallel are not implemented yet; set both to 1"
             )
-        return dims
+        init_distributed(self.device, world_size)
+        if world_size == 1:
+            return dims, None
+        mesh = dims.build_mesh(self.device.type)
+        logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
+        return dims, mesh
+
+    def _tokenizer_path(self) -> str:
+        path = self.cfg.model.tokenizer_path
+        if self.dry_run and not resolve_path(path).is_file():
+            # A dry run checks layouts and memory, not text: any tokenizer in the format will do.
+            logger.warning(f"dry run: tokenizer {path} not found, using {SHIPPED_TOKENIZER}")
+            return SHIPPED_TOKENIZER
+        return path
 
     def _build_model(self) -> Transformer:
         # (1) the model on the meta device: no memory, no init cost
         with torch.device("meta"):
             model = Transformer(self.model_args)
         # (2) converters (float8/MX/LoRA): none configured
-        # (3) parallelize: activation checkpointing, compile (and later TP/FSDP), in one fixed order
-        parallelize_llama(model, self.parallel_dims, self.cfg)
-        # (4) allocate on the device
+        # (3) parallelize: TP, activation checkpointing, compile, FSDP/DDP, in one fixed order
+        try:
+            parallelize_llama(model, self.parallel_dims, self.mesh, self.cfg)
+        except (ValueError, NotImplementedError) as e:
+            raise ConfigError(str(e)) from None
+        # (4) allocate on the device (this rank's shards only)
         model.to_empty(device=self.device)
+        if self.dry_run and self.device.type == "cpu":
+            # Fake collectives make the values meaningless; bf16 storage halves the memory a
+            # dry run needs (sizes are reported for the real run's fp32 state).
+            model.to(torch.bfloat16)
         # (5) initialize the weights (seeded, so every run with this seed starts identically)
         with torch.no_grad():
-            model.init_weights(buffer_device=self.device)
+            if self.mesh is not None and self.device.type == "cpu" and not self.dry_run:
+                init_as_one_process(model, self.model_args, self.device)
+            else:
+                # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
+                model.init_weights(buffer_device=self.device)
         model.train()
         return model
 
@@ -173,52 +245,60 @@ class Trainer:
                 torch.cuda.get_device_name(self.device), str(self.compute_dtype).split(".")[-1]
             )
         return MetricsLogger(
-            self.cfg.metrics, self.cfg.job.dump_folder, rank=0, device=self.device,
+            self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,
             flops_per_token=fpt, peak_flops=peak, config_dict=to_dict(self.cfg),
         )  # fmt: skip
 
     def forward_backward(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
-        """Accumulate the step's gradients; returns the mean loss per target token."""
-        # Divide each micro-batch's summed loss by the step's count of target tokens, so that
-        # accumulation (and data parallel) gives the gradient of one big batch.
-        n_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+        """Accumulate the step's gradients; returns the global mean loss per target token."""
+        # Divide each micro-batch's summed loss by the global count of target tokens (all
+        # micro-batches, all data-parallel ranks), so that accumulation and data parallel give
+        # the gradient of one big batch.
+        local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+        n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
+        scale = self.grad_average_over / n_targets
         loss_total = torch.zeros((), device=self.device)
-        use_autocast = self.compute_dtype != torch.float32
         for inputs, labels in microbatches:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, self.compute_dtype, enabled=use_autocast):
+            with torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast):
                 logits = self.model(inputs)
-            loss = self.loss_fn(logits, labels) / n_targets
-            del logits  # the largest activation: free it before backward
-            loss.backward()
-            loss_total += loss.detach()
-        return loss_total
+            # loss parallel: cross-entropy over vocabulary shards, without gathering the logits
+            with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+                loss = self.loss_fn(logits, labels) * scale
+                del logits  # the largest activation: free it before backward
+                loss.backward()
+            loss = loss.detach()
+            loss_total += loss.to_local() if isinstance(loss, DTensor) else loss
+        # every rank holds its share of the mean; their sum over the data-parallel ranks is it
+        return dist_sum(loss_total / self.grad_average_over, self.dp_mesh)
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (mean token loss, grad norm)."""
-        loss = self.forward_backward(microbatches)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        loss_value, norm_value = loss.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        return self.optimizer_step(self.forward_backward(microbatches))
+
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[float, float]:
+        """Clip and apply the accumulated gradients, unless the loss or their norm is not finite."""
+        params = list(self.model.parameters())
+        # the global norm over every parameter's shards; clips only when max_norm > 0
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm)
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"step {self.step}: loss {loss_value}, grad norm {norm_value}; the update was not "
+                f"step {self.step}: loss {loss_value}, grad norm {grad_norm}; the update was not "
                 "applied. Lower optimizer.lr, raise lr_scheduler.warmup_steps, or check the data"
-            )
-        if self.cfg.training.max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                grads, self.cfg.training.max_norm, grad_norm, foreach=True
             )
         self.optimizer.step()
         self.lr_scheduler.step()
+        if self.dry_run:
+            self.sizes = dry_run.local_sizes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+        return loss_value, grad_norm
 
     def _next_microbatches(self, data_iter) -> list[tuple[torch.Tensor, torch.Tensor]]:
         try:
@@ -242,13 +322,14 @@ class Trainer:
         data_iter = iter(self.dataloader)
         with (
             maybe_enable_profiling(
-                self.cfg.profiling, job.dump_folder, rank=0, global_step=self.step
+                self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as prof,
             maybe_enable_memory_snapshot(
-                self.cfg.profiling, job.dump_folder, rank=0, global_step=self.step
+                self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as snap,
         ):
-            while self.step < t.steps:
+            last_step = 1 if self.dry_run else t.steps  # a dry run takes one step
+            while self.step < last_step:
                 self.step += 1
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
@@ -258,7 +339,9 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(microbatches)
                 losses.append(loss)
-                ntokens += sum(inputs.numel() for inputs, _ in microbatches)
+                # per device: ranks of one data-parallel rank (TP, CP, PP) share its tokens
+                n = sum(x.numel() for x, _ in microbatches)
+                ntokens += n / self.parallel_dims.non_data_parallel
                 if self.metrics.should_log(self.step, t.steps):
                     now = time.perf_counter()
                     self.metrics.log(
@@ -292,18 +375,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dump = Path(cfg.job.dump_folder)
     dump.mkdir(parents=True, exist_ok=True)
-    (dump / "config.toml").write_text(to_toml(cfg))
+    if int(os.environ.get("RANK", 0)) == 0:
+        (dump / "config.toml").write_text(to_toml(cfg))
     if cfg.job.print_config:
         logger.info("effective config:\n" + to_toml(cfg))
     try:
+        if cfg.checkpoint.create_seed_checkpoint:
+            # one process, whatever the config's layout: the seed is the full, unsharded model
+            cfg = dataclasses.replace(cfg, parallelism=Parallelism())
         trainer = Trainer(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)
             return 0
         trainer.train()
+        if trainer.dry_run:
+            dims = trainer.parallel_dims
+            sizes, n_params = trainer.sizes, trainer.n_params
+            logger.info(dry_run.report(sizes, dims.world_size, dims.describe(), n_params))
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         logger.error(str(e))
         return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -133,6 +133,8 @@ class Parallelism:
     """Ranks splitting each sequence (context parallel)."""
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: whether FSDP frees gathered parameters after forward."""
+    fsdp_cpu_offload: bool = False
+    """Keep FSDP's sharded parameters, gradients and optimizer state in CPU memory."""
 
 
 @dataclass

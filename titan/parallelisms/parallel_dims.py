@@ -1,8 +1,18 @@
-"""Parallel degrees from the [parallelism] table, checked against the world size."""
+"""Parallel degrees from the [parallelism] table, checked against the world size, and the mesh.
+
+One DeviceMesh holds every dimension, outermost first: pp, dp_replicate, dp_shard, cp, tp (tp
+innermost, so a tensor-parallel group is a node's neighbouring ranks). Flattened views serve the
+parts that span several dimensions: "dp" (data loading, loss and gradient-norm sums),
+"dp_shard_cp" (what FSDP shards over) and "dp_cp".
+"""
 
 from dataclasses import dataclass
 
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
 from titan.config.job_config import Parallelism
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,35 @@ class ParallelDims:
         """Ranks that read different data: replicas x shards."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def non_data_parallel(self) -> int:
+        """Ranks that share one data-parallel rank's batch (tp x cp x pp)."""
+        return self.tp * self.cp * self.pp
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def ddp_enabled(self) -> bool:
+        """Pure replication (DDP): replicas without sharding."""
+        return self.dp_replicate > 1 and not self.fsdp_enabled
+
+    def describe(self) -> str:
+        degrees = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        sizes = dict(zip(MESH_DIMS, degrees, strict=True))
+        parts = [f"{name} {size}" for name, size in sizes.items() if size > 1]
+        return " x ".join(parts) if parts else "1 process"
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The world's mesh with its flattened views; call after init_process_group."""
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
 
 def resolve_parallel_dims(cfg: Parallelism, world_size: int) -> ParallelDims:
     """Fill data_parallel_shard_degree = -1 and check the degrees multiply to the world size."""
@@ -28,6 +67,14 @@ def resolve_parallel_dims(cfg: Parallelism, world_size: int) -> ParallelDims:
         "pipeline_parallel_degree": cfg.pipeline_parallel_degree,
         "context_parallel_degree": cfg.context_parallel_degree,
     }
+    for name, degree in others.items():
+        if degree < 1:
+            raise ValueError(f"{name} = {degree}: a degree is a positive number of ranks")
+    if cfg.data_parallel_shard_degree == 0 or cfg.data_parallel_shard_degree < -1:
+        raise ValueError(
+            f"data_parallel_shard_degree = {cfg.data_parallel_shard_degree}: use a positive "
+            "number of ranks, or -1 to fill the rest of the world"
+        )
     product = 1
     for degree in others.values():
         product *= degree

@@ -1,18 +1,151 @@
-"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, AC, compile, FSDP."""
+"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, AC, compile, FSDP/DDP.
 
+The tensor-parallel plan is keyed by Meta's layer names. With sequence parallel the residual
+stream between blocks is sharded on the sequence dimension (Shard(1)); attention and the FFN
+gather it (all-gather) and give back a sequence shard (reduce-scatter).
+"""
+
+import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from titan.config.job_config import JobConfig
+from titan.models.llama3.args import ModelArgs
 from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
+from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
 from titan.parallelisms.parallel_dims import ParallelDims
+from titan.parallelisms.tensor_parallel import (
+    detach_async_collective_output,
+    enable_async_tp,
+    replicate_module,
+)
 
 
-def parallelize_llama(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> None:
+def check_tp_degree(args: ModelArgs, tp: int) -> None:
+    """Every rank must hold whole heads (query and key/value) and equal FFN slices."""
+    for what, size in (
+        ("n_heads", args.n_heads),
+        ("n_kv_heads", args.n_kv_heads),
+        ("ffn_hidden_dim", args.ffn_hidden_dim),
+        ("vocab_size", args.vocab_size),
+    ):
+        if size % tp:
+            raise ValueError(
+                f"parallelism.tensor_parallel_degree = {tp} does not divide the model's {what} "
+                f"= {size}: use a tensor_parallel_degree that divides it"
+            )
+
+
+def apply_tp(
+    model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool
+) -> None:
+    """Shard the Llama 3 matmuls over `mesh` (Megatron-style: colwise in, rowwise out)."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(
+        model,
+        mesh,
+        {
+            # vocab-sharded embedding; its output is reduce-scattered onto sequence shards
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+            # logits sharded on the vocabulary for the loss-parallel cross-entropy
+            "output": ColwiseParallel(
+                input_layouts=seq,
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            ),
+        },
+    )
+    norms = [model.norm]
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(
+                input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward": PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),)
+            ),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        parallelize_module(block, mesh, plan)
+        norms += [block.attention_norm, block.ffn_norm]
+    for norm in norms:
+        if sequence_parallel:
+            parallelize_module(norm, mesh, SequenceParallel())  # norms act on sequence shards
+        else:
+            replicate_module(norm, mesh)
+    if model.args.tie_word_embeddings:
+        # parallelize_module gave tok_embeddings and output separate DTensor parameters: re-tie.
+        # Embedding rows and output columns are both sharded on the vocabulary (Shard(0)).
+        model.output.weight = model.tok_embeddings.weight
+
+
+def parallelize_llama(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: JobConfig
+) -> None:
     """Transform the (meta-device) model in place for the given parallel layout."""
-    if dims.world_size > 1:
+    p = cfg.parallelism
+    if dims.pp > 1 or dims.cp > 1:
         raise NotImplementedError(
-            "tensor, data, pipeline and context parallel are not implemented yet"
+            "pipeline and context parallel are not implemented yet: set "
+            "parallelism.pipeline_parallel_degree = 1 and context_parallel_degree = 1"
         )
-    apply_ac(model, cfg.activation_checkpoint)
+    if dims.tp > 1:
+        check_tp_degree(model.args, dims.tp)
+        apply_tp(
+            model, mesh["tp"], sequence_parallel=p.enable_sequence_parallel,
+            loss_parallel=not p.disable_loss_parallel,
+        )  # fmt: skip
+        if p.enable_async_tensor_parallel:
+            enable_async_tp(mesh["tp"], cfg.compile.enable)
+        if cfg.compile.enable and "model" in cfg.compile.components:
+            detach_async_collective_output(model.tok_embeddings)
+    ac = cfg.activation_checkpoint
+    compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
+    plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
+    if dims.tp > 1 and compile_blocks and plain_ac:
+        # torch 2.13's AOT autograd fails on a compiled checkpoint of DTensor code that saves
+        # no op outputs ("expected all tensors_saved_with_vc_check to be Tensors, got
+        # DeviceMesh"); op-level selective AC saves matmul outputs and compiles correctly.
+        raise ValueError(
+            f"activation_checkpoint.mode = {ac.mode!r} (whole blocks) with compile and tensor "
+            "parallel fails inside torch.compile: use mode = 'selective' with "
+            "selective_ac_option = 'op', or turn compile off"
+        )
+    apply_ac(model, ac)
     apply_compile(model, cfg.compile)
+    if dims.fsdp_enabled:
+        # HSDP: shard within each replica, all-reduce gradients across replicas
+        fsdp_mesh = mesh["dp_shard_cp"]
+        if dims.dp_replicate > 1:
+            fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"]
+        on_gpu = mesh.device_type == "cuda"
+        param_dtype = torch.float32
+        if on_gpu and cfg.training.mixed_precision_param == "bfloat16":
+            param_dtype = torch.bfloat16
+        apply_fsdp(
+            model, fsdp_mesh, param_dtype=param_dtype,
+            reduce_dtype=torch.float32, reshard_after_forward=p.fsdp_reshard_after_forward,
+            cpu_offload=p.fsdp_cpu_offload,
+        )  # fmt: skip
+    elif dims.ddp_enabled:
+        if dims.tp > 1:
+            raise NotImplementedError(
+                "DDP x tensor parallel is not supported: use FSDP (data_parallel_shard_degree "
+                "> 1) or HSDP with tensor parallel"
+            )
+        apply_ddp(model, mesh["dp_replicate"])

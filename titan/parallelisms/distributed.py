@@ -1,0 +1,112 @@
+"""Process-group start-up (real, or the fake backend for dry runs) and mesh-aware reductions.
+
+COMM_MODE (environment): unset runs real collectives (NCCL on CUDA, gloo on CPU) across the
+processes torchrun started; "fake_backend" runs one process that acts as rank 0 of WORLD_SIZE
+with collectives that move no data, to build and step a sharded model without the other ranks.
+"""
+
+import math
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+COMM_MODES = ("", "fake_backend")
+
+
+def comm_mode() -> str:
+    mode = os.environ.get("COMM_MODE", "")
+    if mode not in COMM_MODES:
+        raise ValueError(
+            f"COMM_MODE={mode!r} is not supported: leave it unset for real collectives or use "
+            "fake_backend for a one-process dry run"
+        )
+    return mode
+
+
+def init_distributed(device: torch.device, world_size: int, timeout_s: int = 600) -> None:
+    """Start the default process group for this process (a no-op for one process)."""
+    if dist.is_initialized() or (world_size == 1 and comm_mode() == ""):
+        return
+    if comm_mode() == "fake_backend":
+        # Importing registers the "fake" backend; its collectives return without moving data.
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        return
+    # NCCL for CUDA tensors; gloo for the CPU tensors some state (e.g. RNG, async saves) uses.
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def dist_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Sum of a tensor over the ranks of a 1-D mesh (itself when there is no mesh)."""
+    if mesh is None or mesh.size() == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, group=mesh.get_group())
+    return value
+
+
+def _local_and_sharded_dims(grad: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A gradient's local values and the (mesh, dims) over which its pieces must be summed."""
+    if not isinstance(grad, DTensor):
+        return grad, ()
+    # any non-replicated placement is a piece (Shard, and FSDP-over-TP's _StridedShard)
+    dims = tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate())
+    return grad.to_local(), (grad.device_mesh, dims) if dims else ()
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].device.type == "cpu":
+        # CPU norm kernels accumulate in the input dtype, ~1e-4 off for a large fp32 gradient;
+        # accumulating in float64 keeps the norm independent of how the gradient is sharded.
+        return (
+            torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
+            .square()
+            .sum()
+        )
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+
+def clip_grad_norm_(
+    params: list[torch.nn.Parameter], max_norm: float, extra_mesh: DeviceMesh | None = None
+) -> float:
+    """Global L2 norm of all gradients on any mesh; scales them down to max_norm (if > 0).
+
+    Each gradient contributes the squares of its local piece; pieces of a sharded gradient are
+    summed over the mesh dimensions it is sharded on and never over replicated ones, so a
+    replicated tensor-parallel norm weight counts once. `extra_mesh` sums across ranks that hold
+    different parameters (pipeline stages).
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor) and any(x.is_partial() for x in p.grad.placements):
+            # a pending sum: finish it, so the norm and the update see the true gradient
+            placements = [Replicate() if isinstance(x, Partial) else x for x in p.grad.placements]
+            p.grad = p.grad.redistribute(placements=placements)
+        local, key = _local_and_sharded_dims(p.grad)
+        groups.setdefault(key, []).append(local)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    for key, locals_ in groups.items():
+        sq = _sum_of_squares(locals_)
+        if key:
+            mesh, dims = key
+            for dim in dims:
+                dist.all_reduce(sq, group=mesh.get_group(dim))
+        total_sq = total_sq.to(sq.device, sq.dtype) + sq
+    if extra_mesh is not None and extra_mesh.size() > 1:
+        dist.all_reduce(total_sq, group=extra_mesh.get_group())
+    norm = math.sqrt(total_sq.item())
+    if max_norm > 0 and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            # scale the local pieces in place: every DTensor shares its storage with them
+            for locals_ in groups.values():
+                torch._foreach_mul_(locals_, coef)
+    return norm

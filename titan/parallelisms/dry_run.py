@@ -1,0 +1,39 @@
+"""What one rank holds in a dry run (COMM_MODE=fake_backend): parameter, gradient and optimizer
+state sizes of its shards, reported at the dtypes a real run keeps them in (fp32)."""
+
+import resource
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+_FP32_BYTES = 4
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_sizes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Elements this rank holds: call after the optimizer step, before zero_grad."""
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return {
+        "parameters": sum(_local(p).numel() for p in params),
+        "gradients": sum(_local(p.grad).numel() for p in params if p.grad is not None),
+        "optimizer state": sum(_local(v).numel() for v in state if v.ndim > 0),  # not step counts
+    }
+
+
+def report(sizes: dict[str, int], world_size: int, layout: str, global_params: int) -> str:
+    """A few lines: each part's elements and fp32 GiB on this rank, and the process's peak RSS."""
+    lines = [f"dry run: rank 0 of {world_size} ({layout}); {global_params:,} parameters in all"]
+    total = 0
+    for name, n in sizes.items():
+        gib = n * _FP32_BYTES / 2**30
+        total += gib
+        lines.append(f"  {name:>16}: {n:>15,} elements  {gib:8.2f} GiB (fp32)")
+    lines.append(f"  {'sum':>16}: {'':>15}           {total:8.2f} GiB before activations")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    lines.append(f"  this process's peak RSS: {peak_rss:.2f} GiB (dry-run storage is bf16 on CPU)")
+    return "\n".join(lines)
