@@ -52,3 +52,9 @@ def test_weight_decay_skips_vectors():
     assert decayed["weight_decay"] == 0.1 and [p.ndim for p in decayed["params"]] == [2]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_lr_schedule_when_warmup_covers_every_step():
+    # training.steps == warmup_steps: no decay phase; the factors stay defined (no division by 0)
+    cfg = LRScheduler(warmup_steps=2)
+    assert [lr_factor(s, total_steps=2, cfg=cfg) for s in range(2)] == [1 / 3, 2 / 3]

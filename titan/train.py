@@ -81,6 +81,16 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
     return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device) -> None:
     """Give a parallelized model exactly the weights a one-process run with this seed has.
 
@@ -210,6 +220,12 @@ class Trainer:
         # (1) the model on the meta device: no memory, no init cost
         with torch.device("meta"):
             model = Transformer(self.model_args)
+        if self.dry_run and self.device.type == "cpu" and not self._fits_in_fp32(model):
+            # Fake collectives make a dry run's values meaningless: store bf16, half the memory
+            # (sizes are still reported for the real run's fp32 state).
+            logger.info("dry run: fp32 state would not fit in half this machine's memory: bf16")
+            with torch.device("meta"), _default_dtype(torch.bfloat16):
+                model = Transformer(self.model_args)
         # (2) converters (float8/MX/LoRA): none configured
         # (3) parallelize: TP, activation checkpointing, compile, FSDP/DDP, in one fixed order
         try:
@@ -218,10 +234,6 @@ class Trainer:
             raise ConfigError(str(e)) from None
         # (4) allocate on the device (this rank's shards only)
         model.to_empty(device=self.device)
-        if self.dry_run and self.device.type == "cpu":
-            # Fake collectives make the values meaningless; bf16 storage halves the memory a
-            # dry run needs (sizes are reported for the real run's fp32 state).
-            model.to(torch.bfloat16)
         # (5) initialize the weights (seeded, so every run with this seed starts identically)
         with torch.no_grad():
             if self.mesh is not None and self.device.type == "cpu" and not self.dry_run:
@@ -231,6 +243,14 @@ class Trainer:
                 model.init_weights(buffer_device=self.device)
         model.train()
         return model
+
+    def _fits_in_fp32(self, model: nn.Module) -> bool:
+        """Whether rank 0's fp32 weights, gradients and AdamW moments (16 bytes per parameter)
+        fit in half of this machine's memory."""
+        d = self.parallel_dims
+        local = sum(p.numel() for p in model.parameters()) / (d.dp_shard * d.cp * d.tp * d.pp)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return 16 * local < ram / 2
 
     def _build_metrics(self) -> MetricsLogger:
         a = self.model_args
@@ -313,7 +333,8 @@ class Trainer:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
         logger.info(
-            f"training {t.steps} steps: {self.grad_accum_steps} micro-batch(es) of "
+            f"training {1 if self.dry_run else t.steps} steps: {self.grad_accum_steps} "
+            "micro-batch(es) of "
             f"{t.local_batch_size} x "
             f"{t.seq_len} tokens per step on {self.device}, compute {self.compute_dtype}"
         )

@@ -43,6 +43,7 @@ def lr_factor(step: int, *, total_steps: int, cfg: LRScheduler) -> float:
         return (step + 1) / (warmup + 1)
     after_warmup = total_steps - warmup
     decay_steps = after_warmup if cfg.decay_ratio is None else round(cfg.decay_ratio * after_warmup)
+    decay_steps = max(decay_steps, 1)  # warmup_steps >= total_steps leaves no decay phase
     decay_start = total_steps - decay_steps
     if step < decay_start:
         return 1.0

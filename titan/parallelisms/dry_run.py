@@ -1,5 +1,5 @@
 """What one rank holds in a dry run (COMM_MODE=fake_backend): parameter, gradient and optimizer
-state sizes of its shards, reported at the dtypes a real run keeps them in (fp32)."""
+state sizes of its shards (fp32, as a real run keeps them)."""
 
 import resource
 
@@ -35,5 +35,5 @@ def report(sizes: dict[str, int], world_size: int, layout: str, global_params: i
         lines.append(f"  {name:>16}: {n:>15,} elements  {gib:8.2f} GiB (fp32)")
     lines.append(f"  {'sum':>16}: {'':>15}           {total:8.2f} GiB before activations")
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    lines.append(f"  this process's peak RSS: {peak_rss:.2f} GiB (dry-run storage is bf16 on CPU)")
+    lines.append(f"  this process's peak RSS: {peak_rss:.2f} GiB")
     return "\n".join(lines)

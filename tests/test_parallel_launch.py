@@ -1,0 +1,132 @@
+"""run_train.sh with several processes (torchrun, gloo), dry runs with the fake backend, and the
+start-up errors of impossible layouts."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from titan.config.job_config import Parallelism
+from titan.models.llama3 import FLAVORS
+from titan.models.llama3.parallelize import check_tp_degree
+from titan.parallelisms.parallel_dims import resolve_parallel_dims
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, config: str, *args: str, timeout: int = 600, **env) -> str:
+    env = {**os.environ, "TITAN_PYTHON": sys.executable, "CONFIG_FILE": config, **env}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [str(ROOT / "run_train.sh"), f"--job.dump_folder={tmp_path}", "--training.device=cpu"]
+    out = subprocess.run(
+        [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    return log
+
+
+@pytest.mark.parametrize(
+    "ngpu, layout, args",
+    [
+        ("2", "dp_shard 2", []),
+        ("2", "dp_replicate 2", ["--parallelism.data_parallel_replicate_degree", "2"]),
+        ("4", "dp_shard 2 x tp 2", ["--parallelism.tensor_parallel_degree", "2"]),
+    ],
+)
+def test_run_train_sh_multi_process(tmp_path, ngpu, layout, args):
+    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    log = _run(
+        tmp_path, debug, "--training.steps", "2", "--training.seq_len", "64",
+        "--training.local_batch_size", "2", "--metrics.log_freq", "1", *args, NGPU=ngpu,
+    )  # fmt: skip
+    assert f"parallel layout: {layout} over {ngpu} ranks" in log
+    losses = [float(x) for x in re.findall(r"loss: (\d+\.\d{6})", log)]
+    assert len(losses) == 2 and all(7 < x < 9 for x in losses), log[-2000:]  # ln(2304) = 7.7
+
+
+def _dry_run_sizes(log: str) -> dict[str, int]:
+    found = re.findall(r"(parameters|gradients|optimizer state): +([\d,]+) elements", log)
+    return {name: int(n.replace(",", "")) for name, n in found}
+
+
+def test_dry_run_debug_model_fsdp_tp_at_8(tmp_path):
+    log = _run(
+        tmp_path, str(ROOT / "train_configs" / "debug_model.toml"), "--training.seq_len", "32",
+        "--parallelism.tensor_parallel_degree", "2", COMM_MODE="fake_backend", NGPU="8",
+    )  # fmt: skip
+    assert "parallel layout: dp_shard 4 x tp 2 over 8 ranks" in log
+    sizes = _dry_run_sizes(log)
+    total = 5_704_960
+    assert total / 8 <= sizes["parameters"] <= total / 8 * 1.05, sizes
+    assert sizes["gradients"] == sizes["parameters"]
+    assert sizes["optimizer state"] == 2 * sizes["parameters"]
+
+
+@pytest.mark.big_dry_run
+def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
+    log = _run(
+        tmp_path, str(ROOT / "train_configs" / "llama3_70b.toml"), "--training.seq_len", "16",
+        "--training.local_batch_size", "1", "--compile.enable", "false",
+        COMM_MODE="fake_backend", NGPU="256",
+    )  # fmt: skip
+    assert "parallel layout: dp_shard 32 x tp 8 over 256 ranks" in log
+    assert "model llama3 70B: 70,553,706,496 parameters" in log
+    sizes = _dry_run_sizes(log)
+    # rank 0 holds a 1/256 slice (norm weights are replicated over TP; FSDP pads to 32 rows)
+    total = 70_553_706_496
+    assert total / 256 <= sizes["parameters"] <= total / 256 * 1.01, sizes
+    assert sizes["gradients"] == sizes["parameters"]
+    assert sizes["optimizer state"] == 2 * sizes["parameters"]  # AdamW's two moments
+    assert re.search(r"step: +1 +loss: \d+\.\d{6}", log)
+
+
+@pytest.mark.big_dry_run
+def test_dry_run_8b_fsdp_at_8(tmp_path):
+    log = _run(
+        tmp_path, str(ROOT / "train_configs" / "llama3_8b.toml"), "--training.seq_len", "16",
+        "--compile.enable", "false", COMM_MODE="fake_backend", NGPU="8",
+    )  # fmt: skip
+    assert "parallel layout: dp_shard 8 over 8 ranks" in log
+    sizes = _dry_run_sizes(log)
+    total = 8_030_261_248
+    assert total / 8 <= sizes["parameters"] <= total / 8 * 1.001, sizes
+    assert sizes["optimizer state"] == 2 * sizes["parameters"]
+
+
+def test_degrees_must_multiply_to_the_world():
+    with pytest.raises(ValueError, match=r"= 6, but the world size is 8"):
+        resolve_parallel_dims(
+            Parallelism(tensor_parallel_degree=3, data_parallel_shard_degree=2), world_size=8
+        )
+    with pytest.raises(ValueError, match=r"world size 8 is not divisible by .* = 3"):
+        resolve_parallel_dims(Parallelism(tensor_parallel_degree=3), world_size=8)
+    dims = resolve_parallel_dims(
+        Parallelism(data_parallel_replicate_degree=2, tensor_parallel_degree=2), world_size=8
+    )
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 2, 2, 4)
+
+
+def test_tp_degree_must_divide_heads():
+    with pytest.raises(ValueError, match="does not divide the model's n_kv_heads = 8"):
+        check_tp_degree(FLAVORS["8B"], 16)
+    check_tp_degree(FLAVORS["70B"], 8)
+
+
+def test_unimplemented_layouts_fail_clearly(tmp_path):
+    from titan.config import ConfigError, load_config
+    from titan.train import Trainer
+
+    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    cfg = load_config(["--job.config_file", debug, "--parallelism.pipeline_parallel_degree", "2",
+                       "--parallelism.data_parallel_shard_degree", "1"])  # fmt: skip
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ConfigError, match="pipeline and context parallel are not implemented"):
+            Trainer(cfg)
+    finally:
+        os.environ.pop("WORLD_SIZE")
