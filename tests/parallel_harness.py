@@ -1,8 +1,9 @@
 """Run titan's Trainer in several fork-started CPU/gloo processes and in one, on the same batches.
 
 `train_case(overrides, batches)` builds a Trainer from the debug config plus overrides, feeds each
-data-parallel rank its rows of the global batches, and returns (from rank 0) the loss and
-gradient norm of every step, every full gradient of the first step and every full parameter at
+data-parallel rank its rows of the global batches (from the step it resumed at, with
+[checkpoint] enabled, saving as configured), and returns (from rank 0) the loss and gradient
+norm of every step it ran, every full gradient of its first step and every full parameter at
 the end. `run_layouts(world_size, cases, batches)` runs many cases in one launch of world_size
 processes; `run_single(overrides, batches)` is the one-process reference.
 """
@@ -56,19 +57,25 @@ def train_case(overrides: list[str], batches: torch.Tensor) -> dict:
     local = batches.shape[1] // n_dp
     per_micro = cfg.training.local_batch_size
     losses, norms, grads = [], [], {}
-    for step, batch in enumerate(batches):
-        rows = batch[dp_rank * local : (dp_rank + 1) * local]
+    start = trainer.step  # > 0 when the Trainer resumed from a checkpoint
+    for step in range(start, len(batches)):
+        rows = batches[step][dp_rank * local : (dp_rank + 1) * local]
         micro = [(m[:, :-1], m[:, 1:]) for m in rows.split(per_micro)]
         assert len(micro) == trainer.grad_accum_steps
         loss = trainer.forward_backward(micro)
-        if step == 0:
+        if step == start:
             for name, p in trainer.model.named_parameters():
                 grads[_clean(name)] = _full(p.grad)
         loss_value, norm = trainer.optimizer_step(loss)
         losses.append(loss_value)
         norms.append(norm)
+        trainer.step = step + 1
+        if trainer.checkpointer is not None:
+            trainer.checkpointer.maybe_save(trainer.step, last_step=False)
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.close()
     params = {_clean(n): _full(p) for n, p in trainer.model.named_parameters()}
-    return {"losses": losses, "norms": norms, "grads": grads, "params": params}
+    return {"start": start, "losses": losses, "norms": norms, "grads": grads, "params": params}
 
 
 def _free_port() -> int:

@@ -127,3 +127,20 @@ def test_reference_is_sensitive(batches, reference):
     other = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], other_batches)
     with pytest.raises(AssertionError):
         assert_matches("shuffled", other, reference)
+
+
+def test_resume_under_another_layout(tmp_path, batches, reference):
+    """FSDP 2 saves at step 2; one process and TP 2 resume from it and match the uninterrupted
+    one-process run's later losses."""
+    ckpt = ["--checkpoint.enable", "true", "--job.dump_folder", str(tmp_path)]
+    run_layouts(2, [[*FSDP, *ckpt, "--checkpoint.interval", "2"]], batches[:2])
+    assert (tmp_path / "checkpoint" / "step-2").is_dir()
+    resume = [*ckpt, "--checkpoint.load_step", "2", "--checkpoint.interval", "100"]
+    resumed_tp = run_layouts(2, [[*TP, *resume]], batches)[0]
+    resumed_one = run_single(["--training.local_batch_size", str(GLOBAL_BATCH), *resume], batches)
+    for name, got in (("fsdp2 -> 1 process", resumed_one), ("fsdp2 -> tp2", resumed_tp)):
+        assert got["start"] == 2, name
+        torch.testing.assert_close(
+            torch.tensor(got["losses"]), torch.tensor(reference["losses"][2:]), atol=TOL, rtol=0,
+            msg=lambda m, name=name: f"{name}: losses after resuming differ\n{m}",
+        )  # fmt: skip

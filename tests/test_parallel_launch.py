@@ -130,3 +130,17 @@ def test_unimplemented_layouts_fail_clearly(tmp_path):
             Trainer(cfg)
     finally:
         os.environ.pop("WORLD_SIZE")
+
+
+def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
+    from titan.config import ConfigError
+    from titan.parallelisms.distributed import comm_mode
+
+    monkeypatch.setenv("COMM_MODE", "local_tensor")
+    with pytest.raises(ConfigError, match="FSDP2 wrongly"):
+        comm_mode()
+    monkeypatch.setenv("COMM_MODE", "fake")
+    with pytest.raises(ConfigError, match="fake_backend for a one-process dry run"):
+        comm_mode()
+    monkeypatch.setenv("COMM_MODE", "fake_backend")
+    assert comm_mode() == "fake_backend"

@@ -178,6 +178,7 @@ class Trainer:
             manager = CheckpointManager(
                 ckpt, self.cfg.job.dump_folder, model=self.model, optimizer=self.optimizer,
                 lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, dp_rank=self.dp_rank,
+                dp_degree=self.parallel_dims.dp,
             )  # fmt: skip
         if manager is not None and not ckpt.create_seed_checkpoint:
             if complete_steps(manager.folder):

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -47,7 +49,9 @@ def load_initial_weights(model: nn.Module, args: ModelArgs, path: str, in_hf: bo
     """Start from other weights: a Hugging Face safetensors folder or a DCP (e.g. a seed)."""
     if in_hf:
         state = titan_state_dict_from_hf(path, args)
-        set_model_state_dict(model, {k: v.to(torch.float32) for k, v in state.items()})
+        state = {k: v.to(torch.float32) for k, v in state.items()}
+        # full tensors: each rank keeps its own shards of them
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:
         load_dcp_model(path, model)
     logger.info(f"checkpoint: initial weights loaded from {path}")
@@ -66,6 +70,7 @@ class CheckpointManager:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         dataloader: Any,
         dp_rank: int = 0,
+        dp_degree: int = 1,
     ):
         self._stager = None
         if cfg.async_mode == "async_with_pinned_mem":
@@ -84,8 +89,15 @@ class CheckpointManager:
         self.folder = Path(dump_folder) / cfg.folder
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.dataloader = dataloader
-        self.dp_key = f"dp{dp_rank}"
+        # a loader's position only means something for the same sharding of the data
+        self.dp_key = f"dp{dp_rank}_of_{dp_degree}"
         self._pending: tuple[Future, Path, Path] | None = None
+        # Rank 0 prepares and publishes folders; every rank writes its own shards. Saves use a
+        # gloo group of their own so a background save never interleaves with training's
+        # collectives on the default group.
+        self._distributed = dist.is_initialized()
+        self._coordinator = not self._distributed or dist.get_rank() == 0
+        self._pg = dist.new_group(backend="gloo") if self._distributed else None
 
     def _state(self, step: int) -> dict[str, Any]:
         state: dict[str, Any] = dict(get_model_state_dict(self.model))
@@ -118,16 +130,21 @@ class CheckpointManager:
         self._finish_pending(wait=True)  # one save in flight at a time
         final = self.folder / f"step-{step}"
         partial = self.folder / f"step-{step}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash
-        partial.mkdir(parents=True)
+        if self._coordinator:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+            partial.mkdir(parents=True)
+        if self._distributed:
+            dist.barrier(group=self._pg)  # no rank writes before the folder is fresh
         start = time.perf_counter()
         if asynchronous:
             # async_save copies the state to CPU before returning; training goes on meanwhile
-            future = dcp.async_save(state, checkpoint_id=str(partial), async_stager=self._stager)
+            future = dcp.async_save(
+                state, checkpoint_id=str(partial), async_stager=self._stager, process_group=self._pg
+            )
             self._pending = (future, partial, final)
             logger.info(f"checkpoint step {step}: staged in {time.perf_counter() - start:.2f}s")
             return
-        dcp.save(state, checkpoint_id=str(partial))
+        dcp.save(state, checkpoint_id=str(partial), process_group=self._pg)
         self._publish(partial, final)
         logger.info(
             f"checkpoint step {step}: saved to {final} in {time.perf_counter() - start:.2f}s"
@@ -143,6 +160,10 @@ class CheckpointManager:
         logger.info(f"checkpoint: async save to {final} complete")
 
     def _publish(self, partial: Path, final: Path) -> None:
+        # rank 0's save returns after it wrote the metadata, which it does once every rank
+        # reported its shards written: the folder is complete.
+        if not self._coordinator:
+            return
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)  # atomic: the folder is complete or absent
         if self.cfg.keep_latest_k > 0:
@@ -170,7 +191,7 @@ class CheckpointManager:
         else:
             return 0
         path = self.folder / f"step-{step}"
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        keys = self._metadata_keys(path)
         if not any(k.startswith("train_state.") for k in keys):
             load_dcp_model(path, self.model)  # a seed or model-only checkpoint
             logger.info(f"checkpoint: loaded model weights from {path}; training starts at step 0")
@@ -178,6 +199,10 @@ class CheckpointManager:
         self._load_full(path, step)
         logger.info(f"checkpoint: resumed from {path}")
         return step
+
+    @staticmethod
+    def _metadata_keys(path: Path) -> list[str]:
+        return list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
     def _load_full(self, path: Path, step: int) -> None:
         state = self._state(step)
@@ -187,8 +212,17 @@ class CheckpointManager:
                     state.pop(key)
             else:
                 state.pop(part)
+        if "dataloader" in state and not any(
+            k.startswith(f"dataloader.{self.dp_key}") for k in self._metadata_keys(path)
+        ):
+            logger.warning(
+                f"checkpoint step {step}: no data position for data-parallel rank {self.dp_key} "
+                "(saved with another data-parallel degree); this rank's data starts from the "
+                "beginning of its shard"
+            )
+            state.pop("dataloader")
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=self._pg)
         except BaseException as e:  # DCP's CheckpointException is not an Exception
             if isinstance(e, KeyboardInterrupt):
                 raise

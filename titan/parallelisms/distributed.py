@@ -14,13 +14,22 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from titan.config import ConfigError
+
 COMM_MODES = ("", "fake_backend")
 
 
 def comm_mode() -> str:
     mode = os.environ.get("COMM_MODE", "")
+    if mode == "local_tensor":
+        raise ConfigError(
+            "COMM_MODE=local_tensor is not implemented in titan: torch's LocalTensorMode gets "
+            "tensor-parallel numerics right but runs FSDP2 wrongly (every rank takes shard 0, "
+            "torch 2.13). Use COMM_MODE=fake_backend for a dry run, or NGPU=N processes on CPU "
+            "(gloo) for numerics"
+        )
     if mode not in COMM_MODES:
-        raise ValueError(
+        raise ConfigError(
             f"COMM_MODE={mode!r} is not supported: leave it unset for real collectives or use "
             "fake_backend for a one-process dry run"
         )
