@@ -72,7 +72,7 @@ def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
     log = _run(
         tmp_path, str(ROOT / "train_configs" / "llama3_70b.toml"), "--training.seq_len", "16",
         "--training.local_batch_size", "1", "--compile.enable", "false",
-        COMM_MODE="fake_backend", NGPU="256",
+        COMM_MODE="fake_backend", NGPU="256", timeout=1500,
     )  # fmt: skip
     assert "parallel layout: dp_shard 32 x tp 8 over 256 ranks" in log
     assert "model llama3 70B: 70,553,706,496 parameters" in log
@@ -89,7 +89,7 @@ def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
 def test_dry_run_8b_fsdp_at_8(tmp_path):
     log = _run(
         tmp_path, str(ROOT / "train_configs" / "llama3_8b.toml"), "--training.seq_len", "16",
-        "--compile.enable", "false", COMM_MODE="fake_backend", NGPU="8",
+        "--compile.enable", "false", COMM_MODE="fake_backend", NGPU="8", timeout=1500,
     )  # fmt: skip
     assert "parallel layout: dp_shard 8 over 8 ranks" in log
     sizes = _dry_run_sizes(log)
