@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -33,7 +32,7 @@ from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan.models.llama3.hf_io import CheckpointError
-from titan.models.llama3.parallelize import parallelize_llama
+from titan.models.llama3.parallelize import default_dtype, init_as_one_process, parallelize_llama
 from titan.parallelisms import dry_run
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
@@ -79,32 +78,6 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
             "use the flavor's tokenizer or set model.vocab_size"
         )
     return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device) -> None:
-    """Give a parallelized model exactly the weights a one-process run with this seed has.
-
-    DTensor's random ops on CPU draw the same numbers on every rank, so shards initialized in
-    place would repeat each other. On CPU (small models) each rank builds the full model and
-    keeps its own pieces instead: every layout then starts from identical weights.
-    """
-    with torch.device("meta"):
-        full = Transformer(args)
-    full.to_empty(device=device)
-    full.init_weights(buffer_device=device)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, full.state_dict(), options=options)
-    model.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict
 
 
 def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
@@ -225,7 +198,7 @@ class Trainer:
             # Fake collectives make a dry run's values meaningless: store bf16, half the memory
             # (sizes are still reported for the real run's fp32 state).
             logger.info("dry run: fp32 state would not fit in half this machine's memory: bf16")
-            with torch.device("meta"), _default_dtype(torch.bfloat16):
+            with torch.device("meta"), default_dtype(torch.bfloat16):
                 model = Transformer(self.model_args)
         # (2) converters (float8/MX/LoRA): none configured
         # (3) parallelize: TP, activation checkpointing, compile, FSDP/DDP, in one fixed order

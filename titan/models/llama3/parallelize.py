@@ -2,11 +2,15 @@
 
 The tensor-parallel plan is keyed by Meta's layer names. With sequence parallel the residual
 stream between blocks is sharded on the sequence dimension (Shard(1)); attention and the FFN
-gather it (all-gather) and give back a sequence shard (reduce-scatter).
+gather it (all-gather) and give back a sequence shard (reduce-scatter). `init_as_one_process`
+gives a parallelized CPU model the weights a one-process run would start from.
 """
+
+import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -19,6 +23,7 @@ from torch.distributed.tensor.parallel import (
 
 from titan.config.job_config import JobConfig
 from titan.models.llama3.args import ModelArgs
+from titan.models.llama3.model import Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
 from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
@@ -149,3 +154,30 @@ def parallelize_llama(
                 "> 1) or HSDP with tensor parallel"
             )
         apply_ddp(model, mesh["dp_replicate"])
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules with `dtype` parameters (e.g. on the meta device)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device) -> None:
+    """Give a parallelized model exactly the weights a one-process run with this seed has.
+
+    DTensor's random ops on CPU draw the same numbers on every rank, so shards initialized in
+    place would repeat each other. On CPU (small models) each rank builds the full model and
+    keeps its own pieces instead: every layout then starts from identical weights.
+    """
+    with torch.device("meta"):
+        full = Transformer(args)
+    full.to_empty(device=device)
+    full.init_weights(buffer_device=device)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, full.state_dict(), options=options)
+    model.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict
