@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -97,10 +98,10 @@ class Trainer:
         t = cfg.training
         self.device = pick_device(t.device)
         self.dry_run = comm_mode() == "fake_backend"
-        self.parallel_dims, self.mesh = self._init_parallel()
+        self.parallel_dims, self.meshes = self._init_parallel()
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.dp_mesh = self.mesh["dp"] if self.mesh is not None else None
+        self.dp_mesh = self.meshes["dp"] if self.meshes else None
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         set_determinism(t.seed, t.deterministic)
         self.tokenizer = build_tokenizer(self._tokenizer_path())
@@ -163,7 +164,7 @@ class Trainer:
             )
         return manager
 
-    def _init_parallel(self) -> tuple[ParallelDims, "dist.DeviceMesh | None"]:
+    def _init_parallel(self) -> tuple[ParallelDims, dict[str, DeviceMesh]]:
         """The parallel layout for this world size; starts the process group and the mesh."""
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         try:
@@ -177,10 +178,10 @@ class Trainer:
             )
         init_distributed(self.device, world_size)
         if world_size == 1:
-            return dims, None
-        mesh = dims.build_mesh(self.device.type)
+            return dims, {}
+        meshes = dims.build_meshes(self.device.type)
         logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
-        return dims, mesh
+        return dims, meshes
 
     def _tokenizer_path(self) -> str:
         path = self.cfg.model.tokenizer_path
@@ -203,14 +204,14 @@ class Trainer:
         # (2) converters (float8/MX/LoRA): none configured
         # (3) parallelize: TP, activation checkpointing, compile, FSDP/DDP, in one fixed order
         try:
-            parallelize_llama(model, self.parallel_dims, self.mesh, self.cfg)
+            parallelize_llama(model, self.parallel_dims, self.meshes, self.cfg)
         except (ValueError, NotImplementedError) as e:
             raise ConfigError(str(e)) from None
         # (4) allocate on the device (this rank's shards only)
         model.to_empty(device=self.device)
         # (5) initialize the weights (seeded, so every run with this seed starts identically)
         with torch.no_grad():
-            if self.mesh is not None and self.device.type == "cpu" and not self.dry_run:
+            if self.meshes and self.device.type == "cpu" and not self.dry_run:
                 init_as_one_process(model, self.model_args, self.device)
             else:
                 # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.

@@ -1,9 +1,10 @@
 """Parallel degrees from the [parallelism] table, checked against the world size, and the mesh.
 
 One DeviceMesh holds every dimension, outermost first: pp, dp_replicate, dp_shard, cp, tp (tp
-innermost, so a tensor-parallel group is a node's neighbouring ranks). Flattened views serve the
+innermost, so a tensor-parallel group is a node's neighbouring ranks). Flattened meshes serve the
 parts that span several dimensions: "dp" (data loading, loss and gradient-norm sums),
-"dp_shard_cp" (what FSDP shards over) and "dp_cp".
+"dp_shard_cp" (what FSDP shards over) and "dp_cp"; "hsdp" is the 2-D (replicate, shard) mesh.
+They are kept by name rather than sliced from the world mesh again (which torch deprecates).
 """
 
 from dataclasses import dataclass
@@ -49,14 +50,18 @@ class ParallelDims:
         parts = [f"{name} {size}" for name, size in sizes.items() if size > 1]
         return " x ".join(parts) if parts else "1 process"
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The world's mesh with its flattened views; call after init_process_group."""
+    def build_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
+        """The world's mesh ("world"), each dimension's, and the flattened ones, by name;
+        call after init_process_group."""
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        meshes = {"world": world, **{name: world[name] for name in MESH_DIMS}}
+        meshes["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
+        meshes["dp_shard_cp"] = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        meshes["dp_cp"] = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        # HSDP shards over dp_shard_cp; while cp is 1 that is the dp_shard dimension itself
+        meshes["hsdp"] = world["dp_replicate", "dp_shard"]
+        return meshes
 
 
 def resolve_parallel_dims(cfg: Parallelism, world_size: int) -> ParallelDims:

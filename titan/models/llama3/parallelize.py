@@ -100,9 +100,10 @@ def apply_tp(
 
 
 def parallelize_llama(
-    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: JobConfig
+    model: nn.Module, dims: ParallelDims, meshes: dict[str, DeviceMesh], cfg: JobConfig
 ) -> None:
-    """Transform the (meta-device) model in place for the given parallel layout."""
+    """Transform the (meta-device) model in place for the given parallel layout (`meshes`:
+    ParallelDims.build_meshes, empty for one process)."""
     p = cfg.parallelism
     if dims.pp > 1 or dims.cp > 1:
         raise NotImplementedError(
@@ -112,11 +113,11 @@ def parallelize_llama(
     if dims.tp > 1:
         check_tp_degree(model.args, dims.tp)
         apply_tp(
-            model, mesh["tp"], sequence_parallel=p.enable_sequence_parallel,
+            model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=not p.disable_loss_parallel,
         )  # fmt: skip
         if p.enable_async_tensor_parallel:
-            enable_async_tp(mesh["tp"], cfg.compile.enable)
+            enable_async_tp(meshes["tp"], cfg.compile.enable)
         if cfg.compile.enable and "model" in cfg.compile.components:
             detach_async_collective_output(model.tok_embeddings)
     ac = cfg.activation_checkpoint
@@ -135,10 +136,8 @@ def parallelize_llama(
     apply_compile(model, cfg.compile)
     if dims.fsdp_enabled:
         # HSDP: shard within each replica, all-reduce gradients across replicas
-        fsdp_mesh = mesh["dp_shard_cp"]
-        if dims.dp_replicate > 1:
-            fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"]
-        on_gpu = mesh.device_type == "cuda"
+        fsdp_mesh = meshes["hsdp"] if dims.dp_replicate > 1 else meshes["dp_shard_cp"]
+        on_gpu = fsdp_mesh.device_type == "cuda"
         param_dtype = torch.float32
         if on_gpu and cfg.training.mixed_precision_param == "bfloat16":
             param_dtype = torch.bfloat16
@@ -153,7 +152,7 @@ def parallelize_llama(
                 "DDP x tensor parallel is not supported: use FSDP (data_parallel_shard_degree "
                 "> 1) or HSDP with tensor parallel"
             )
-        apply_ddp(model, mesh["dp_replicate"])
+        apply_ddp(model, meshes["dp_replicate"])
 
 
 @contextlib.contextmanager
