@@ -144,3 +144,24 @@ def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
         comm_mode()
     monkeypatch.setenv("COMM_MODE", "fake_backend")
     assert comm_mode() == "fake_backend"
+
+
+@pytest.mark.parametrize("ac", [["full"], ["selective", "2"]])
+def test_tp_compile_with_whole_block_ac_is_refused(ac):
+    import torch
+
+    from titan.config import load_config
+    from titan.models.llama3 import Transformer
+    from titan.models.llama3.parallelize import parallelize_llama
+    from titan.parallelisms.parallel_dims import ParallelDims
+
+    args = ["--activation_checkpoint.mode", ac[0]]
+    if len(ac) > 1:
+        args += ["--activation_checkpoint.selective_ac_option", ac[1]]
+    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    cfg = load_config(["--job.config_file", debug, "--compile.enable", "true", *args])
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=2, pp=1, cp=1, world_size=2)
+    with torch.device("meta"):
+        model = Transformer(FLAVORS["debugmodel"])
+    with pytest.raises(ValueError, match="use mode = 'selective' with selective_ac_option = 'op'"):
+        parallelize_llama(model, dims, {}, cfg)

@@ -110,16 +110,6 @@ def parallelize_llama(
             "pipeline and context parallel are not implemented yet: set "
             "parallelism.pipeline_parallel_degree = 1 and context_parallel_degree = 1"
         )
-    if dims.tp > 1:
-        check_tp_degree(model.args, dims.tp)
-        apply_tp(
-            model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
-            loss_parallel=not p.disable_loss_parallel,
-        )  # fmt: skip
-        if p.enable_async_tensor_parallel:
-            enable_async_tp(meshes["tp"], cfg.compile.enable)
-        if cfg.compile.enable and "model" in cfg.compile.components:
-            detach_async_collective_output(model.tok_embeddings)
     ac = cfg.activation_checkpoint
     compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
     plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
@@ -132,6 +122,16 @@ def parallelize_llama(
             "parallel fails inside torch.compile: use mode = 'selective' with "
             "selective_ac_option = 'op', or turn compile off"
         )
+    if dims.tp > 1:
+        check_tp_degree(model.args, dims.tp)
+        apply_tp(
+            model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
+            loss_parallel=not p.disable_loss_parallel,
+        )  # fmt: skip
+        if p.enable_async_tensor_parallel:
+            enable_async_tp(meshes["tp"], cfg.compile.enable)
+        if compile_blocks:
+            detach_async_collective_output(model.tok_embeddings)
     apply_ac(model, ac)
     apply_compile(model, cfg.compile)
     if dims.fsdp_enabled:
