@@ -33,7 +33,12 @@ from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan.models.llama3.hf_io import CheckpointError
-from titan.models.llama3.parallelize import default_dtype, init_as_one_process, parallelize_llama
+from titan.models.llama3.parallelize import (
+    check_supported_layout,
+    default_dtype,
+    init_as_one_process,
+    parallelize_llama,
+)
 from titan.parallelisms import dry_run
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
@@ -171,11 +176,10 @@ class Trainer:
             dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
-        if dims.pp > 1 or dims.cp > 1:
-            raise ConfigError(
-                f"[parallelism] pipeline_parallel_degree {dims.pp}, context_parallel_degree "
-                f"{dims.cp}: pipeline and context parallel are not implemented yet; set both to 1"
-            )
+        try:
+            check_supported_layout(dims)  # before any process group starts
+        except NotImplementedError as e:
+            raise ConfigError(f"[parallelism] {e}") from None
         init_distributed(self.device, world_size)
         if world_size == 1:
             return dims, {}

@@ -50,6 +50,15 @@ def check_tp_degree(args: ModelArgs, tp: int) -> None:
             )
 
 
+def check_supported_layout(dims: ParallelDims) -> None:
+    """Stop on degrees this plan cannot apply yet (callers may check before starting processes)."""
+    if dims.pp > 1 or dims.cp > 1:
+        raise NotImplementedError(
+            f"pipeline_parallel_degree {dims.pp}, context_parallel_degree {dims.cp}: pipeline "
+            "and context parallel are not implemented yet; set both to 1"
+        )
+
+
 def apply_tp(
     model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool
 ) -> None:
@@ -105,11 +114,7 @@ def parallelize_llama(
     """Transform the (meta-device) model in place for the given parallel layout (`meshes`:
     ParallelDims.build_meshes, empty for one process)."""
     p = cfg.parallelism
-    if dims.pp > 1 or dims.cp > 1:
-        raise NotImplementedError(
-            "pipeline and context parallel are not implemented yet: set "
-            "parallelism.pipeline_parallel_degree = 1 and context_parallel_degree = 1"
-        )
+    check_supported_layout(dims)
     ac = cfg.activation_checkpoint
     compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
     plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
