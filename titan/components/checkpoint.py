@@ -191,20 +191,16 @@ class CheckpointManager:
         else:
             return 0
         path = self.folder / f"step-{step}"
-        keys = self._metadata_keys(path)
+        keys = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         if not any(k.startswith("train_state.") for k in keys):
             load_dcp_model(path, self.model)  # a seed or model-only checkpoint
             logger.info(f"checkpoint: loaded model weights from {path}; training starts at step 0")
             return 0
-        self._load_full(path, step)
+        self._load_full(path, step, keys)
         logger.info(f"checkpoint: resumed from {path}")
         return step
 
-    @staticmethod
-    def _metadata_keys(path: Path) -> list[str]:
-        return list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-
-    def _load_full(self, path: Path, step: int) -> None:
+    def _load_full(self, path: Path, step: int, keys: list[str]) -> None:
         state = self._state(step)
         for part in self.cfg.exclude_from_loading:
             if part == "model":
@@ -213,7 +209,7 @@ class CheckpointManager:
             else:
                 state.pop(part)
         if "dataloader" in state and not any(
-            k.startswith(f"dataloader.{self.dp_key}") for k in self._metadata_keys(path)
+            k.startswith(f"dataloader.{self.dp_key}") for k in keys
         ):
             logger.warning(
                 f"checkpoint step {step}: no data position for data-parallel rank {self.dp_key} "
