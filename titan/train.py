@@ -227,7 +227,8 @@ class Trainer:
         """Whether rank 0's fp32 weights, gradients and AdamW moments (16 bytes per parameter)
         fit in half of this machine's memory."""
         d = self.parallel_dims
-        local = sum(p.numel() for p in model.parameters()) / (d.dp_shard * d.cp * d.tp * d.pp)
+        # every rank but the replicas holds a different slice of the parameters
+        local = sum(p.numel() for p in model.parameters()) / (d.world_size // d.dp_replicate)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return 16 * local < ram / 2
 
