@@ -1,6 +1,7 @@
 """Checkpointing: exact resume against an uninterrupted run, atomic saves, bad checkpoints,
 seed checkpoints and starting from Hugging Face weights."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from titan.components.checkpoint import complete_steps
 from titan.config import load_config
@@ -88,16 +90,57 @@ def test_partial_save_is_ignored_and_keep_latest_k(tmp_path):
     assert make_trainer(tmp_path, "--checkpoint.enable").step == 6
 
 
-def test_corrupt_checkpoint_names_step_and_file(tmp_path):
-    make_trainer(tmp_path, "--checkpoint.enable").train()
-    data_file = sorted((tmp_path / "checkpoint/step-6").glob("*.distcp"))[0]
+def truncate_a_data_file(step_dir: Path) -> Path:
+    data_file = sorted(step_dir.glob("*.distcp"))[0]
     data_file.write_bytes(data_file.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"checkpoint step 6 at .*step-6 cannot be loaded"):
-        make_trainer(tmp_path, "--checkpoint.enable")
+    return data_file
+
+
+def test_truncated_checkpoint_names_file_and_latest_falls_back(tmp_path):
+    make_trainer(tmp_path, "--checkpoint.enable").train()
+    folder = tmp_path / "checkpoint"
+    bad = truncate_a_data_file(folder / "step-6")
+    match = rf"step 6: {re.escape(str(bad))} is truncated: 100 bytes, the metadata needs \d+"
+    with pytest.raises(CheckpointError, match=match):
+        make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "6")
+    assert complete_steps(folder) == [3, 6]  # a named step is never set aside
     with pytest.raises(CheckpointError, match=r"load_step = 4: no complete checkpoint step-4"):
         make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "4")
-    # the older checkpoint still loads
-    assert make_trainer(tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "3").step == 3
+    # load_step = -1 takes the newest whole checkpoint and keeps the broken one aside
+    assert make_trainer(tmp_path, "--checkpoint.enable").step == 3
+    assert complete_steps(folder) == [3]
+    assert (folder / "step-6.corrupt" / bad.name).stat().st_size == 100
+
+
+def test_no_whole_checkpoint_is_an_error_that_renames_nothing(tmp_path):
+    make_trainer(tmp_path, "--checkpoint.enable").train()
+    folder = tmp_path / "checkpoint"
+    (folder / "step-6" / ".metadata").unlink()
+    bad = truncate_a_data_file(folder / "step-3")
+    match = rf"step 6: .*step-6 is not a DCP checkpoint: it has no .metadata.*step 3: .*{bad.name}"
+    for _ in range(2):  # the same answer every time: nothing was moved
+        with pytest.raises(CheckpointError, match=match):
+            make_trainer(tmp_path, "--checkpoint.enable")
+    assert complete_steps(folder) == [3, 6]
+
+
+def test_corrupt_contents_and_other_shapes_are_named(tmp_path):
+    make_trainer(tmp_path, "--checkpoint.enable").train()
+    step_dir = tmp_path / "checkpoint" / "step-6"
+    # overwrite the pickled data-loader position in place: sizes stay right, the bytes do not
+    storage = dcp.FileSystemReader(str(step_dir)).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn.startswith("dataloader."))
+    with open(step_dir / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\xff" * info.length)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 6 at .*step-6 cannot be loaded"):
+        make_trainer(tmp_path, "--checkpoint.enable")
+    # a checkpoint of another model: the weights' shapes are compared before anything is read
+    with pytest.raises(CheckpointError, match=r"step-3 does not fit the model.*tok_embeddings"):
+        make_trainer(
+            tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "3", "--model.vocab_size",
+            "4096",
+        )  # fmt: skip
 
 
 def test_seed_checkpoint_gives_identical_start(tmp_path):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,7 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
 from titan.config.job_config import Checkpoint
 from titan.logger import logger
 from titan.models.llama3.args import ModelArgs
-from titan.models.llama3.hf_io import CheckpointError, load_dcp_model, titan_state_dict_from_hf
+from titan.models.llama3.hf_io import (
+    CheckpointError,
+    fit_to_model,
+    load_dcp_model,
+    read_dcp_metadata,
+    titan_state_dict_from_hf,
+)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -179,37 +186,70 @@ class CheckpointManager:
     def load(self) -> int:
         """Restore the configured checkpoint; returns its step (0 when training starts fresh)."""
         steps = complete_steps(self.folder)
-        if self.cfg.load_step != -1:
-            if self.cfg.load_step not in steps:
-                raise CheckpointError(
-                    f"checkpoint.load_step = {self.cfg.load_step}: no complete checkpoint "
-                    f"step-{self.cfg.load_step} in {self.folder} (found: {steps or 'none'})"
-                )
-            step = self.cfg.load_step
-        elif steps:
-            step = steps[-1]
-        else:
+        if self.cfg.load_step != -1 and self.cfg.load_step not in steps:
+            raise CheckpointError(
+                f"checkpoint.load_step = {self.cfg.load_step}: no complete checkpoint "
+                f"step-{self.cfg.load_step} in {self.folder} (found: {steps or 'none'})"
+            )
+        if not steps:
             return 0
-        path = self.folder / f"step-{step}"
-        keys = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        if not any(k.startswith("train_state.") for k in keys):
+        # Rank 0 checks the files and picks the step; every rank then loads that one.
+        choice = self._pick_step(steps) if self._coordinator else None
+        if self._distributed:
+            box = [choice]
+            dist.broadcast_object_list(box, src=0, group=self._pg)
+            choice = box[0]
+        if isinstance(choice, str):
+            raise CheckpointError(choice)
+        step, path = choice, self.folder / f"step-{choice}"
+        stored = read_dcp_metadata(path).state_dict_metadata
+        if not any(k.startswith("train_state.") for k in stored):
             load_dcp_model(path, self.model)  # a seed or model-only checkpoint
             logger.info(f"checkpoint: loaded model weights from {path}; training starts at step 0")
             return 0
-        self._load_full(path, step, keys)
+        self._load_full(path, step, stored)
         logger.info(f"checkpoint: resumed from {path}")
         return step
 
-    def _load_full(self, path: Path, step: int, keys: list[str]) -> None:
+    def _pick_step(self, steps: list[int]) -> int | str:
+        """The step to load, or why none can be. With load_step = -1, newer checkpoints whose
+        files are missing or truncated are set aside as step-N.corrupt (kept, never loaded)
+        once an older whole one is found; if none is whole, nothing is renamed."""
+        candidates = [self.cfg.load_step] if self.cfg.load_step != -1 else steps[::-1]
+        problems: list[tuple[int, CheckpointError]] = []
+        for step in candidates:
+            try:
+                read_dcp_metadata(self.folder / f"step-{step}")
+            except CheckpointError as e:
+                problems.append((step, e))
+                continue
+            for bad, e in problems:
+                path = self.folder / f"step-{bad}"
+                path.rename(path.with_name(f"{path.name}.corrupt"))
+                logger.error(
+                    f"checkpoint step {bad} cannot be loaded: {e}. Renamed it to "
+                    f"{path.name}.corrupt; resuming from step {step} instead"
+                )
+            return step
+        why = "; ".join(f"step {step}: {e}" for step, e in problems)
+        return (
+            f"no loadable checkpoint in {self.folder} ({why}); restore the named files, or move "
+            "the broken step-N folders aside and set checkpoint.load_step to a whole one"
+        )
+
+    def _load_full(self, path: Path, step: int, stored: dict[str, Any]) -> None:
         state = self._state(step)
+        model_keys = list(get_model_state_dict(self.model))
+        if "model" in self.cfg.exclude_from_loading:
+            for key in model_keys:
+                state.pop(key)
+        else:
+            fit_to_model(stored, {k: state[k] for k in model_keys}, path)
         for part in self.cfg.exclude_from_loading:
-            if part == "model":
-                for key in get_model_state_dict(self.model):
-                    state.pop(key)
-            else:
+            if part != "model":
                 state.pop(part)
         if "dataloader" in state and not any(
-            k.startswith(f"dataloader.{self.dp_key}") for k in keys
+            k.startswith(f"dataloader.{self.dp_key}") for k in stored
         ):
             logger.warning(
                 f"checkpoint step {step}: no data position for data-parallel rank {self.dp_key} "
@@ -219,17 +259,14 @@ class CheckpointManager:
             state.pop("dataloader")
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self._pg)
-        except BaseException as e:  # DCP's CheckpointException is not an Exception
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except CheckpointException as e:  # a BaseException whose str() is a full traceback
+            cause = next(iter(e.failures.values()))[0]
             raise CheckpointError(
-                f"checkpoint step {step} at {path} cannot be loaded ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); it may be "
-                f"truncated or corrupt: remove it or set checkpoint.load_step to an older step"
+                f"checkpoint step {step} at {path} cannot be loaded ({type(cause).__name__}: "
+                f"{cause}); it may be corrupt: set checkpoint.load_step to an older step"
             ) from None
         if "model" not in self.cfg.exclude_from_loading:
-            model_state = {k: v for k, v in state.items() if k not in _PARTS}
-            set_model_state_dict(self.model, model_state)
+            set_model_state_dict(self.model, {k: state[k] for k in model_keys})
         if "optimizer" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         if "lr_scheduler" in state:
@@ -240,6 +277,3 @@ class CheckpointManager:
             torch.set_rng_state(state["train_state"]["rng_cpu"])
             if "rng_cuda" in state["train_state"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["train_state"]["rng_cuda"])
-
-
-_PARTS = ("optimizer", "lr_scheduler", "dataloader", "train_state")

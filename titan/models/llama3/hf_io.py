@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.tensor import DTensor
 
 from titan.models.llama3.args import FLAVORS, ModelArgs, RoPEScaling
 from titan.models.llama3.model import Transformer
@@ -368,36 +370,46 @@ def save_dcp_model(
             dcp.save(sd, checkpoint_id=tmp, no_dist=True)
 
 
-def _dcp_metadata(dcp_dir: Path) -> Metadata:
+def read_dcp_metadata(dcp_dir: str | Path) -> Metadata:
+    """A DCP folder's metadata, after checking that every data file it names is whole: present
+    and at least as long as the metadata says. Raises CheckpointError naming the bad file."""
+    dcp_dir = Path(dcp_dir)
     if not dcp_dir.is_dir():
         raise FileNotFoundError(f"DCP checkpoint folder not found: {dcp_dir}")
     if not (dcp_dir / ".metadata").is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{dcp_dir} is not a DCP checkpoint: it has no .metadata file (a DCP save writes it "
             "last, so an interrupted save lacks it)"
         )
     try:
-        return dcp.FileSystemReader(dcp_dir).read_metadata()
+        metadata = dcp.FileSystemReader(dcp_dir).read_metadata()
     except Exception as e:
         raise CheckpointError(f"cannot read {dcp_dir / '.metadata'}: {e}") from e
+    needed: dict[str, int] = {}  # file -> the end of the last byte range read from it
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = dcp_dir / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (named in {dcp_dir / '.metadata'})")
+        if (have := file.stat().st_size) < size:
+            raise CheckpointError(f"{file} is truncated: {have} bytes, the metadata needs {size}")
+    return metadata
 
 
-def load_dcp_model(
-    dcp_dir: str | Path, model_or_state_dict: nn.Module | dict[str, torch.Tensor]
+def fit_to_model(
+    stored: dict[str, Any], state_dict: dict[str, torch.Tensor], dcp_dir: Path
 ) -> dict[str, torch.Tensor]:
-    """Load model weights in place from a DCP folder: a model-only one, or a training checkpoint
-    whose other keys (optimizer, step, ...) are ignored. Returns the loaded state dict."""
-    dcp_dir = Path(dcp_dir)
-    stored = _dcp_metadata(dcp_dir).state_dict_metadata
-    if isinstance(model_or_state_dict, nn.Module):
-        # state_dict() tensors share storage with the parameters: loading them loads the model
-        state_dict = model_or_state_dict.state_dict()
-    else:
-        state_dict = model_or_state_dict
+    """The tensors of a model `state_dict` to read from a DCP folder whose metadata is `stored`.
+    Raises CheckpointError when a weight is missing or has another (global) shape."""
+
+    def storage(name: str) -> int:  # a DTensor's own data_ptr() is 0
+        t = state_dict[name]
+        return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
     tied = "output.weight" in state_dict and "tok_embeddings.weight" in state_dict
-    tied = tied and state_dict["output.weight"].data_ptr() == (
-        state_dict["tok_embeddings.weight"].data_ptr()
-    )
+    tied = tied and storage("output.weight") == storage("tok_embeddings.weight")
     request, missing, shapes = {}, [], []
     for name, t in state_dict.items():
         meta = stored.get(name)
@@ -409,10 +421,28 @@ def load_dcp_model(
         else:
             request[name] = t
     if missing or shapes:
+        found = (("missing", missing), ("wrong shapes", shapes))
+        parts = [f"{what} {xs[:5]}{' ...' if len(xs) > 5 else ''}" for what, xs in found if xs]
         raise CheckpointError(
-            f"DCP checkpoint {dcp_dir} does not fit the model: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, wrong shapes {shapes[:5]}"
+            f"DCP checkpoint {dcp_dir} does not fit the model (another model.flavor or "
+            f"vocab_size?): {', '.join(parts)}"
         )
+    return request
+
+
+def load_dcp_model(
+    dcp_dir: str | Path, model_or_state_dict: nn.Module | dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Load model weights in place from a DCP folder: a model-only one, or a training checkpoint
+    whose other keys (optimizer, step, ...) are ignored. Returns the loaded state dict."""
+    dcp_dir = Path(dcp_dir)
+    stored = read_dcp_metadata(dcp_dir).state_dict_metadata
+    if isinstance(model_or_state_dict, nn.Module):
+        # state_dict() tensors share storage with the parameters: loading them loads the model
+        state_dict = model_or_state_dict.state_dict()
+    else:
+        state_dict = model_or_state_dict
+    request = fit_to_model(stored, state_dict, dcp_dir)
     try:
         with _single_process():
             dcp.load(request, checkpoint_id=dcp_dir, no_dist=True)
