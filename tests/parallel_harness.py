@@ -1,11 +1,12 @@
 """Run titan's Trainer in several fork-started CPU/gloo processes and in one, on the same batches.
 
-`train_case(overrides, batches)` builds a Trainer from the debug config plus overrides, feeds each
-data-parallel rank its rows of the global batches (from the step it resumed at, with
-[checkpoint] enabled, saving as configured), and returns (from rank 0) the loss and gradient
-norm of every step it ran, every full gradient of its first step and every full parameter at
-the end. `run_layouts(world_size, cases, batches)` runs many cases in one launch of world_size
-processes; `run_single(overrides, batches)` is the one-process reference.
+`train_case(overrides, batches, stop)` builds a Trainer from the debug config plus overrides,
+feeds each data-parallel rank its rows of the global batches from the step it resumed at (with
+[checkpoint] enabled, saving as configured) up to `stop` (default: all), and returns (from
+rank 0) the loss and gradient norm of every step it ran, every full gradient of its first step
+and every full parameter at the end. `run_layouts(world_size, cases, batches)` runs many cases,
+one after the other, in one launch of world_size processes (a case is its overrides, or
+(overrides, stop)); `run_single(overrides, batches, stop)` is the one-process reference.
 """
 
 import os
@@ -50,7 +51,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def train_case(overrides: list[str], batches: torch.Tensor) -> dict:
+def train_case(overrides: list[str], batches: torch.Tensor, stop: int | None = None) -> dict:
     cfg = load_config(["--job.config_file", DEBUG_TOML, *BASE, *overrides])
     trainer = Trainer(cfg)
     n_dp, dp_rank = trainer.parallel_dims.dp, trainer.dp_rank
@@ -58,7 +59,7 @@ def train_case(overrides: list[str], batches: torch.Tensor) -> dict:
     per_micro = cfg.training.local_batch_size
     losses, norms, grads = [], [], {}
     start = trainer.step  # > 0 when the Trainer resumed from a checkpoint
-    for step in range(start, len(batches)):
+    for step in range(start, len(batches) if stop is None else stop):
         rows = batches[step][dp_rank * local : (dp_rank + 1) * local]
         micro = [(m[:, :-1], m[:, 1:]) for m in rows.split(per_micro)]
         assert len(micro) == trainer.grad_accum_steps
@@ -93,14 +94,17 @@ def _worker(rank: int, world_size: int, port: int, cases, batches, out_dir: str)
     # wrong numerics here (torch 2.13); each launch compiles what it runs.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(out_dir, "inductor"))
     torch.set_num_threads(1)
-    results = [train_case(overrides, batches) for overrides in cases]
+    results = []
+    for case in cases:
+        overrides, stop = case if isinstance(case, tuple) else (case, None)
+        results.append(train_case(overrides, batches, stop))
     if rank == 0:
         Path(out_dir, "results.pkl").write_bytes(pickle.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_layouts(world_size: int, cases: list[list[str]], batches: torch.Tensor) -> list[dict]:
+def run_layouts(world_size: int, cases: list, batches: torch.Tensor) -> list[dict]:
     """Each case's rank-0 results, all cases run in one launch of world_size processes."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
@@ -110,8 +114,8 @@ def run_layouts(world_size: int, cases: list[list[str]], batches: torch.Tensor) 
         return pickle.loads(Path(out, "results.pkl").read_bytes())
 
 
-def run_single(overrides: list[str], batches: torch.Tensor) -> dict:
+def run_single(overrides: list[str], batches: torch.Tensor, stop: int | None = None) -> dict:
     """The one-process reference (no process group)."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "COMM_MODE"):
         os.environ.pop(key, None)
-    return train_case(overrides, batches)
+    return train_case(overrides, batches, stop)

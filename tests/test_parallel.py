@@ -7,7 +7,9 @@ one process would), so loss, gradient norm and every gradient must agree to fp32
 
 import pytest
 import torch
-from parallel_harness import make_batches, run_layouts, run_single
+from parallel_harness import BASE, DEBUG_TOML, make_batches, run_layouts, run_single
+
+from titan.train import main
 
 STEPS, GLOBAL_BATCH = 3, 4
 TOL = 1e-5  # fp32, max abs difference (losses ~8, gradients ~1e-3)
@@ -129,18 +131,64 @@ def test_reference_is_sensitive(batches, reference):
         assert_matches("shuffled", other, reference)
 
 
-def test_resume_under_another_layout(tmp_path, batches, reference):
-    """FSDP 2 saves at step 2; one process and TP 2 resume from it and match the uninterrupted
-    one-process run's later losses."""
-    ckpt = ["--checkpoint.enable", "true", "--job.dump_folder", str(tmp_path)]
-    run_layouts(2, [[*FSDP, *ckpt, "--checkpoint.interval", "2"]], batches[:2])
-    assert (tmp_path / "checkpoint" / "step-2").is_dir()
-    resume = [*ckpt, "--checkpoint.load_step", "2", "--checkpoint.interval", "100"]
-    resumed_tp = run_layouts(2, [[*TP, *resume]], batches)[0]
-    resumed_one = run_single(["--training.local_batch_size", str(GLOBAL_BATCH), *resume], batches)
-    for name, got in (("fsdp2 -> 1 process", resumed_one), ("fsdp2 -> tp2", resumed_tp)):
-        assert got["start"] == 2, name
+def test_resume_chain_across_layouts(tmp_path):
+    """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> one
+    process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4. Each leg loads the previous leg's checkpoint
+    (weights, Adam moments, LR schedule, step; async saves from several processes) and must give
+    the uninterrupted run's losses and, at the end, its weights."""
+    steps = 7
+    batches = make_batches(steps, GLOBAL_BATCH)
+    reference = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
+    ckpt = ["--checkpoint.enable", "true", "--checkpoint.interval", "1",
+            "--job.dump_folder", str(tmp_path)]  # fmt: skip
+    async_ckpt = [*ckpt, "--checkpoint.async_mode", "async"]
+    legs = [
+        ("fsdp2", 2, FSDP),
+        ("tp2", 2, TP),
+        ("ddp2", 2, DDP),
+        ("one process", 1, ["--training.local_batch_size", str(GLOBAL_BATCH)]),
+        ("fsdp2 x tp2", 4, FSDP_TP),
+        ("hsdp 2x2", 4, FOUR_RANKS["hsdp_2x2"]),
+        ("fsdp4", 4, FOUR_RANKS["fsdp_4"]),
+    ]
+    results = []
+    for world_size in (2, 1, 4):  # one launch per world size, its legs one after the other
+        # multi-process legs save asynchronously, the one process synchronously
+        saving = ckpt if world_size == 1 else async_ckpt
+        cases = [
+            ([*args, *saving], i + 1) for i, (_, n, args) in enumerate(legs) if n == world_size
+        ]
+        if world_size == 1:
+            results += [run_single(args, batches, stop) for args, stop in cases]
+        else:
+            results += run_layouts(world_size, cases, batches)
+    for i, ((name, _, _), got) in enumerate(zip(legs, results, strict=True)):
+        assert got["start"] == i, f"{name}: resumed at step {got['start']}, not {i}"
         torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(reference["losses"][2:]), atol=TOL, rtol=0,
-            msg=lambda m, name=name: f"{name}: losses after resuming differ\n{m}",
+            torch.tensor(got["losses"]), torch.tensor(reference["losses"][i : i + 1]), atol=TOL,
+            rtol=0, msg=lambda m, name=name: f"{name}: loss after resuming differs\n{m}",
+        )  # fmt: skip
+    # the last leg's weights after all seven steps: the uninterrupted run's
+    for key, param in reference["params"].items():
+        torch.testing.assert_close(results[-1]["params"][key], param, atol=TOL, rtol=0)
+
+
+def test_seed_checkpoint_starts_every_layout_alike(tmp_path, batches):
+    """A seed checkpoint written by one process (seed 7) gives FSDP 2 and TP 2 runs (seed 0)
+    the one-process seed-7 run's losses."""
+    seed_dump = tmp_path / "seed"
+    args = ["--job.config_file", DEBUG_TOML, *BASE, "--job.dump_folder", str(seed_dump),
+            "--training.seed", "7", "--checkpoint.create_seed_checkpoint"]  # fmt: skip
+    assert main(args) == 0
+    reference = run_single(
+        ["--training.local_batch_size", str(GLOBAL_BATCH), "--training.seed", "7"], batches
+    )
+    from_seed = ["--checkpoint.enable", "true", "--checkpoint.interval", "100",
+                 "--job.dump_folder", str(seed_dump)]  # fmt: skip
+    results = run_layouts(2, [[*FSDP, *from_seed], [*TP, *from_seed]], batches)
+    for name, got in zip(("fsdp2", "tp2"), results, strict=True):
+        assert got["start"] == 0, name
+        torch.testing.assert_close(
+            torch.tensor(got["losses"]), torch.tensor(reference["losses"]), atol=TOL, rtol=0,
+            msg=lambda m, name=name: f"{name} from the seed checkpoint: losses differ\n{m}",
         )  # fmt: skip
