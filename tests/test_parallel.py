@@ -9,7 +9,9 @@ import pytest
 import torch
 from parallel_harness import BASE, DEBUG_TOML, make_batches, run_layouts, run_single
 
-from titan.train import main
+from titan.config import load_config
+from titan.models.llama3.hf_io import save_hf_checkpoint
+from titan.train import Trainer, main
 
 STEPS, GLOBAL_BATCH = 3, 4
 TOL = 1e-5  # fp32, max abs difference (losses ~8, gradients ~1e-3)
@@ -173,22 +175,31 @@ def test_resume_chain_across_layouts(tmp_path):
         torch.testing.assert_close(results[-1]["params"][key], param, atol=TOL, rtol=0)
 
 
-def test_seed_checkpoint_starts_every_layout_alike(tmp_path, batches):
-    """A seed checkpoint written by one process (seed 7) gives FSDP 2 and TP 2 runs (seed 0)
-    the one-process seed-7 run's losses."""
-    seed_dump = tmp_path / "seed"
-    args = ["--job.config_file", DEBUG_TOML, *BASE, "--job.dump_folder", str(seed_dump),
-            "--training.seed", "7", "--checkpoint.create_seed_checkpoint"]  # fmt: skip
-    assert main(args) == 0
+def test_seed_and_hf_weights_start_every_layout_alike(tmp_path, batches):
+    """Weights written by one process (seed 7), as a seed checkpoint and as a Hugging Face
+    folder, give FSDP 2 and TP 2 runs (seed 0) the one-process seed-7 run's losses."""
+    seed_dump, hf_dir = tmp_path / "seed", tmp_path / "hf"
+    seed_7 = ["--job.config_file", DEBUG_TOML, *BASE, "--training.seed", "7"]
+    assert main([*seed_7, "--job.dump_folder", str(seed_dump),
+                 "--checkpoint.create_seed_checkpoint"]) == 0  # fmt: skip
+    source = Trainer(load_config(seed_7))
+    save_hf_checkpoint(source.model.state_dict(), source.model_args, hf_dir, dtype=torch.float32)
     reference = run_single(
         ["--training.local_batch_size", str(GLOBAL_BATCH), "--training.seed", "7"], batches
     )
     from_seed = ["--checkpoint.enable", "true", "--checkpoint.interval", "100",
                  "--job.dump_folder", str(seed_dump)]  # fmt: skip
-    results = run_layouts(2, [[*FSDP, *from_seed], [*TP, *from_seed]], batches)
-    for name, got in zip(("fsdp2", "tp2"), results, strict=True):
+    from_hf = ["--checkpoint.initial_load_path", str(hf_dir), "--checkpoint.initial_load_in_hf"]
+    cases = {
+        "fsdp2 from the seed checkpoint": [*FSDP, *from_seed],
+        "tp2 from the seed checkpoint": [*TP, *from_seed],
+        "fsdp2 from HF safetensors": [*FSDP, *from_hf],
+        "tp2 from HF safetensors": [*TP, *from_hf],
+    }
+    results = run_layouts(2, list(cases.values()), batches)
+    for name, got in zip(cases, results, strict=True):
         assert got["start"] == 0, name
         torch.testing.assert_close(
             torch.tensor(got["losses"]), torch.tensor(reference["losses"]), atol=TOL, rtol=0,
-            msg=lambda m, name=name: f"{name} from the seed checkpoint: losses differ\n{m}",
+            msg=lambda m, name=name: f"{name}: losses differ\n{m}",
         )  # fmt: skip
