@@ -19,11 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
 from titan.models.llama3 import FLAVORS  # noqa: E402
+from titan.models.llama3.dcp_io import CheckpointError, save_dcp_model  # noqa: E402
 from titan.models.llama3.hf_io import (  # noqa: E402
-    CheckpointError,
     read_hf_config,
     resolve_model_args,
-    save_dcp_model,
     titan_state_dict_from_hf,
 )
 

@@ -26,10 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer  # noqa: E402
+from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model  # noqa: E402
 from titan.models.llama3.hf_io import (  # noqa: E402
-    CheckpointError,
     empty_model,
-    load_dcp_model,
     read_hf_config,
     resolve_model_args,
     titan_state_dict_from_hf,

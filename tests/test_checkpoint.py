@@ -14,7 +14,8 @@ import torch.distributed.checkpoint as dcp
 
 from titan.components.checkpoint import complete_steps
 from titan.config import load_config
-from titan.models.llama3.hf_io import CheckpointError, save_hf_checkpoint
+from titan.models.llama3.dcp_io import CheckpointError
+from titan.models.llama3.hf_io import save_hf_checkpoint
 from titan.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,12 +17,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titan.models.llama3 import FLAVORS, ModelArgs, hf_io
+from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model
 from titan.models.llama3.hf_io import (
-    CheckpointError,
     args_from_hf_config,
     check_args_match,
     empty_model,
-    load_dcp_model,
     load_hf_state_dict,
     save_hf_checkpoint,
 )

@@ -32,7 +32,7 @@ from titan.config.job_config import Model, Parallelism, Training
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
-from titan.models.llama3.hf_io import CheckpointError
+from titan.models.llama3.dcp_io import CheckpointError
 from titan.models.llama3.parallelize import (
     check_supported_layout,
     default_dtype,

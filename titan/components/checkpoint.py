@@ -32,13 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
 from titan.config.job_config import Checkpoint
 from titan.logger import logger
 from titan.models.llama3.args import ModelArgs
-from titan.models.llama3.hf_io import (
+from titan.models.llama3.dcp_io import (
     CheckpointError,
     fit_to_model,
     load_dcp_model,
     read_dcp_metadata,
-    titan_state_dict_from_hf,
 )
+from titan.models.llama3.hf_io import titan_state_dict_from_hf
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
