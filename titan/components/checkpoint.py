@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,6 +33,7 @@ from titan.logger import logger
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.dcp_io import (
     CheckpointError,
+    dcp_load,
     fit_to_model,
     load_dcp_model,
     read_dcp_metadata,
@@ -257,14 +257,8 @@ class CheckpointManager:
                 "beginning of its shard"
             )
             state.pop("dataloader")
-        try:
-            dcp.load(state, checkpoint_id=str(path), process_group=self._pg)
-        except CheckpointException as e:  # a BaseException whose str() is a full traceback
-            cause = next(iter(e.failures.values()))[0]
-            raise CheckpointError(
-                f"checkpoint step {step} at {path} cannot be loaded ({type(cause).__name__}: "
-                f"{cause}); it may be corrupt: set checkpoint.load_step to an older step"
-            ) from None
+        what = f"checkpoint step {step} at {path} cannot be loaded"
+        dcp_load(state, path, what, process_group=self._pg)
         if "model" not in self.cfg.exclude_from_loading:
             set_model_state_dict(self.model, {k: state[k] for k in model_keys})
         if "optimizer" in state:

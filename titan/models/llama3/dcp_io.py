@@ -147,13 +147,19 @@ def load_dcp_model(
     else:
         state_dict = model_or_state_dict
     request = fit_to_model(stored, state_dict, dcp_dir)
+    with _single_process():
+        dcp_load(request, dcp_dir, f"cannot read DCP checkpoint {dcp_dir}", no_dist=True)
+    return state_dict
+
+
+def dcp_load(state: dict[str, Any], dcp_dir: str | Path, what: str, **kwargs: Any) -> None:
+    """`dcp.load` in place; a failure becomes a one-line CheckpointError: `what`, the first
+    rank's cause, and what to do."""
     try:
-        with _single_process():
-            dcp.load(request, checkpoint_id=dcp_dir, no_dist=True)
+        dcp.load(state, checkpoint_id=str(dcp_dir), **kwargs)
     except CheckpointException as e:  # a BaseException whose str() is a full traceback
         cause = next(iter(e.failures.values()))[0]
         raise CheckpointError(
-            f"cannot read DCP checkpoint {dcp_dir} (truncated or corrupt .distcp file?): "
-            f"{type(cause).__name__}: {cause}"
+            f"{what} ({type(cause).__name__}: {cause}); a file may be corrupt: restore it, or "
+            "load an older checkpoint (checkpoint.load_step)"
         ) from None
-    return state_dict
