@@ -132,6 +132,23 @@ def test_unimplemented_layouts_fail_clearly(tmp_path):
         os.environ.pop("WORLD_SIZE")
 
 
+def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
+    from titan.config import ConfigError, load_config
+    from titan.parallelisms.data_parallel import check_cpu_offload
+    from titan.train import Trainer
+
+    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    cfg = load_config(["--job.config_file", debug, "--training.device", "cpu",
+                       "--parallelism.fsdp_cpu_offload", "true"])  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group starts
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload .* needs CUDA"):
+        Trainer(cfg)
+    with pytest.raises(ValueError, match="applies no FSDP"):
+        check_cpu_offload(True, fsdp_enabled=False, device_type="cuda")
+    check_cpu_offload(True, fsdp_enabled=True, device_type="cuda")
+    check_cpu_offload(False, fsdp_enabled=False, device_type="cpu")
+
+
 def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
     from titan.config import ConfigError
     from titan.parallelisms.distributed import comm_mode

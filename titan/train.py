@@ -40,6 +40,7 @@ from titan.models.llama3.parallelize import (
     parallelize_llama,
 )
 from titan.parallelisms import dry_run
+from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 
@@ -176,9 +177,11 @@ class Trainer:
             dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
-        try:
-            check_supported_layout(dims)  # before any process group starts
-        except NotImplementedError as e:
+        try:  # before any process group starts
+            check_supported_layout(dims)
+            p = self.cfg.parallelism
+            check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, self.device.type)
+        except (NotImplementedError, ValueError) as e:
             raise ConfigError(f"[parallelism] {e}") from None
         init_distributed(self.device, world_size)
         if world_size == 1:

@@ -134,7 +134,8 @@ class Parallelism:
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: whether FSDP frees gathered parameters after forward."""
     fsdp_cpu_offload: bool = False
-    """Keep FSDP's sharded parameters, gradients and optimizer state in CPU memory."""
+    """Keep FSDP's sharded parameters, gradients and optimizer state in pinned CPU memory
+    (CUDA with data_parallel_shard_degree > 1; the optimizer then steps on the CPU)."""
 
 
 @dataclass

@@ -11,6 +11,24 @@ from torch.distributed.fsdp import (
 )
 
 
+def check_cpu_offload(enabled: bool, fsdp_enabled: bool, device_type: str) -> None:
+    """Stop before start-up where `parallelism.fsdp_cpu_offload` cannot apply."""
+    if not enabled:
+        return
+    if device_type != "cuda":
+        # FSDP pins the offloaded shards, which needs an accelerator; on CPU they are host memory
+        raise ValueError(
+            "parallelism.fsdp_cpu_offload keeps FSDP's shards in pinned host memory between GPU "
+            "uses and needs CUDA; on CPU they are in host memory already: set it false (for a "
+            "CPU dry run of a GPU config too)"
+        )
+    if not fsdp_enabled:
+        raise ValueError(
+            "parallelism.fsdp_cpu_offload offloads FSDP's shards, but this layout applies no FSDP "
+            "(data_parallel_shard_degree is 1): shard over more than one rank, or set it false"
+        )
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
