@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -194,7 +195,8 @@ class CheckpointManager:
         if not steps:
             return 0
         # Rank 0 checks the files and picks the step; every rank then loads that one.
-        choice = self._pick_step(steps) if self._coordinator else None
+        picked = self._pick_step(steps) if self._coordinator else None
+        choice = picked[0] if isinstance(picked, tuple) else picked
         if self._distributed:
             box = [choice]
             dist.broadcast_object_list(box, src=0, group=self._pg)
@@ -202,24 +204,26 @@ class CheckpointManager:
         if isinstance(choice, str):
             raise CheckpointError(choice)
         step, path = choice, self.folder / f"step-{choice}"
-        stored = read_dcp_metadata(path).state_dict_metadata
+        # rank 0 read the metadata while checking the files; the other ranks read it here
+        metadata = picked[1] if isinstance(picked, tuple) else read_dcp_metadata(path)
+        stored = metadata.state_dict_metadata
         if not any(k.startswith("train_state.") for k in stored):
-            load_dcp_model(path, self.model)  # a seed or model-only checkpoint
+            load_dcp_model(path, self.model, stored)  # a seed or model-only checkpoint
             logger.info(f"checkpoint: loaded model weights from {path}; training starts at step 0")
             return 0
         self._load_full(path, step, stored)
         logger.info(f"checkpoint: resumed from {path}")
         return step
 
-    def _pick_step(self, steps: list[int]) -> int | str:
-        """The step to load, or why none can be. With load_step = -1, newer checkpoints whose
-        files are missing or truncated are set aside as step-N.corrupt (kept, never loaded)
-        once an older whole one is found; if none is whole, nothing is renamed."""
+    def _pick_step(self, steps: list[int]) -> tuple[int, Metadata] | str:
+        """The step to load and its metadata, or why none can be. With load_step = -1, newer
+        checkpoints whose files are missing or truncated are set aside as step-N.corrupt (kept,
+        never loaded) once an older whole one is found; if none is whole, nothing is renamed."""
         candidates = [self.cfg.load_step] if self.cfg.load_step != -1 else steps[::-1]
         problems: list[tuple[int, CheckpointError]] = []
         for step in candidates:
             try:
-                read_dcp_metadata(self.folder / f"step-{step}")
+                metadata = read_dcp_metadata(self.folder / f"step-{step}")
             except CheckpointError as e:
                 problems.append((step, e))
                 continue
@@ -230,7 +234,7 @@ class CheckpointManager:
                     f"checkpoint step {bad} cannot be loaded: {e}. Renamed it to "
                     f"{path.name}.corrupt; resuming from step {step} instead"
                 )
-            return step
+            return step, metadata
         why = "; ".join(f"step {step}: {e}" for step, e in problems)
         return (
             f"no loadable checkpoint in {self.folder} ({why}); restore the named files, or move "
@@ -239,7 +243,7 @@ class CheckpointManager:
 
     def _load_full(self, path: Path, step: int, stored: dict[str, Any]) -> None:
         state = self._state(step)
-        model_keys = list(get_model_state_dict(self.model))
+        model_keys = [k for k in state if k not in _PARTS]  # the model's own keys sit flat
         if "model" in self.cfg.exclude_from_loading:
             for key in model_keys:
                 state.pop(key)
@@ -271,3 +275,6 @@ class CheckpointManager:
             torch.set_rng_state(state["train_state"]["rng_cpu"])
             if "rng_cuda" in state["train_state"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["train_state"]["rng_cuda"])
+
+
+_PARTS = ("optimizer", "lr_scheduler", "dataloader", "train_state")  # besides the model

@@ -135,12 +135,16 @@ def fit_to_model(
 
 
 def load_dcp_model(
-    dcp_dir: str | Path, model_or_state_dict: nn.Module | dict[str, torch.Tensor]
+    dcp_dir: str | Path,
+    model_or_state_dict: nn.Module | dict[str, torch.Tensor],
+    stored: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load model weights in place from a DCP folder: a model-only one, or a training checkpoint
-    whose other keys (optimizer, step, ...) are ignored. Returns the loaded state dict."""
+    whose other keys (optimizer, step, ...) are ignored. Returns the loaded state dict.
+    `stored`: the folder's checked `state_dict_metadata`, when the caller has read it already."""
     dcp_dir = Path(dcp_dir)
-    stored = read_dcp_metadata(dcp_dir).state_dict_metadata
+    if stored is None:
+        stored = read_dcp_metadata(dcp_dir).state_dict_metadata
     if isinstance(model_or_state_dict, nn.Module):
         # state_dict() tensors share storage with the parameters: loading them loads the model
         state_dict = model_or_state_dict.state_dict()
