@@ -2,84 +2,189 @@
 
 Layouts run in fork-started CPU/gloo processes (tests/parallel_harness.py), many per launch.
 Every layout starts from the one-process run's weights (titan initializes a parallel CPU run as
-one process would), so loss, gradient norm and every gradient must agree to fp32 rounding.
+one process would), so loss, gradient norm and every gradient must agree to fp32 rounding, each
+gradient relative to its own scale. The batches ignore a different number of labels in every row
+(some rows none are kept), so micro-batches and ranks count different numbers of targets. Each
+case also checks what was applied: meshes, every parameter's placement, FSDP resharding, the
+sequence-parallel and loss-parallel activations, activation checkpointing and compiled blocks.
 """
+
+import copy
+import dataclasses
 
 import pytest
 import torch
-from parallel_harness import BASE, DEBUG_TOML, make_batches, run_layouts, run_single
+import torch.nn.functional as F
+from parallel_harness import (
+    BASE,
+    COUNTING_BACKEND,
+    DEBUG_TOML,
+    LOSS_ATOL,
+    assert_matches,
+    assert_tensor_matches,
+    ignore_some_labels,
+    make_batches,
+    run_layouts,
+    run_single,
+)
 
+from titan.components.loss import IGNORE_INDEX
 from titan.config import load_config
 from titan.models.llama3.hf_io import save_hf_checkpoint
 from titan.train import Trainer, main
 
-STEPS, GLOBAL_BATCH = 3, 4
-TOL = 1e-5  # fp32, max abs difference (losses ~8, gradients ~1e-3)
+STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 32
+TOL = LOSS_ATOL  # losses (~8), fp32
 
 FSDP = ["--training.local_batch_size", "2"]  # dp_shard fills the world: 2
 DDP = [*FSDP, "--parallelism.data_parallel_replicate_degree", "2",
        "--parallelism.data_parallel_shard_degree", "1"]  # fmt: skip
 TP = ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2"]
+NO_SP = ["--parallelism.enable_sequence_parallel", "false"]
+NO_LP = ["--parallelism.disable_loss_parallel", "true"]
 FULL_AC = ["--activation_checkpoint.mode", "full"]
 OP_AC = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
          "op"]  # fmt: skip
 LAYER_AC = ["--activation_checkpoint.mode", "selective",
             "--activation_checkpoint.selective_ac_option", "2"]  # fmt: skip
-COMPILE = ["--compile.enable", "true"]
+# inductor, counting the compiled graphs that run (parallel_harness.COUNTING_BACKEND)
+COMPILE = ["--compile.enable", "true", "--compile.backend", COUNTING_BACKEND]
+FSDP_TP = ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"]
+HSDP = ["--training.local_batch_size", "1", "--parallelism.data_parallel_replicate_degree", "2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """What a case must have applied (checked by check_layout against the harness's report)."""
+
+    layout: str  # ParallelDims.describe()
+    dp: str | None = None  # "fsdp" (also HSDP), "ddp"
+    fsdp_mesh: tuple[str, ...] = ("dp_shard_cp",)
+    reshard: str = "default"  # parallelism.fsdp_reshard_after_forward, with FSDP
+    tp: bool = False
+    sp: bool = False  # sequence parallel
+    lp: bool = False  # loss parallel
+    ac_blocks: int = 0  # blocks wrapped for activation checkpointing
+    compiled: bool = False
+
+
+def fsdp(layout="dp_shard 2", **kw) -> Expect:
+    return Expect(layout, dp="fsdp", **kw)
+
+
+def tp(layout="tp 2", sp=True, lp=True, **kw) -> Expect:
+    return Expect(layout, tp=True, sp=sp, lp=lp, **kw)
+
+
+def fsdp_tp(sp=True, **kw) -> Expect:
+    return Expect("dp_shard 2 x tp 2", dp="fsdp", tp=True, sp=sp, lp=True, **kw)
+
 
 TWO_RANKS = {
-    "fsdp": FSDP,
-    "fsdp_reshard_always": [*FSDP, "--parallelism.fsdp_reshard_after_forward", "always"],
-    "fsdp_reshard_never": [*FSDP, "--parallelism.fsdp_reshard_after_forward", "never"],
-    "fsdp_full_ac": [*FSDP, *FULL_AC],
-    "fsdp_op_ac": [*FSDP, *OP_AC],
-    "fsdp_layer_ac": [*FSDP, *LAYER_AC],
+    "fsdp": (FSDP, fsdp()),
+    "fsdp_reshard_always": ([*FSDP, "--parallelism.fsdp_reshard_after_forward", "always"],
+                            fsdp(reshard="always")),
+    "fsdp_reshard_never": ([*FSDP, "--parallelism.fsdp_reshard_after_forward", "never"],
+                           fsdp(reshard="never")),
+    "fsdp_full_ac": ([*FSDP, *FULL_AC], fsdp(ac_blocks=6)),
+    "fsdp_op_ac": ([*FSDP, *OP_AC], fsdp(ac_blocks=6)),
+    "fsdp_layer_ac": ([*FSDP, *LAYER_AC], fsdp(ac_blocks=3)),
     # two micro-batches of 1 per rank: accumulation and data parallel together
-    "fsdp_grad_accum": ["--training.local_batch_size", "1", "--training.global_batch_size", "4"],
-    "ddp": DDP,
-    "ddp_full_ac": [*DDP, *FULL_AC],
-    "tp_sp_loss_parallel": TP,
-    "tp_no_sp": [*TP, "--parallelism.enable_sequence_parallel", "false"],
-    "tp_no_loss_parallel": [*TP, "--parallelism.disable_loss_parallel", "true"],
-    "tp_no_sp_no_loss_parallel": [
-        *TP,
-        "--parallelism.enable_sequence_parallel",
-        "false",
-        "--parallelism.disable_loss_parallel",
-        "true",
-    ],  # fmt: skip
-    "tp_full_ac": [*TP, *FULL_AC],
-    "tp_op_ac": [*TP, *OP_AC],
-}
-FSDP_TP = ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"]
+    "fsdp_grad_accum": (["--training.local_batch_size", "1", "--training.global_batch_size", "4"],
+                        fsdp()),
+    "ddp": (DDP, Expect("dp_replicate 2", dp="ddp")),
+    "ddp_full_ac": ([*DDP, *FULL_AC], Expect("dp_replicate 2", dp="ddp", ac_blocks=6)),
+    "tp_sp_loss_parallel": (TP, tp()),
+    "tp_no_sp": ([*TP, *NO_SP], tp(sp=False)),
+    "tp_no_loss_parallel": ([*TP, *NO_LP], tp(lp=False)),
+    "tp_no_sp_no_loss_parallel": ([*TP, *NO_SP, *NO_LP], tp(sp=False, lp=False)),
+    "tp_full_ac": ([*TP, *FULL_AC], tp(ac_blocks=6)),
+    "tp_op_ac": ([*TP, *OP_AC], tp(ac_blocks=6)),
+}  # fmt: skip
 FOUR_RANKS = {
-    "hsdp_2x2": [
-        "--training.local_batch_size",
-        "1",
-        "--parallelism.data_parallel_replicate_degree",
-        "2",
-    ],  # fmt: skip
-    "fsdp_4": ["--training.local_batch_size", "1"],
-    "fsdp2_tp2": FSDP_TP,
-    "fsdp2_tp2_full_ac": [*FSDP_TP, *FULL_AC],
-    "fsdp2_tp2_op_ac": [*FSDP_TP, *OP_AC],
-    "fsdp2_tp2_no_sp": [*FSDP_TP, "--parallelism.enable_sequence_parallel", "false"],
+    "hsdp_2x2": (HSDP, fsdp("dp_replicate 2 x dp_shard 2", fsdp_mesh=("dp_replicate", "dp_shard"))),
+    "fsdp_4": (["--training.local_batch_size", "1"], fsdp("dp_shard 4")),
+    "fsdp2_tp2": (FSDP_TP, fsdp_tp()),
+    "fsdp2_tp2_full_ac": ([*FSDP_TP, *FULL_AC], fsdp_tp(ac_blocks=6)),
+    "fsdp2_tp2_op_ac": ([*FSDP_TP, *OP_AC], fsdp_tp(ac_blocks=6)),
+    "fsdp2_tp2_no_sp": ([*FSDP_TP, *NO_SP], fsdp_tp(sp=False)),
 }
 COMPILED = {
-    "fsdp_compile": [*FSDP, *COMPILE],
-    "fsdp_compile_op_ac": [*FSDP, *COMPILE, *OP_AC],
-    "fsdp_compile_full_ac": [*FSDP, *COMPILE, *FULL_AC],
-    "tp_compile": [*TP, *COMPILE],
+    "fsdp_compile": ([*FSDP, *COMPILE], fsdp(compiled=True)),
+    "fsdp_compile_op_ac": ([*FSDP, *COMPILE, *OP_AC], fsdp(compiled=True, ac_blocks=6)),
+    "fsdp_compile_full_ac": ([*FSDP, *COMPILE, *FULL_AC], fsdp(compiled=True, ac_blocks=6)),
+    "tp_compile": ([*TP, *COMPILE], tp(compiled=True)),
 }
 COMPILED_FOUR = {
-    "fsdp2_tp2_compile": [*FSDP_TP, *COMPILE],
-    "fsdp2_tp2_compile_op_ac": [*FSDP_TP, *COMPILE, *OP_AC],
+    "fsdp2_tp2_compile": ([*FSDP_TP, *COMPILE], fsdp_tp(compiled=True)),
+    "fsdp2_tp2_compile_op_ac": ([*FSDP_TP, *COMPILE, *OP_AC], fsdp_tp(compiled=True, ac_blocks=6)),
 }
+
+# tensor-parallel placement of each parameter, by its name's last parts (Megatron-style plan)
+_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+_REPLICATED = ("attention_norm.weight", "ffn_norm.weight", "norm.weight")
+
+
+def _expected_placement(name: str, e: Expect) -> tuple | None:
+    """(mesh dim names, placements) that parameter `name` must have under layout `e`."""
+    dims, places = [], []
+    tp_place = None
+    if e.tp:
+        tp_place = (
+            "R" if name.endswith(_REPLICATED) else "S(1)" if name.endswith(_ROWWISE) else "S(0)"
+        )
+    if e.dp == "fsdp":
+        dims += e.fsdp_mesh
+        places += ["R"] * (len(e.fsdp_mesh) - 1)
+        places.append("S(0)")  # FSDP shards dim 0 (after TP's shard, if TP shards it too)
+    if e.tp:
+        dims.append("tp")
+        places.append(tp_place)
+    return (tuple(dims), tuple(places)) if dims else None
+
+
+def check_layout(name: str, got: dict, e: Expect) -> None:
+    """The case applied what its config asks for, seen in the model, not only in the numbers."""
+    n = got["n_layers"]
+    assert got["layout"] == e.layout, f"{name}: layout {got['layout']!r}, expected {e.layout!r}"
+    assert got["data_parallel"] == e.dp, f"{name}: data parallel {got['data_parallel']}"
+    for param, placement in got["placements"].items():
+        expected = _expected_placement(param, e)
+        assert placement == expected, f"{name}: {param} is placed {placement}, not {expected}"
+    reshard = {}
+    if e.dp == "fsdp":
+        blocks = {"default": True, "always": True, "never": False}[e.reshard]
+        reshard = {f"layers.{i}": blocks for i in range(n)}
+        # "default" keeps the last block gathered for backward; the root reshards only "always"
+        reshard[f"layers.{n - 1}"] = e.reshard == "always"
+        reshard["root"] = e.reshard == "always"
+    got_reshard = got["reshard_after_forward"]
+    assert got_reshard == reshard, f"{name}: FSDP units resharding after forward: {got_reshard}"
+    norm_out, logits = got["activations"]["norm_out"], got["activations"]["logits"]
+    tp_size = 2 if e.tp else 1
+    # sequence parallel: the final norm's output is a sequence shard
+    seq = SEQ_LEN // tp_size if e.sp else SEQ_LEN
+    assert norm_out["placement"] == ((("tp",), ("S(1)",)) if e.sp else None), (
+        f"{name}: norm output {norm_out}"
+    )
+    assert norm_out["local_shape"][1] == seq, f"{name}: norm output {norm_out}"
+    # loss parallel: the logits stay sharded on the vocabulary into the loss
+    assert got["loss_parallel"] == e.lp, f"{name}: loss_parallel {got['loss_parallel']}"
+    assert logits["placement"] == ((("tp",), ("S(2)",)) if e.lp else None), (
+        f"{name}: logits {logits}"
+    )
+    assert logits["local_shape"][2] == 2304 // (tp_size if e.lp else 1), f"{name}: logits {logits}"
+    ac = got["checkpointed_blocks"]
+    assert ac == e.ac_blocks, f"{name}: {ac} blocks checkpointed, not {e.ac_blocks}"
+    # compiled: every block's graph and the loss's ran once per micro-batch
+    runs = n + 1 if e.compiled else 0
+    got_runs = got["graph_runs_per_micro_batch"]
+    assert got_runs == runs, f"{name}: {got_runs} compiled graphs ran per micro-batch, not {runs}"
 
 
 @pytest.fixture(scope="module")
-def batches() -> torch.Tensor:
-    return make_batches(STEPS, GLOBAL_BATCH)
+def batches() -> tuple[torch.Tensor, torch.Tensor]:
+    return ignore_some_labels(make_batches(STEPS, GLOBAL_BATCH, SEQ_LEN))
 
 
 @pytest.fixture(scope="module")
@@ -87,26 +192,10 @@ def reference(batches) -> dict:
     return run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
 
 
-def assert_matches(name: str, got: dict, ref: dict) -> None:
-    torch.testing.assert_close(
-        torch.tensor(got["losses"]), torch.tensor(ref["losses"]), atol=TOL, rtol=0,
-        msg=lambda m: f"{name}: losses differ from one process\n{m}",
-    )  # fmt: skip
-    torch.testing.assert_close(
-        torch.tensor(got["norms"]), torch.tensor(ref["norms"]), atol=TOL, rtol=0,
-        msg=lambda m: f"{name}: gradient norms differ\n{m}",
-    )  # fmt: skip
-    assert sorted(got["grads"]) == sorted(ref["grads"]), f"{name}: parameter names differ"
-    for key, grad in ref["grads"].items():
-        torch.testing.assert_close(
-            got["grads"][key], grad, atol=TOL, rtol=0,
-            msg=lambda m, key=key: f"{name}: gradient of {key} differs\n{m}",
-        )  # fmt: skip
-
-
 def _check_all(cases: dict, world_size: int, batches, reference) -> None:
-    results = run_layouts(world_size, list(cases.values()), batches)
-    for name, got in zip(cases, results, strict=True):
+    results = run_layouts(world_size, [args for args, _ in cases.values()], batches)
+    for (name, (_, expect)), got in zip(cases.items(), results, strict=True):
+        check_layout(name, got["layout"], expect)
         assert_matches(name, got, reference)
 
 
@@ -125,12 +214,49 @@ def test_compiled_layouts_match_one_process(batches, reference):
     _check_all(COMPILED_FOUR, 4, batches, reference)
 
 
-def test_reference_is_sensitive(batches, reference):
-    """The comparison can fail: other batches give other losses and gradients."""
-    other_batches = make_batches(STEPS, GLOBAL_BATCH, seed=2)
-    other = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], other_batches)
-    with pytest.raises(AssertionError):
-        assert_matches("shuffled", other, reference)
+def test_loss_is_one_cross_entropy_over_the_joined_batch(batches, reference):
+    """titan's loss (token sums over micro-batches / the step's global target count) is the
+    mean cross-entropy of the whole batch with its ignored labels: one process with four
+    micro-batches of different target counts (one with none) and one big batch both give
+    F.cross_entropy's loss and gradients, each gradient relative to its own scale."""
+    inputs, labels = batches
+    assert (labels[0] != IGNORE_INDEX).sum(-1).unique().numel() == GLOBAL_BATCH  # all differ
+    assert (labels[0, 0] == IGNORE_INDEX).all()
+    trainer = Trainer(load_config(["--job.config_file", DEBUG_TOML, *BASE]))
+    loss = F.cross_entropy(
+        trainer.model(inputs[0]).flatten(0, 1), labels[0].flatten(), ignore_index=IGNORE_INDEX
+    )
+    loss.backward()
+    expected = {n: p.grad for n, p in trainer.model.named_parameters()}
+    accumulated = run_single(
+        ["--training.local_batch_size", "1", "--training.global_batch_size", str(GLOBAL_BATCH)],
+        batches, stop=1,
+    )  # fmt: skip
+    for name, got in (("one batch", reference), ("four micro-batches", accumulated)):
+        assert got["losses"][0] == pytest.approx(loss.item(), abs=TOL), name
+        for key, grad in expected.items():
+            assert_tensor_matches(f"{name}: gradient of {key}", got["grads"][key], grad)
+
+
+def test_comparison_catches_a_one_percent_error(reference):
+    """The comparison can fail: any one gradient 1% off, a loss 2e-5 off, or a gradient norm
+    0.01% off fails it; so does a single element of the smallest-scale gradient at 2x."""
+    for key in reference["grads"]:
+        broken = copy.deepcopy(reference)
+        broken["grads"][key] *= 1.01
+        with pytest.raises(AssertionError, match=f"gradient of {key}"):
+            assert_matches("broken", broken, reference)
+    smallest = min(reference["grads"], key=lambda k: reference["grads"][k].abs().max())
+    broken = copy.deepcopy(reference)
+    flat = broken["grads"][smallest].view(-1)
+    flat[flat.abs().argmax()] *= 2
+    with pytest.raises(AssertionError, match=f"gradient of {smallest}"):
+        assert_matches("broken", broken, reference)
+    for field, delta in (("losses", 2e-5), ("norms", 1e-4 * reference["norms"][-1])):
+        broken = copy.deepcopy(reference)
+        broken[field][-1] += delta
+        with pytest.raises(AssertionError):
+            assert_matches("broken", broken, reference)
 
 
 def test_resume_chain_across_layouts(tmp_path):

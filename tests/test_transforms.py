@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from parallel_harness import COUNTING_BACKEND, compiled_graph_runs
 
 from titan.components.loss import cross_entropy_sum
 from titan.config.job_config import ActivationCheckpoint, Compile
@@ -62,9 +63,13 @@ def test_selective_option_must_be_op_or_positive_int():
 
 def test_per_block_compile_matches_eager(reference):
     model = build()
-    apply_compile(model, Compile(enable=True, backend="inductor"))
+    # inductor, counting the compiled graphs that run: a compile that did nothing would match
+    # eager too, so each of the 4 blocks must run its compiled graph once in the forward
+    apply_compile(model, Compile(enable=True, backend=COUNTING_BACKEND))
     assert set(model.state_dict()) == set(build().state_dict())
+    runs = compiled_graph_runs()
     loss, grads = loss_and_grads(model)
+    assert compiled_graph_runs() - runs == ARGS.n_layers
     torch.testing.assert_close(loss, reference[0], atol=1e-5, rtol=0)
     for name, g in reference[1].items():
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
