@@ -1,12 +1,15 @@
 """Checkpointing: exact resume against an uninterrupted run, atomic saves, bad checkpoints,
-seed checkpoints and starting from Hugging Face weights."""
+parts excluded from loading, the model-only last save, seed checkpoints and starting from
+Hugging Face weights."""
 
+import logging
 import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -142,6 +145,97 @@ def test_corrupt_contents_and_other_shapes_are_named(tmp_path):
             tmp_path, "--checkpoint.enable", "--checkpoint.load_step", "3", "--model.vocab_size",
             "4096",
         )  # fmt: skip
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Exact equality of nested state dicts holding tensors (dtype included)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        same_keys = isinstance(b, dict) and a.keys() == b.keys()
+        return same_keys and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_state, a, b))
+    return a == b
+
+
+def loadable_parts(trainer: Trainer) -> dict[str, Any]:
+    """What a resume restores of each part exclude_from_loading can name. train_state: the
+    process's CPU RNG, so call this right after building the trainer (the step is the folder's)."""
+    return {
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "dataloader": trainer.dataloader.state_dict(),
+        "train_state": torch.get_rng_state(),
+    }
+
+
+@pytest.fixture(scope="module")
+def step_3(tmp_path_factory) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """A run's dump folder with step-3 and step-6, and the parts as a fresh start and a full
+    resume from step 3 hold them."""
+    dump = tmp_path_factory.mktemp("step_3")
+    make_trainer(dump, "--checkpoint.enable").train()
+    fresh = loadable_parts(make_trainer(dump / "fresh"))
+    resume = ("--checkpoint.enable", "--checkpoint.load_step", "3")
+    resumed = loadable_parts(make_trainer(dump, *resume))
+    for part in fresh:  # the two differ in every part, so each comparison below can tell
+        assert not same_state(fresh[part], resumed[part]), part
+    return dump, fresh, resumed
+
+
+# several items in one comma-separated override
+@pytest.mark.parametrize("excluded", ["optimizer,lr_scheduler", "model,dataloader,train_state"])
+def test_exclude_from_loading_leaves_those_parts_fresh(step_3, excluded):
+    dump, fresh, resumed = step_3
+    resume = ("--checkpoint.enable", "--checkpoint.load_step", "3")
+    trainer = make_trainer(dump, *resume, "--checkpoint.exclude_from_loading", excluded)
+    assert trainer.cfg.checkpoint.exclude_from_loading == excluded.split(",")
+    assert trainer.step == 3
+    got = loadable_parts(trainer)
+    for part, state in got.items():
+        want = fresh if part in excluded.split(",") else resumed
+        assert same_state(state, want[part]), f"{part} (excluded: {excluded})"
+
+
+def test_another_dp_degree_resumes_all_but_the_data_position(tmp_path, step_3, caplog):
+    fresh_data = step_3[1]["dataloader"]
+    saver = make_trainer(tmp_path, "--checkpoint.enable", "--training.steps", "3")
+    saver.checkpointer.dp_key = "dp0_of_2"  # the key rank 0 of a 2-way data-parallel run saves
+    saver.train()
+    with caplog.at_level(logging.WARNING, logger="titan"):
+        resumed = make_trainer(tmp_path, "--checkpoint.enable", "--training.steps", "3")
+    assert "no data position for data-parallel rank dp0_of_1" in caplog.text
+    got, saved = loadable_parts(resumed), loadable_parts(saver)
+    assert same_state(got["dataloader"], fresh_data), "the data should start from the beginning"
+    for part in ("model", "optimizer", "lr_scheduler"):  # train_state: one process-wide RNG
+        assert same_state(got[part], saved[part]), part
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_last_save_is_model_only_in_export_dtype(tmp_path, name):
+    dtype = getattr(torch, name)
+    trainer = make_trainer(
+        tmp_path, "--checkpoint.enable", "--checkpoint.last_save_model_only", "true",
+        "--checkpoint.export_dtype", name,
+    )  # fmt: skip
+    trainer.train()
+    trained = trainer.model.state_dict()  # fp32
+    folder = tmp_path / "checkpoint"
+    interval_save = dcp.FileSystemReader(str(folder / "step-3")).read_metadata()
+    assert any(k.startswith("optimizer.") for k in interval_save.state_dict_metadata)
+    stored = dcp.FileSystemReader(str(folder / "step-6")).read_metadata().state_dict_metadata
+    assert stored.keys() == trained.keys()  # weights only: no optimizer, schedule, data, step
+    assert {k: m.properties.dtype for k, m in stored.items()} == dict.fromkeys(trained, dtype)
+    # read back into fp32: exactly the trained fp32 weights rounded to the export dtype
+    back = {k: torch.empty_like(v) for k, v in trained.items()}
+    dcp.load(back, checkpoint_id=str(folder / "step-6"), no_dist=True)
+    for k, w in trained.items():
+        assert torch.equal(back[k], w.to(dtype).float()), k
+    if dtype != torch.float32:  # the rounding is visible: not the fp32 values themselves
+        assert not all(torch.equal(back[k], w) for k, w in trained.items())
 
 
 def test_seed_checkpoint_gives_identical_start(tmp_path):

@@ -11,6 +11,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Collection
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -107,15 +108,25 @@ class CheckpointManager:
         self._coordinator = not self._distributed or dist.get_rank() == 0
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
 
-    def _state(self, step: int) -> dict[str, Any]:
-        state: dict[str, Any] = dict(get_model_state_dict(self.model))
-        state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        state["lr_scheduler"] = self.lr_scheduler.state_dict()
-        # Pickled: the loader's state is nested Python whose shape DCP cannot know before loading.
-        state["dataloader"] = {self.dp_key: pickle.dumps(self.dataloader.state_dict())}
-        state["train_state"] = {"step": step, "rng_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["train_state"]["rng_cuda"] = torch.cuda.get_rng_state()
+    def _state(self, step: int, skip: Collection[str] = ()) -> dict[str, Any]:
+        """The state to save or to load into, without the parts in `skip`."""
+        state: dict[str, Any] = {}
+        if "model" not in skip:
+            state.update(get_model_state_dict(self.model))
+        if "optimizer" not in skip:
+            # On an optimizer without state this takes a zero-gradient step to create it (Adam's
+            # step count becomes 1), so it is only asked for when it will be saved or loaded.
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        if "lr_scheduler" not in skip:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        if "dataloader" not in skip:
+            # Pickled: the loader's state is nested Python whose shape DCP cannot know before
+            # loading.
+            state["dataloader"] = {self.dp_key: pickle.dumps(self.dataloader.state_dict())}
+        if "train_state" not in skip:
+            state["train_state"] = {"step": step, "rng_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                state["train_state"]["rng_cuda"] = torch.cuda.get_rng_state()
         return state
 
     def maybe_save(self, step: int, last_step: bool) -> None:
@@ -242,16 +253,11 @@ class CheckpointManager:
         )
 
     def _load_full(self, path: Path, step: int, stored: dict[str, Any]) -> None:
-        state = self._state(step)
+        # excluded parts are never asked for, so they stay exactly as a fresh start has them
+        state = self._state(step, skip=self.cfg.exclude_from_loading)
         model_keys = [k for k in state if k not in _PARTS]  # the model's own keys sit flat
-        if "model" in self.cfg.exclude_from_loading:
-            for key in model_keys:
-                state.pop(key)
-        else:
+        if model_keys:
             fit_to_model(stored, {k: state[k] for k in model_keys}, path)
-        for part in self.cfg.exclude_from_loading:
-            if part != "model":
-                state.pop(part)
         if "dataloader" in state and not any(
             k.startswith(f"dataloader.{self.dp_key}") for k in stored
         ):
@@ -263,7 +269,7 @@ class CheckpointManager:
             state.pop("dataloader")
         what = f"checkpoint step {step} at {path} cannot be loaded"
         dcp_load(state, path, what, process_group=self._pg)
-        if "model" not in self.cfg.exclude_from_loading:
+        if model_keys:
             set_model_state_dict(self.model, {k: state[k] for k in model_keys})
         if "optimizer" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])

@@ -1,6 +1,7 @@
 """Activation checkpointing of transformer blocks: full, selective (per layer or op), budget."""
 
 import torch
+import torch._functorch.config as functorch_config  # not imported by `import torch` alone
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -48,7 +49,7 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
         return
     if cfg.mode == "memory_budget":
         # The min-cut partitioner of torch.compile picks what to save within the budget.
-        torch._functorch.config.activation_memory_budget = cfg.memory_budget
+        functorch_config.activation_memory_budget = cfg.memory_budget
         return
     every = 1
     op_level = cfg.mode == "selective" and cfg.selective_ac_option == "op"
