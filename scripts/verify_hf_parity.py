@@ -2,15 +2,21 @@
 
     python scripts/verify_hf_parity.py <hf_dir>                       # architecture: config.json
     python scripts/verify_hf_parity.py <dcp_dir> --flavor debugmodel  # or --config-json PATH
+    python scripts/verify_hf_parity.py <dcp_dir> --hf-reference <hf_dir>  # the folder converted
         [--tokens 16] [--prompt-len 32] [--batch 2] [--seed 0] [--max-kl 1e-6]
         [--text "Once upon a time" --tokenizer titan/assets/tokenizer/tokenizer.model]
 
-Both models run in fp32 on CPU in eval mode (transformers with eager attention) on one batch
-of random token ids from --seed (or --text encoded with --tokenizer). Reports the max absolute
-logit difference and KL(hf || titan) of the next-token distributions (float64 log_softmax,
-averaged over positions), then greedy-decodes --tokens tokens with each model, re-running the
-whole sequence every step. Exits 0 when the decodes are identical and KL <= --max-kl, else 1.
-Meant for small models: it holds two fp32 copies of the weights.
+titan loads <path> with its own code. transformers reads the same folder when it is an HF one;
+for a DCP folder it is built from titan's loaded weights, which checks the architecture but not
+the load. --hf-reference DIR has transformers read DIR with `LlamaForCausalLM.from_pretrained`
+instead (e.g. the HF folder the DCP was converted from), independent of titan's loading code, so
+a wrong DCP load or name/row mapping shows as a large KL; the architecture then defaults to
+DIR's config.json. Both models run in fp32 on CPU in eval mode (transformers with eager
+attention) on one batch of random token ids from --seed (or --text encoded with --tokenizer).
+Reports the max absolute logit difference and KL(hf || titan) of the next-token distributions
+(float64 log_softmax, averaged over positions), then greedy-decodes --tokens tokens with each
+model, re-running the whole sequence every step. Exits 0 when the decodes are identical and
+KL <= --max-kl, else 1. Meant for small models: it holds two fp32 copies of the weights.
 """
 
 import argparse
@@ -47,33 +53,45 @@ def _hf_from_titan(model: Transformer, args: ModelArgs) -> torch.nn.Module:
     return hf
 
 
+def _hf_from_folder(hf_dir: Path) -> torch.nn.Module:
+    import transformers
+
+    # bf16 checkpoints upcast exactly, so both models hold the same fp32 values
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+    return hf.float()
+
+
 def load_models(
-    path: str | Path, flavor: str | None = None, config_json: str | Path | None = None
+    path: str | Path,
+    flavor: str | None = None,
+    config_json: str | Path | None = None,
+    hf_reference: str | Path | None = None,
 ) -> tuple[Transformer, torch.nn.Module]:
-    """(titan, transformers) fp32 eval models holding the weights of a DCP or HF folder."""
+    """(titan, transformers) fp32 eval models: titan holds the weights of the DCP or HF folder
+    `path`; transformers those of `hf_reference` when given, read by transformers alone."""
     path = Path(path)
     is_dcp = (path / ".metadata").is_file()
     if not is_dcp and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is neither a titan DCP folder (.metadata) nor a transformers one (config.json)"
         )
+    # read first: a clear error for a reference folder without config.json
+    reference_config = read_hf_config(hf_reference) if hf_reference is not None else None
     if config_json is not None:
         config = json.loads(Path(config_json).read_text())
     else:
-        config = None if is_dcp else read_hf_config(path)
+        config = reference_config if is_dcp else read_hf_config(path)
     args = resolve_model_args(flavor, config)
     titan = empty_model(args)
     titan.init_weights()  # builds the RoPE table; the weights are overwritten below
     if is_dcp:
         load_dcp_model(path, titan)
-        hf = _hf_from_titan(titan, args)
     else:
-        import transformers
-
         titan.load_state_dict(titan_state_dict_from_hf(path, args))
-        # bf16 checkpoints upcast exactly, so both models hold the same fp32 values
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-        hf = hf.float()
+    if hf_reference is not None:
+        hf = _hf_from_folder(hf_reference)
+    else:
+        hf = _hf_from_titan(titan, args) if is_dcp else _hf_from_folder(path)
     return titan.eval(), hf.eval()
 
 
@@ -117,6 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("path", type=Path, help="titan DCP folder or transformers folder")
     p.add_argument("--flavor", choices=list(FLAVORS), help="architecture (DCP needs it or json)")
     p.add_argument("--config-json", type=Path, help="architecture from a transformers config")
+    p.add_argument(
+        "--hf-reference", type=Path, help="transformers folder to compare with (from_pretrained)"
+    )
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens to decode")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length")
     p.add_argument("--batch", type=int, default=2, help="random prompts per batch")
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        titan, hf = load_models(args.path, args.flavor, args.config_json)
+        titan, hf = load_models(args.path, args.flavor, args.config_json, args.hf_reference)
         tokens = prompt_tokens(args, titan.args.vocab_size)
         if tokens.shape[1] + args.tokens > titan.args.max_seq_len:
             raise ValueError(f"prompt + --tokens exceed max_seq_len {titan.args.max_seq_len}")

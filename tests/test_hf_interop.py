@@ -15,9 +15,10 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import transformers
 
 from titan.models.llama3 import FLAVORS, ModelArgs, hf_io
-from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model
+from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model, save_dcp_model
 from titan.models.llama3.hf_io import (
     args_from_hf_config,
     check_args_match,
@@ -26,8 +27,6 @@ from titan.models.llama3.hf_io import (
     save_hf_checkpoint,
 )
 from titan.models.llama3.state_dict_adapter import hf_config_dict
-
-transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 # rope: head_dim 16 and original_max_position_embeddings 64 put one frequency in each regime
@@ -61,6 +60,13 @@ def _script(name: str) -> ModuleType:
     return module
 
 
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder, read with safetensors alone (not titan's loader)."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def _tiny_hf_model(tied: bool):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(
@@ -92,13 +98,13 @@ def ckpt(request, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_round_trip_is_bit_identical(ckpt, tmp_path):
-    original, back = load_hf_state_dict(ckpt.hf), load_hf_state_dict(ckpt.out)
+    original, back = _safetensors(ckpt.hf), _safetensors(ckpt.out)  # HF -> DCP -> HF
     assert set(back) == set(original) and ("lm_head.weight" in back) != ckpt.tied
     for name, w in original.items():
         assert back[name].dtype == torch.float32 and torch.equal(back[name], w), name
     bf16 = tmp_path / "bf16"
     assert _script("convert_to_hf").main([str(ckpt.dcp), str(bf16), *ckpt.config_args]) == 0
-    for name, w in load_hf_state_dict(bf16).items():
+    for name, w in _safetensors(bf16).items():
         assert w.dtype == torch.bfloat16 and torch.equal(w, original[name].bfloat16()), name
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
@@ -106,8 +112,9 @@ def test_round_trip_is_bit_identical(ckpt, tmp_path):
 def test_logits_and_greedy_match_transformers(ckpt):
     parity = _script("verify_hf_parity")
     tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(1))
-    for source, config_json in ((ckpt.hf, None), (ckpt.dcp, ckpt.hf / "config.json")):
-        titan, hf = parity.load_models(source, config_json=config_json)
+    # titan reads each folder with its own code; transformers reads the original HF folder
+    for source in (ckpt.hf, ckpt.dcp, ckpt.out):
+        titan, hf = parity.load_models(source, hf_reference=ckpt.hf)
         kl, max_diff = parity.compare_logits(titan, hf, tokens)
         assert abs(kl) <= 1e-10 and max_diff < 1e-4, (source, kl, max_diff)
         ours = parity.greedy_decode(titan, tokens, 12)
@@ -120,12 +127,33 @@ def test_logits_and_greedy_match_transformers(ckpt):
 
 @pytest.mark.parametrize("ckpt", [False], ids=["untied"], indirect=True)  # one launch is enough
 def test_verify_script_reports_and_exits_zero(ckpt):
-    cmd = [sys.executable, "scripts/verify_hf_parity.py", str(ckpt.dcp), *ckpt.config_args]
+    script = [sys.executable, "scripts/verify_hf_parity.py"]
+    cmd = [*script, str(ckpt.dcp), "--hf-reference", str(ckpt.hf)]  # titan's load vs the original
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     kl_line, greedy_line = run.stdout.strip().splitlines()[-2:]
     assert kl_line.startswith("kl_divergence: ") and float(kl_line.split()[1]) <= 1e-10
     assert greedy_line == "greedy_identical: true"
+
+
+def test_hf_reference_catches_a_wrong_dcp_load(ckpt, tmp_path, capsys):
+    # a DCP whose wq rows are in HF's order (each head's halves) instead of Meta's (interleaved
+    # pairs), as a load that skipped the permutation would leave them
+    parity = _script("verify_hf_parity")
+    args = args_from_hf_config(json.loads((ckpt.hf / "config.json").read_text()))
+    sd = load_dcp_model(ckpt.dcp, empty_model(args).state_dict())
+    wq = sd["layers.1.attention.wq.weight"]  # (n_heads * head_dim, dim)
+    pairs = wq.view(args.n_heads, args.head_dim // 2, 2, args.dim)
+    sd["layers.1.attention.wq.weight"] = pairs.transpose(1, 2).reshape(wq.shape)
+    save_dcp_model(sd, tmp_path / "bad")
+    quick = ["--tokens", "4"]
+    # transformers built from titan's loaded weights agrees with them: blind to the bad load
+    assert parity.main([str(tmp_path / "bad"), *ckpt.config_args, *quick]) == 0
+    assert parity.main([str(ckpt.dcp), "--hf-reference", str(ckpt.hf), *quick]) == 0
+    capsys.readouterr()
+    assert parity.main([str(tmp_path / "bad"), "--hf-reference", str(ckpt.hf), *quick]) == 1
+    kl_line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("kl_"))
+    assert float(kl_line.split()[1]) > 1e-3, kl_line
 
 
 def test_export_loads_with_from_pretrained(ckpt):
