@@ -6,6 +6,7 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from titan.components.dataloader import (
 )
 from titan.components.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
 from titan.config.job_config import Data
-
-datasets = pytest.importorskip("datasets")
 
 DOCS = [f"document {i}: " + "words " * (i % 7) for i in range(23)]
 
@@ -242,3 +241,24 @@ def test_state_from_another_dp_size_is_refused(tok: Tokenizer):
     loader.load_state_dict(saved.state_dict())
     with pytest.raises(DataError, match="dp rank 0 of 2"):
         _take(loader, 1)
+
+
+def test_arrow_file_gives_the_windows_of_the_same_jsonl(tok: Tokenizer, tmp_path: Path):
+    import pyarrow as pa
+
+    table = pa.table({"text": DOCS, "id": list(range(len(DOCS)))})
+    arrow = tmp_path / "docs.arrow"
+    with pa.ipc.new_stream(str(arrow), table.schema) as writer:  # as `datasets` writes its cache
+        writer.write_table(table)
+
+    def make(path: Path):
+        return build_dataloader(Data(path=str(path)), tok, seq_len=16, local_batch_size=4)
+
+    batches = _take(make(arrow), 6)
+    _assert_same(batches, _take(make(_write_jsonl(tmp_path / "docs.jsonl", DOCS)), 6))
+    one_pass = [t for doc in DOCS for t in tok.encode(doc, bos=True, eos=True)]
+    rows = torch.cat([inputs for inputs, _ in batches]).tolist()
+    assert len(rows) * 17 > len(one_pass)  # every document is read, and the next pass begins
+    for i, row in enumerate(rows):  # row i is window i of the documents' token stream
+        assert row == (one_pass * 2)[i * 17 : i * 17 + 16]
+    _check_resume(lambda: make(arrow), [3], 7)
