@@ -7,12 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers  # noqa: F401  (--vs-hf trains its Llama: a missing install fails here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _block(lines: list[str], name: str) -> dict[str, str]:
+    """The `  key: value` lines under the line `name:`."""
+    start = lines.index(f"{name}:") + 1
+    block = {}
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        key, value = line.strip().split(":", 1)
+        block[key] = value.strip()
+    return block
+
+
 def test_throughput_vs_hf_reports_ratio_and_matching_first_loss():
-    pytest.importorskip("transformers")
     cmd = [
         sys.executable, str(ROOT / "benchmarks/throughput.py"),
         "--config", str(ROOT / "train_configs/debug_model.toml"),
@@ -25,12 +37,27 @@ def test_throughput_vs_hf_reports_ratio_and_matching_first_loss():
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio titan/hf: \d+\.\d\d", lines[-1]), lines[-1]
-    assert float(lines[-1].split(": ")[1]) > 0
+    ratio = float(lines[-1].split(": ")[1])
+    blocks = {name: _block(lines, name) for name in ("titan", "hf")}
+    tps = {name: float(b["tokens/s (per device)"].replace(",", "")) for name, b in blocks.items()}
+    sizes = re.search(r"per step (\d+) x (\d+) x (\d+) tokens", run.stdout).groups()
+    assert sizes == ("1", "2", "64")
+    for name, block in blocks.items():
+        # tokens/s is a step's 128 tokens over the mean step time (printed to 0.1 ms)
+        step_ms = float(block["step time"].removesuffix(" ms"))
+        assert 128e3 / (step_ms + 0.05) - 0.5 <= tps[name] <= 128e3 / (step_ms - 0.05) + 0.5
+    # tokens/s print rounded to integers and the ratio to 2 decimals: bound what they allow
+    low = (tps["titan"] - 0.5) / (tps["hf"] + 0.5) - 0.005
+    high = (tps["titan"] + 0.5) / (tps["hf"] - 0.5) + 0.005
+    assert low <= ratio <= high, (ratio, tps)
     diff_line = next(line for line in lines if line.startswith("first-step loss abs diff:"))
-    diff = float(diff_line.split(":")[1].split()[0])
+    diff, titan_loss, hf_loss = map(
+        float, re.fullmatch(r".*: (\S+) \(titan (\S+), hf (\S+)\)", diff_line).groups()
+    )
     # Same initial weights and batches in fp32: the two models compute the same loss.
     assert diff < 1e-4, diff_line
-    assert "titan:" in lines and "hf:" in lines
+    # the losses print 6 decimals, each rounded by up to 5e-7
+    assert diff == pytest.approx(abs(titan_loss - hf_loss), abs=1.1e-6)
 
 
 def load_benchmark():
@@ -41,7 +68,6 @@ def load_benchmark():
 
 
 def test_hf_loop_replicates_titan_optimizer_groups_and_schedule():
-    pytest.importorskip("transformers")
     bench = load_benchmark()
     ns, overrides = bench.parse_args(
         ["--config", str(ROOT / "train_configs/debug_model.toml"), "--steps", "4",

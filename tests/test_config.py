@@ -1,11 +1,18 @@
 """Config loading: TOML, overrides, printing, and a clear error for each kind of bad input."""
 
+import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
 
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.manager import field_docs, help_text, to_toml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
@@ -14,7 +21,21 @@ CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_parse(path):
     cfg = load_config([], config_file=str(path))
-    assert cfg.job.config_file == str(path)
+    with path.open("rb") as f:
+        table = tomllib.load(f)
+    defaults = JobConfig()
+    assert set(table) <= {f.name for f in dataclasses.fields(JobConfig)}, path.name
+    for section in dataclasses.fields(JobConfig):
+        written = table.get(section.name, {})
+        got = getattr(cfg, section.name)
+        assert set(written) <= set(vars(got)), (section.name, set(written) - set(vars(got)))
+        for key, value in vars(got).items():
+            # the file's value where it sets one, else the dataclass default
+            default = getattr(getattr(defaults, section.name), key)
+            expected = written.get(key, default)
+            if (section.name, key) == ("job", "config_file"):
+                expected = str(path)  # not in the file: load_config records where it read it
+            assert value == expected, (section.name, key, value, expected)
 
 
 def test_seed_layouts():

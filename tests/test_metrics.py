@@ -1,13 +1,21 @@
 """Tests for titan.components.metrics (FLOPs, peak table, MetricsLogger, TB/W&B) and
 titan.components.profiling (traces, memory snapshots, config checks)."""
 
+import collections
 import glob
+import json
 import logging
 import os
 import re
+import resource
+import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import wandb
+from wandb.proto import wandb_internal_pb2
 
 from titan.components.metrics import (
     DeviceMemoryMonitor,
@@ -79,11 +87,19 @@ def test_peak_flops_unknown_is_none(name, precision):
     assert peak_flops(name, precision) is None
 
 
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's ru_maxrss unit")
 def test_cpu_memory_monitor():
     monitor = DeviceMemoryMonitor(CPU)
+    before = _peak_rss_bytes()
     peak_bytes, pct = monitor.peak()
-    assert peak_bytes > 1024**2  # a Python process with torch holds well over 1 MiB
-    assert pct is not None and 0 < pct < 100
+    # the peak only grows, so the monitor's reading lies between the kernel's before and after
+    assert before <= peak_bytes <= _peak_rss_bytes()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert pct == pytest.approx(100 * peak_bytes / total)
     monitor.reset_peak()  # a no-op on CPU, but must not fail
     assert monitor.peak()[0] >= peak_bytes
     assert monitor.stats() == {}
@@ -109,14 +125,16 @@ def test_metrics_logger_cpu_values_and_line(tmp_path, titan_records):
     ml = MetricsLogger(
         Metrics(), str(tmp_path), rank=0, device=CPU, flops_per_token=1000, peak_flops=None
     )
+    before = ml.memory.peak()[0]
     m = _log_once(ml)
+    after = ml.memory.peak()[0]
     ml.close()
     assert m["tokens_per_s"] == 2048.0
     assert m["tflops"] == 2048.0 * 1000 / 1e12
     assert m["mfu_pct"] is None
     assert m["data_pct"] == 25.0
     assert m["loss"] == 7.1234567
-    assert m["memory_gib"] > 0
+    assert before <= m["memory_gib"] * 1024**3 <= after  # the process's peak RSS, in GiB
     lines = [r.getMessage() for r in titan_records.records if "loss:" in r.getMessage()]
     assert len(lines) == 1
     line = lines[0]
@@ -171,8 +189,36 @@ def test_tensorboard_rank_0_only(tmp_path):
     assert not os.path.exists(tmp_path / "tb")
 
 
+def _wandb_records(path: str) -> list[wandb_internal_pb2.Record]:
+    """The protobuf records of an offline run's .wandb file.
+
+    The file is a 7-byte header (":W&B", magic, version) then LevelDB's log format: 32 KiB blocks
+    of chunks, each a 7-byte header (crc32c, length, type) and data; a record too long for its
+    block is split in FIRST, MIDDLE.., LAST chunks; a block's last < 7 bytes are padding.
+    """
+    data = Path(path).read_bytes()
+    assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), data[:7]
+    block, pos, records, pieces = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def _wandb_items(items) -> dict:
+    return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     for key, value in {
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path),
@@ -184,15 +230,34 @@ def test_wandb_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     dump = tmp_path / "run"
     cfg = Metrics(enable_wandb=True, wandb_project="titan-test")
+    config = {"model": {"flavor": "debugmodel"}, "training": {"steps": 4, "seed": 0}}
     ml = MetricsLogger(
         cfg, str(dump), rank=0, device=CPU, flops_per_token=1, peak_flops=None,
-        config_dict={"model": {"flavor": "debugmodel"}},
+        config_dict=config,
     )  # fmt: skip
-    _log_once(ml)
+    given = {3: (7.1234567, 1.5, 8e-4), 4: (6.5, 0.25, 1e-3)}  # _log_once's, then step 4's
+    logged = {3: _log_once(ml, step=3)}
+    logged[4] = ml.log(4, loss=6.5, grad_norm=0.25, lr=1e-3, ntokens=10, elapsed_s=1.0, data_s=0.0)
     ml.close()
+    # finish() can return before wandb's service process has written the run file: stop the
+    # service, which flushes it (the next wandb.init starts a new one)
+    wandb.teardown()
     runs = glob.glob(str(dump / "wandb" / "offline-run-*"))
     assert len(runs) == 1
-    assert glob.glob(os.path.join(runs[0], "run-*.wandb"))
+    (path,) = glob.glob(os.path.join(runs[0], "run-*.wandb"))
+    records = _wandb_records(path)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "titan-test"
+    got_config = _wandb_items(run.config.update)
+    got_config.pop("_wandb")  # wandb's own bookkeeping
+    assert got_config == config
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h.step.num for h in history] == [3, 4]
+    for h in history:
+        # every metric that has a value, exactly as logged; wandb adds _step, _runtime, ...
+        row = {k: v for k, v in _wandb_items(h.item).items() if not k.startswith("_")}
+        assert row == {k: v for k, v in logged[h.step.num].items() if v is not None}, row
+        assert (row["loss"], row["grad_norm"], row["lr"]) == given[h.step.num]
 
 
 def _matmul_steps(prof, steps: int) -> None:
@@ -202,6 +267,13 @@ def _matmul_steps(prof, steps: int) -> None:
         prof.step()
 
 
+def _trace_ops(path: Path) -> collections.Counter:
+    """How often each profiler step and matmul/tanh op appears in a Chrome trace."""
+    names = [e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]]
+    wanted = ("ProfilerStep#", "aten::mm", "aten::tanh")
+    return collections.Counter(n for n in names if n.startswith(wanted))
+
+
 def test_profiling_writes_trace(tmp_path):
     cfg = Profiling(enable_profiling=True, profile_freq=4, profiler_warmup=1, profiler_active=1)
     with maybe_enable_profiling(cfg, str(tmp_path), rank=0) as prof:
@@ -209,15 +281,20 @@ def test_profiling_writes_trace(tmp_path):
         _matmul_steps(prof, 4)
         # The window ending at step 4 is written as soon as step 4 is marked done.
         trace = tmp_path / "profile_traces" / "iteration_4" / "rank0_trace.json"
-        assert trace.is_file() and trace.stat().st_size > 0
+        assert trace.is_file()
     assert sorted(os.listdir(tmp_path / "profile_traces")) == ["iteration_4"]
+    # one active step recorded: the 4th (the profiler counts from 0), one matmul and tanh
+    assert _trace_ops(trace) == {"ProfilerStep#3": 1, "aten::mm": 1, "aten::tanh": 1}
 
 
 def test_profiling_resume_keeps_absolute_steps(tmp_path):
     cfg = Profiling(enable_profiling=True, profile_freq=4, profiler_warmup=1, profiler_active=1)
     with maybe_enable_profiling(cfg, str(tmp_path), rank=2, global_step=6) as prof:
         _matmul_steps(prof, 2)  # steps 7 and 8
-    assert (tmp_path / "profile_traces" / "iteration_8" / "rank2_trace.json").is_file()
+    assert os.listdir(tmp_path / "profile_traces") == ["iteration_8"]
+    trace = tmp_path / "profile_traces" / "iteration_8" / "rank2_trace.json"
+    # the run's second step (step 8) is the one recorded
+    assert _trace_ops(trace) == {"ProfilerStep#1": 1, "aten::mm": 1, "aten::tanh": 1}
 
 
 def test_profiling_disabled_yields_none(tmp_path):

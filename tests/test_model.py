@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from titan.models.llama3 import FLAVORS, ModelArgs, RoPEScaling, Transformer
 from titan.models.llama3.model import apply_rope, rope_cache
@@ -114,7 +115,6 @@ def test_rope_matches_complex_exponential_reference(head_dim, compiled):
 
 
 def _hf_model(args: ModelArgs):
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(**hf_config_dict(args))
     config._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(config).eval()

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from titan.components.dataloader import build_dataloader
+from titan.config import load_config
 from titan.config.job_config import Parallelism
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.parallelize import check_tp_degree
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,23 +34,85 @@ def _run(tmp_path, config: str, *args: str, timeout: int = 600, **env) -> str:
     return log
 
 
+DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
+# Three steps log the losses after 0, 1 and 2 updates; the LR is nonzero for the first two.
+LAUNCH_ARGS = [
+    "--training.steps", "3", "--training.seq_len", "64", "--training.local_batch_size", "2",
+    "--metrics.log_freq", "1",
+]  # fmt: skip
+
+
+def _logged(log: str) -> tuple[list[float], list[float]]:
+    """Every step's loss (6 decimals) and grad norm (4 decimals) from the metrics lines."""
+    found = re.findall(r"step: +(\d+) +loss: (\d+\.\d{6}) +grad_norm: (\d+\.\d{4})", log)
+    assert [int(step) for step, _, _ in found] == [1, 2, 3], log[-3000:]
+    return [float(loss) for _, loss, _ in found], [float(norm) for _, _, norm in found]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """(losses, grad norms) of one process trained on the global batches of a dp-rank run.
+
+    Rank r of dp reads its own shard of the corpus (build_dataloader's dp_rank), so a dp run
+    does not read what one process with the same config reads. The reference builds each dp
+    rank's loader as the Trainer does and trains one process on their rows together: the loss
+    is the sum over every rank's tokens over the global target count, so the global batch is
+    the ranks' rows concatenated.
+    """
+    cache: dict[int, tuple[list[float], list[float]]] = {}
+
+    def run(dp: int) -> tuple[list[float], list[float]]:
+        if dp in cache:
+            return cache[dp]
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "COMM_MODE"):
+            assert key not in os.environ, key  # the reference is one process
+        local = 2  # LAUNCH_ARGS' local_batch_size: every dp rank's rows per step
+        dump = str(tmp_path_factory.mktemp(f"one_process_dp{dp}"))
+        cfg = load_config([
+            "--job.config_file", DEBUG_TOML, "--job.dump_folder", dump, *LAUNCH_ARGS,
+            "--training.device", "cpu", "--training.local_batch_size", str(local * dp),
+        ])  # fmt: skip
+        trainer = Trainer(cfg)
+        t = cfg.training
+        loaders = [
+            iter(build_dataloader(
+                cfg.data, trainer.tokenizer, seq_len=t.seq_len, local_batch_size=local,
+                dp_rank=rank, dp_degree=dp, seed=t.seed,
+            ))
+            for rank in range(dp)
+        ]  # fmt: skip
+        losses, norms = [], []
+        for _ in range(t.steps):
+            rows = [next(loader) for loader in loaders]  # each (inputs, labels): (2, seq_len)
+            batch = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+            loss, norm = trainer.train_step([batch])
+            losses.append(loss)
+            norms.append(norm)
+        cache[dp] = losses, norms
+        return cache[dp]
+
+    return run
+
+
 @pytest.mark.parametrize(
-    "ngpu, layout, args",
+    "ngpu, layout, dp, args",
     [
-        ("2", "dp_shard 2", []),
-        ("2", "dp_replicate 2", ["--parallelism.data_parallel_replicate_degree", "2"]),
-        ("4", "dp_shard 2 x tp 2", ["--parallelism.tensor_parallel_degree", "2"]),
+        ("2", "dp_shard 2", 2, []),
+        ("2", "dp_replicate 2", 2, ["--parallelism.data_parallel_replicate_degree", "2"]),
+        ("2", "tp 2", 1, ["--parallelism.tensor_parallel_degree", "2"]),
+        ("4", "dp_shard 2 x tp 2", 2, ["--parallelism.tensor_parallel_degree", "2"]),
     ],
-)
-def test_run_train_sh_multi_process(tmp_path, ngpu, layout, args):
-    debug = str(ROOT / "train_configs" / "debug_model.toml")
-    log = _run(
-        tmp_path, debug, "--training.steps", "2", "--training.seq_len", "64",
-        "--training.local_batch_size", "2", "--metrics.log_freq", "1", *args, NGPU=ngpu,
-    )  # fmt: skip
+    ids=["dp_shard2", "dp_replicate2", "tp2", "dp_shard2_tp2"],
+)  # fmt: skip
+def test_run_train_sh_multi_process(tmp_path, one_process, ngpu, layout, dp, args):
+    log = _run(tmp_path, DEBUG_TOML, *LAUNCH_ARGS, *args, NGPU=ngpu)
     assert f"parallel layout: {layout} over {ngpu} ranks" in log
-    losses = [float(x) for x in re.findall(r"loss: (\d+\.\d{6})", log)]
-    assert len(losses) == 2 and all(7 < x < 9 for x in losses), log[-2000:]  # ln(2304) = 7.7
+    losses, norms = _logged(log)
+    expected_losses, expected_norms = one_process(dp)
+    # The log rounds losses to 6 decimals (5e-7) and norms to 4 (5e-5). TP sums the matmuls in
+    # another order: after two updates its loss differs from one process's by 1.3e-6 in fp32.
+    assert losses == pytest.approx(expected_losses, abs=3e-6, rel=0), log[-2000:]
+    assert norms == pytest.approx(expected_norms, abs=6e-5, rel=0), log[-2000:]
 
 
 def _dry_run_sizes(log: str) -> dict[str, int]:
@@ -118,8 +184,7 @@ def test_tp_degree_must_divide_heads():
 
 
 def test_unimplemented_layouts_fail_clearly(tmp_path):
-    from titan.config import ConfigError, load_config
-    from titan.train import Trainer
+    from titan.config import ConfigError
 
     debug = str(ROOT / "train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--parallelism.pipeline_parallel_degree", "2",
@@ -133,9 +198,8 @@ def test_unimplemented_layouts_fail_clearly(tmp_path):
 
 
 def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
-    from titan.config import ConfigError, load_config
+    from titan.config import ConfigError
     from titan.parallelisms.data_parallel import check_cpu_offload
-    from titan.train import Trainer
 
     debug = str(ROOT / "train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--training.device", "cpu",
@@ -167,7 +231,6 @@ def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
 def test_tp_compile_with_whole_block_ac_is_refused(ac):
     import torch
 
-    from titan.config import load_config
     from titan.models.llama3 import Transformer
     from titan.models.llama3.parallelize import parallelize_llama
     from titan.parallelisms.parallel_dims import ParallelDims

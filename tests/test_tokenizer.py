@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from llama_models.llama3 import tokenizer as llama3_tokenizer
 
 from titan.components.tokenizer import (
     REPO_ROOT,
@@ -136,7 +137,6 @@ def test_shipped_tokenizer_is_what_the_script_builds(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def meta_pair() -> tuple[Tokenizer, object]:
-    llama3_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer")
     path = Path(llama3_tokenizer.__file__).parent / "tokenizer.model"
     return Tokenizer(path), llama3_tokenizer.Tokenizer(path)
 

@@ -1,6 +1,7 @@
 """The trainer end to end on the debug model: accumulation, learning, bad input, run_train.sh."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from titan.config import ConfigError, load_config
+from titan.logger import logger
 from titan.train import NonFiniteLossError, Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +96,19 @@ def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):
         make_trainer(tmp_path, "--model.vocab_size", "1000")
 
 
-def test_main_reports_bad_config(tmp_path, capsys):
-    assert main(["--job.config_file", DEBUG_TOML, "--training.stpes", "3"]) == 2
+def test_main_reports_bad_config(capsys):
+    # main() gives titan's logger a handler on the current stderr (capsys's): restore it after
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        code = main(["--job.config_file", DEBUG_TOML, "--training.stpes", "3"])
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    # one line: the bad key and the nearest valid one
+    message = "unknown config key training.'stpes' (command line); did you mean 'steps'?"
+    assert re.fullmatch(rf"\[titan\] [\d-]+ [\d:,]+ ERROR bad config: {re.escape(message)}\n", err)
 
 
 def _run_train(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -108,17 +121,23 @@ def _run_train(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_run_train_sh_end_to_end(tmp_path):
-    out = _run_train(
-        tmp_path, "--training.steps", "3", "--training.seq_len", "64", "--job.print_config"
-    )
+    args = ("--training.steps", "3", "--training.seq_len", "64")
+    out = _run_train(tmp_path, *args, "--job.print_config")
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "model llama3 debugmodel: 5,704,960 parameters" in log
-    for step in (1, 2, 3):
-        assert f"step: {step} " in log or f"step:  {step} " in log
-    assert "loss: " in log and "effective config" in log
+    # the printed config is the one written to the run folder (checked against the CLI below)
+    assert "effective config:\n" + (tmp_path / "config.toml").read_text() in log
+    # the script trains exactly what a Trainer built here trains (same config, same data)
+    expected = make_trainer(tmp_path / "reference", *args).train()
+    logged = re.findall(r"step: +(\d+) +loss: (\d+\.\d{6})", log)
+    assert [int(step) for step, _ in logged] == [1, 2, 3], log[-3000:]
+    # six printed decimals round by 5e-7; threads may sum fp32 in another order
+    assert [float(loss) for _, loss in logged] == pytest.approx(expected, abs=2e-6, rel=0)
     again = load_config([], config_file=str(tmp_path / "config.toml"))
-    assert again.training.steps == 3 and again.training.seq_len == 64
+    again.job.config_file = DEBUG_TOML  # the rest of the written config is the run's
+    cli = ["--job.dump_folder", str(tmp_path), "--training.device", "cpu", *args]
+    assert again == load_config([*cli, "--job.print_config"], config_file=DEBUG_TOML)
 
 
 def test_run_train_sh_bad_override(tmp_path):
