@@ -20,13 +20,14 @@ DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
 
 
 @pytest.fixture
-def fresh_compile(monkeypatch):
+def fresh_compile():
     # apply_ac sets the budget process-wide, and dynamo may reuse a block graph compiled by an
     # earlier test under another budget: start from a clean cache, and leave the budget as found.
-    budget = functorch_config.activation_memory_budget
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", budget)
-    torch._dynamo.reset()
-    yield
+    # (Not monkeypatch: its undo deletes the attribute from torch's config module, which breaks
+    # every later compile.)
+    with functorch_config.patch(activation_memory_budget=functorch_config.activation_memory_budget):
+        torch._dynamo.reset()
+        yield
     torch._dynamo.reset()
 
 
