@@ -276,8 +276,8 @@ def test_resume_chain_across_layouts(tmp_path):
         ("ddp2", 2, DDP),
         ("one process", 1, ["--training.local_batch_size", str(GLOBAL_BATCH)]),
         ("fsdp2 x tp2", 4, FSDP_TP),
-        ("hsdp 2x2", 4, FOUR_RANKS["hsdp_2x2"]),
-        ("fsdp4", 4, FOUR_RANKS["fsdp_4"]),
+        ("hsdp 2x2", 4, HSDP),
+        ("fsdp4", 4, ["--training.local_batch_size", "1"]),
     ]
     results = []
     for world_size in (2, 1, 4):  # one launch per world size, its legs one after the other
