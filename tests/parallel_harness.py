@@ -129,37 +129,72 @@ def _record_activations(trainer: Trainer) -> tuple[dict, list]:
 
         return record
 
-    handles = [
-        trainer.model.norm.register_forward_hook(hook("norm_out")),
-        trainer.model.output.register_forward_hook(hook("logits")),
-    ]
+    model = trainer.model
+    handles = []
+    if model.output is not None:  # a pipeline rank without the last stage has neither
+        handles.append(model.norm.register_forward_hook(hook("norm_out")))
+        handles.append(model.output.register_forward_hook(hook("logits")))
     return seen, handles
 
 
 def describe_layout(trainer: Trainer) -> dict:
-    """What was applied to the model: meshes, each parameter's placement, the FSDP units and
-    whether they reshard after forward, and the data-parallel wrapper of the root (fsdp, ddp)."""
-    model = trainer.model
+    """What was applied to this rank's part of the model: meshes, each parameter's placement,
+    the FSDP units and whether they reshard after forward, the data-parallel wrapper of the
+    root (fsdp, ddp), pipeline stages (the root of stage i is "stage i")."""
+    model, parts = trainer.model, trainer.model_parts
+    stage_ids = getattr(trainer, "stage_ids", None)
     reshard = {}
-    for name, module in model.named_modules():
-        if isinstance(module, FSDPModule):
-            group = module._get_fsdp_state()._fsdp_param_group
-            # torch keeps a post-forward mesh exactly when the unit reshards after forward
-            reshard[_clean(name) or "root"] = group.post_forward_mesh_info is not None
+    for i, part in enumerate(parts):
+        root = "root" if stage_ids is None else f"stage {stage_ids[i]}"
+        for name, module in part.named_modules():
+            if isinstance(module, FSDPModule):
+                group = module._get_fsdp_state()._fsdp_param_group
+                if group is None:  # a stage's root that holds no parameters of its own
+                    continue
+                # torch keeps a post-forward mesh exactly when the unit reshards after forward
+                reshard[_clean(name) or root] = group.post_forward_mesh_info is not None
+    wrapped = {
+        "fsdp" if isinstance(part, FSDPModule)
+        else "ddp" if replicate.state(part) is not None
+        else None
+        for part in parts
+    }  # fmt: skip
+    assert len(wrapped) == 1, f"stages wrapped differently: {wrapped}"
     return {
         "layout": trainer.parallel_dims.describe(),
         "meshes": {k: (m.mesh_dim_names, tuple(m.shape)) for k, m in trainer.meshes.items()},
         "placements": {_clean(n): _placement(p) for n, p in model.named_parameters()},
         "reshard_after_forward": reshard,
-        "data_parallel": "fsdp"
-        if isinstance(model, FSDPModule)
-        else "ddp"
-        if replicate.state(model) is not None
-        else None,
+        "data_parallel": wrapped.pop(),
         "loss_parallel": trainer.loss_parallel,
-        "n_layers": len(model.layers),
+        "n_layers": trainer.model_args.n_layers,
         "checkpointed_blocks": sum(isinstance(b, CheckpointWrapper) for b in model.layers.values()),
+        "stages": {trainer.pp_mesh.get_local_rank(): stage_ids} if stage_ids is not None else {},
+        "graph_runs_per_block_and_pipeline_micro_batch": {},
     }
+
+
+def merge_ranks(results: list[dict]) -> dict:
+    """One case's results from every rank as one: losses from rank 0 (every rank has the step's
+    loss), gradients, parameters and layout facts of all pipeline stages together."""
+    merged = results[0]
+    for other in results[1:]:
+        for key in ("grads", "params"):
+            for name, t in other[key].items():
+                merged[key].setdefault(name, t)
+        layout, more = merged["layout"], other["layout"]
+        for key in (
+            "placements", "reshard_after_forward", "stages",
+            "graph_runs_per_block_and_pipeline_micro_batch",
+        ):  # fmt: skip
+            for name, value in more[key].items():
+                layout[key].setdefault(name, value)
+        layout["checkpointed_blocks"] = max(
+            layout["checkpointed_blocks"], more["checkpointed_blocks"]
+        )
+        for name, value in more.get("activations", {}).items():
+            layout.setdefault("activations", {}).setdefault(name, value)
+    return merged
 
 
 def _inputs_and_labels(batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,9 +227,14 @@ def train_case(overrides: list[str], batches, stop: int | None = None) -> dict:
         runs_before = compiled_graph_runs()
         loss = trainer.forward_backward(micro)
         if step == start:
-            layout["graph_runs_per_micro_batch"] = (compiled_graph_runs() - runs_before) / len(
-                micro
-            )
+            runs = compiled_graph_runs() - runs_before
+            layout["graph_runs_per_micro_batch"] = runs / len(micro)
+            if trainer.pp_mesh is not None:
+                p = cfg.parallelism
+                pipelined = cfg.training.local_batch_size // p.pipeline_parallel_microbatch_size
+                per_block = runs / (len(trainer.model.layers) * pipelined * len(micro))
+                pp_rank = trainer.pp_mesh.get_local_rank()
+                layout["graph_runs_per_block_and_pipeline_micro_batch"] = {pp_rank: per_block}
             for h in handles:
                 h.remove()
             layout["activations"] = activations
@@ -270,14 +310,18 @@ def _worker(rank: int, world_size: int, port: int, cases, batches, out_dir: str)
     for case in cases:
         overrides, stop = case if isinstance(case, tuple) else (case, None)
         results.append(train_case(overrides, batches, stop))
+    every_rank = [None] * world_size if rank == 0 else None
+    dist.gather_object(results, every_rank, dst=0)
     if rank == 0:
-        Path(out_dir, "results.pkl").write_bytes(pickle.dumps(results))
+        merged = [merge_ranks([ranks[i] for ranks in every_rank]) for i in range(len(cases))]
+        Path(out_dir, "results.pkl").write_bytes(pickle.dumps(merged))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_layouts(world_size: int, cases: list, batches) -> list[dict]:
-    """Each case's rank-0 results, all cases run in one launch of world_size processes."""
+    """Each case's results (every rank's merged), all cases run in one launch of world_size
+    processes."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _worker, args=(world_size, _free_port(), cases, batches, out), nprocs=world_size,

@@ -138,3 +138,17 @@ def test_logits_match_transformers(tied):
     assert set(back) == set(model.state_dict())
     for name, w in model.state_dict().items():
         assert torch.equal(back[name], w), name
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rope_takes_a_bf16_table(compiled):
+    """FSDP with bf16 parameters casts block inputs, the RoPE table included, to bf16: the
+    rotation still runs (in fp32) and differs from the fp32 table's only by bf16 rounding."""
+    x = torch.randn(2, 40, 3, 16, dtype=torch.bfloat16)
+    cache = rope_cache(16, 40, 500000.0, None)
+    rope = (
+        torch.compile(apply_rope, backend="aot_eager", fullgraph=True) if compiled else apply_rope
+    )
+    got, full = rope(x, cache.bfloat16()), rope(x, cache)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), full.float(), atol=0.05, rtol=0.02)

@@ -10,11 +10,11 @@ sequence-parallel and loss-parallel activations, activation checkpointing and co
 """
 
 import copy
-import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
+from layout_expect import Expect, check_layout, fsdp, fsdp_tp, tp
 from parallel_harness import (
     BASE,
     COUNTING_BACKEND,
@@ -50,34 +50,13 @@ LAYER_AC = ["--activation_checkpoint.mode", "selective",
 # inductor, counting the compiled graphs that run (parallel_harness.COUNTING_BACKEND)
 COMPILE = ["--compile.enable", "true", "--compile.backend", COUNTING_BACKEND]
 FSDP_TP = ["--training.local_batch_size", "2", "--parallelism.tensor_parallel_degree", "2"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+PP2_ALONE = [*PP2, "--parallelism.data_parallel_shard_degree", "1",
+             "--training.local_batch_size", "4"]  # fmt: skip
+ZBV = ["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]
+INTERLEAVED_3 = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                 "--parallelism.pipeline_parallel_layers_per_stage", "1"]  # fmt: skip
 HSDP = ["--training.local_batch_size", "1", "--parallelism.data_parallel_replicate_degree", "2"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Expect:
-    """What a case must have applied (checked by check_layout against the harness's report)."""
-
-    layout: str  # ParallelDims.describe()
-    dp: str | None = None  # "fsdp" (also HSDP), "ddp"
-    fsdp_mesh: tuple[str, ...] = ("dp_shard_cp",)
-    reshard: str = "default"  # parallelism.fsdp_reshard_after_forward, with FSDP
-    tp: bool = False
-    sp: bool = False  # sequence parallel
-    lp: bool = False  # loss parallel
-    ac_blocks: int = 0  # blocks wrapped for activation checkpointing
-    compiled: bool = False
-
-
-def fsdp(layout="dp_shard 2", **kw) -> Expect:
-    return Expect(layout, dp="fsdp", **kw)
-
-
-def tp(layout="tp 2", sp=True, lp=True, **kw) -> Expect:
-    return Expect(layout, tp=True, sp=sp, lp=lp, **kw)
-
-
-def fsdp_tp(sp=True, **kw) -> Expect:
-    return Expect("dp_shard 2 x tp 2", dp="fsdp", tp=True, sp=sp, lp=True, **kw)
 
 
 TWO_RANKS = {
@@ -119,67 +98,6 @@ COMPILED_FOUR = {
     "fsdp2_tp2_compile": ([*FSDP_TP, *COMPILE], fsdp_tp(compiled=True)),
     "fsdp2_tp2_compile_op_ac": ([*FSDP_TP, *COMPILE, *OP_AC], fsdp_tp(compiled=True, ac_blocks=6)),
 }
-
-# tensor-parallel placement of each parameter, by its name's last parts (Megatron-style plan)
-_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
-_REPLICATED = ("attention_norm.weight", "ffn_norm.weight", "norm.weight")
-
-
-def _expected_placement(name: str, e: Expect) -> tuple | None:
-    """(mesh dim names, placements) that parameter `name` must have under layout `e`."""
-    dims, places = [], []
-    tp_place = None
-    if e.tp:
-        tp_place = (
-            "R" if name.endswith(_REPLICATED) else "S(1)" if name.endswith(_ROWWISE) else "S(0)"
-        )
-    if e.dp == "fsdp":
-        dims += e.fsdp_mesh
-        places += ["R"] * (len(e.fsdp_mesh) - 1)
-        places.append("S(0)")  # FSDP shards dim 0 (after TP's shard, if TP shards it too)
-    if e.tp:
-        dims.append("tp")
-        places.append(tp_place)
-    return (tuple(dims), tuple(places)) if dims else None
-
-
-def check_layout(name: str, got: dict, e: Expect) -> None:
-    """The case applied what its config asks for, seen in the model, not only in the numbers."""
-    n = got["n_layers"]
-    assert got["layout"] == e.layout, f"{name}: layout {got['layout']!r}, expected {e.layout!r}"
-    assert got["data_parallel"] == e.dp, f"{name}: data parallel {got['data_parallel']}"
-    for param, placement in got["placements"].items():
-        expected = _expected_placement(param, e)
-        assert placement == expected, f"{name}: {param} is placed {placement}, not {expected}"
-    reshard = {}
-    if e.dp == "fsdp":
-        blocks = {"default": True, "always": True, "never": False}[e.reshard]
-        reshard = {f"layers.{i}": blocks for i in range(n)}
-        # "default" keeps the last block gathered for backward; the root reshards only "always"
-        reshard[f"layers.{n - 1}"] = e.reshard == "always"
-        reshard["root"] = e.reshard == "always"
-    got_reshard = got["reshard_after_forward"]
-    assert got_reshard == reshard, f"{name}: FSDP units resharding after forward: {got_reshard}"
-    norm_out, logits = got["activations"]["norm_out"], got["activations"]["logits"]
-    tp_size = 2 if e.tp else 1
-    # sequence parallel: the final norm's output is a sequence shard
-    seq = SEQ_LEN // tp_size if e.sp else SEQ_LEN
-    assert norm_out["placement"] == ((("tp",), ("S(1)",)) if e.sp else None), (
-        f"{name}: norm output {norm_out}"
-    )
-    assert norm_out["local_shape"][1] == seq, f"{name}: norm output {norm_out}"
-    # loss parallel: the logits stay sharded on the vocabulary into the loss
-    assert got["loss_parallel"] == e.lp, f"{name}: loss_parallel {got['loss_parallel']}"
-    assert logits["placement"] == ((("tp",), ("S(2)",)) if e.lp else None), (
-        f"{name}: logits {logits}"
-    )
-    assert logits["local_shape"][2] == 2304 // (tp_size if e.lp else 1), f"{name}: logits {logits}"
-    ac = got["checkpointed_blocks"]
-    assert ac == e.ac_blocks, f"{name}: {ac} blocks checkpointed, not {e.ac_blocks}"
-    # compiled: every block's graph and the loss's ran once per micro-batch
-    runs = n + 1 if e.compiled else 0
-    got_runs = got["graph_runs_per_micro_batch"]
-    assert got_runs == runs, f"{name}: {got_runs} compiled graphs ran per micro-batch, not {runs}"
 
 
 @pytest.fixture(scope="module")
@@ -260,11 +178,12 @@ def test_comparison_catches_a_one_percent_error(reference):
 
 
 def test_resume_chain_across_layouts(tmp_path):
-    """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> one
-    process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4. Each leg loads the previous leg's checkpoint
-    (weights, Adam moments, LR schedule, step; async saves from several processes) and must give
-    the uninterrupted run's losses and, at the end, its weights."""
-    steps = 7
+    """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> PP 2
+    (Interleaved1F1B, 3 stages per rank) -> one process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4
+    -> PP 2 x FSDP 2 (ZBVZeroBubble). Each leg loads the previous leg's checkpoint (weights,
+    Adam moments, LR schedule, step; async saves from several processes) and must give the
+    uninterrupted run's losses and, at the end, its weights."""
+    steps = 9
     batches = make_batches(steps, GLOBAL_BATCH)
     reference = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
     ckpt = ["--checkpoint.enable", "true", "--checkpoint.interval", "1",
@@ -274,11 +193,13 @@ def test_resume_chain_across_layouts(tmp_path):
         ("fsdp2", 2, FSDP),
         ("tp2", 2, TP),
         ("ddp2", 2, DDP),
+        ("pp2 interleaved", 2, [*PP2_ALONE, *INTERLEAVED_3]),
         ("one process", 1, ["--training.local_batch_size", str(GLOBAL_BATCH)]),
         ("fsdp2 x tp2", 4, FSDP_TP),
         ("hsdp 2x2", 4, HSDP),
         ("fsdp4", 4, ["--training.local_batch_size", "1"]),
-    ]
+        ("pp2 x fsdp2 zbv", 4, [*PP2, "--training.local_batch_size", "2", *ZBV]),
+    ]  # fmt: skip
     results = []
     for world_size in (2, 1, 4):  # one launch per world size, its legs one after the other
         # multi-process legs save asynchronously, the one process synchronously
@@ -303,7 +224,7 @@ def test_resume_chain_across_layouts(tmp_path):
 
 def test_seed_and_hf_weights_start_every_layout_alike(tmp_path, batches):
     """Weights written by one process (seed 7), as a seed checkpoint and as a Hugging Face
-    folder, give FSDP 2 and TP 2 runs (seed 0) the one-process seed-7 run's losses."""
+    folder, give FSDP 2, TP 2 and PP 2 runs (seed 0) the one-process seed-7 run's losses."""
     seed_dump, hf_dir = tmp_path / "seed", tmp_path / "hf"
     seed_7 = ["--job.config_file", DEBUG_TOML, *BASE, "--training.seed", "7"]
     assert main([*seed_7, "--job.dump_folder", str(seed_dump),
@@ -321,6 +242,8 @@ def test_seed_and_hf_weights_start_every_layout_alike(tmp_path, batches):
         "tp2 from the seed checkpoint": [*TP, *from_seed],
         "fsdp2 from HF safetensors": [*FSDP, *from_hf],
         "tp2 from HF safetensors": [*TP, *from_hf],
+        "pp2 from the seed checkpoint": [*PP2_ALONE, *from_seed],
+        "pp2 (V, two stages per rank) from HF safetensors": [*PP2_ALONE, *ZBV, *from_hf],
     }
     results = run_layouts(2, list(cases.values()), batches)
     for name, got in zip(cases, results, strict=True):

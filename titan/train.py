@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -28,21 +27,22 @@ from titan.components.optimizer import build_lr_scheduler, build_optimizer
 from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer, resolve_path
 from titan.config import ConfigError, JobConfig, load_config
-from titan.config.job_config import Model, Parallelism, Training
+from titan.config.job_config import Parallelism, Training
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
-from titan.models.llama3 import FLAVORS, ModelArgs, Transformer
+from titan.models.llama3.build import build_model, model_args_for
 from titan.models.llama3.dcp_io import CheckpointError
-from titan.models.llama3.parallelize import (
-    check_supported_layout,
-    default_dtype,
-    init_as_one_process,
-    parallelize_llama,
-)
+from titan.models.llama3.parallelize import check_supported_layout
+from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms import dry_run
 from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
+from titan.parallelisms.pipeline import build_schedule, check_pipeline
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,21 +72,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
-    """The flavor's args, with the vocabulary override and a RoPE table sized to seq_len."""
-    if cfg.flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor = {cfg.flavor!r} is not one of {', '.join(FLAVORS)}")
-    args = FLAVORS[cfg.flavor]
-    vocab = args.vocab_size if cfg.vocab_size == -1 else cfg.vocab_size
-    if tokenizer_words > vocab:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer_words} tokens but the model's vocabulary is "
-            f"{vocab} rows: "
-            "use the flavor's tokenizer or set model.vocab_size"
-        )
-    return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
-
-
 def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
     per_pass = cfg.local_batch_size * dp_degree
     global_batch = per_pass if cfg.global_batch_size == -1 else cfg.global_batch_size
@@ -104,17 +89,21 @@ class Trainer:
         t = cfg.training
         self.device = pick_device(t.device)
         self.dry_run = comm_mode() == "fake_backend"
+        self.tokenizer = build_tokenizer(self._tokenizer_path())
+        self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.parallel_dims, self.meshes = self._init_parallel()
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        self.pp_mesh = self.meshes["pp"] if dims.pp > 1 else None
         set_determinism(t.seed, t.deterministic)
-        self.tokenizer = build_tokenizer(self._tokenizer_path())
-        self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
-        self.model = self._build_model()
-        # DTensor parameters report their global size; tied weights count once
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # model_parts: what runs (the model, or this rank's pipeline stages); model: all of this
+        # rank's parameters under the full model's names (for optimizer and checkpoints)
+        built = build_model(self.model_args, dims, self.meshes, cfg, self.device, self.dry_run)
+        self.model_parts, self.n_params = built.parts, built.n_params
+        self.stage_ids, self.n_stages = built.stage_ids, built.n_stages
+        self.model = self.model_parts[0] if dims.pp == 1 else StageUnion(self.model_parts)
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
         self.loss_fn = build_loss_fn(cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -137,6 +126,30 @@ class Trainer:
         # their number so that the average is the sum over the global batch.
         self.grad_average_over = dims.dp if (dims.fsdp_enabled or dims.ddp_enabled) else 1
         self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
+        self.loss_scale = 1.0  # 1 / the step's global target count (x FSDP's averaging)
+        # the plain or the pipelined forward/backward, picked once
+        self.forward_backward = self._forward_backward
+        if dims.pp > 1:
+            shapes = None
+            if self.dry_run:  # no neighbour stage to learn shapes from: give them
+                tp_mesh = self.meshes["tp"] if dims.tp > 1 else None
+                shapes = [
+                    static_stage_shapes(
+                        part, cfg.parallelism.pipeline_parallel_microbatch_size, t.seq_len,
+                        tp_mesh, cfg.parallelism.enable_sequence_parallel, self.loss_parallel,
+                    )
+                    for part in self.model_parts
+                ]  # fmt: skip
+            self.schedule = build_schedule(
+                self.model_parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device,
+                cfg.parallelism, t.local_batch_size, self._pipeline_loss, shapes,
+            )  # fmt: skip
+            self.has_first_stage = 0 in self.stage_ids
+            self.has_last_stage = self.n_stages - 1 in self.stage_ids
+            self.forward_backward = self._forward_backward_pipelined
+            if built.low_memory_dry_run:
+                logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
+                self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
         self.metrics = self._build_metrics()
         self.step = 0
         self.checkpointer = self._build_checkpointer()
@@ -178,8 +191,9 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
         try:  # before any process group starts
-            check_supported_layout(dims)
+            check_supported_layout(dims, self.model_args)
             p = self.cfg.parallelism
+            check_pipeline(p, self.model_args.n_layers, self.cfg.training.local_batch_size)
             check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, self.device.type)
         except (NotImplementedError, ValueError) as e:
             raise ConfigError(f"[parallelism] {e}") from None
@@ -198,43 +212,6 @@ class Trainer:
             return SHIPPED_TOKENIZER
         return path
 
-    def _build_model(self) -> Transformer:
-        # (1) the model on the meta device: no memory, no init cost
-        with torch.device("meta"):
-            model = Transformer(self.model_args)
-        if self.dry_run and self.device.type == "cpu" and not self._fits_in_fp32(model):
-            # Fake collectives make a dry run's values meaningless: store bf16, half the memory
-            # (sizes are still reported for the real run's fp32 state).
-            logger.info("dry run: fp32 state would not fit in half this machine's memory: bf16")
-            with torch.device("meta"), default_dtype(torch.bfloat16):
-                model = Transformer(self.model_args)
-        # (2) converters (float8/MX/LoRA): none configured
-        # (3) parallelize: TP, activation checkpointing, compile, FSDP/DDP, in one fixed order
-        try:
-            parallelize_llama(model, self.parallel_dims, self.meshes, self.cfg)
-        except (ValueError, NotImplementedError) as e:
-            raise ConfigError(str(e)) from None
-        # (4) allocate on the device (this rank's shards only)
-        model.to_empty(device=self.device)
-        # (5) initialize the weights (seeded, so every run with this seed starts identically)
-        with torch.no_grad():
-            if self.meshes and self.device.type == "cpu" and not self.dry_run:
-                init_as_one_process(model, self.model_args, self.device)
-            else:
-                # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
-                model.init_weights(buffer_device=self.device)
-        model.train()
-        return model
-
-    def _fits_in_fp32(self, model: nn.Module) -> bool:
-        """Whether rank 0's fp32 weights, gradients and AdamW moments (16 bytes per parameter)
-        fit in half of this machine's memory."""
-        d = self.parallel_dims
-        # every rank but the replicas holds a different slice of the parameters
-        local = sum(p.numel() for p in model.parameters()) / (d.world_size // d.dp_replicate)
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return 16 * local < ram / 2
-
     def _build_metrics(self) -> MetricsLogger:
         a = self.model_args
         embedding = 0 if a.tie_word_embeddings else a.vocab_size * a.dim
@@ -252,16 +229,25 @@ class Trainer:
             flops_per_token=fpt, peak_flops=peak, config_dict=to_dict(self.cfg),
         )  # fmt: skip
 
-    def forward_backward(
+    def _set_loss_scale(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Divide each micro-batch's summed loss by the global count of target tokens (all
+        micro-batches, all data-parallel ranks), so that accumulation, data parallel and
+        pipelining give the gradient of one big batch."""
+        local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+        n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
+        self.loss_scale = self.grad_average_over / n_targets
+
+    def _step_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
+        """The step's mean token loss on every rank: each data-parallel rank (and, pipelined,
+        only the last stage) holds a share of it."""
+        local_loss = local_loss / self.grad_average_over
+        return dist_sum(dist_sum(local_loss, self.pp_mesh), self.dp_mesh)
+
+    def _forward_backward(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """Accumulate the step's gradients; returns the global mean loss per target token."""
-        # Divide each micro-batch's summed loss by the global count of target tokens (all
-        # micro-batches, all data-parallel ranks), so that accumulation and data parallel give
-        # the gradient of one big batch.
-        local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
-        scale = self.grad_average_over / n_targets
+        self._set_loss_scale(microbatches)
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
             inputs = inputs.to(self.device, non_blocking=True)
@@ -270,13 +256,34 @@ class Trainer:
                 logits = self.model(inputs)
             # loss parallel: cross-entropy over vocabulary shards, without gathering the logits
             with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-                loss = self.loss_fn(logits, labels) * scale
+                loss = self.loss_fn(logits, labels) * self.loss_scale
                 del logits  # the largest activation: free it before backward
                 loss.backward()
-            loss = loss.detach()
-            loss_total += loss.to_local() if isinstance(loss, DTensor) else loss
-        # every rank holds its share of the mean; their sum over the data-parallel ranks is it
-        return dist_sum(loss_total / self.grad_average_over, self.dp_mesh)
+            loss_total += _local(loss.detach())
+        return self._step_loss(loss_total)
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, labels) * self.loss_scale
+
+    def _forward_backward_pipelined(
+        self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The same as _forward_backward, run by the pipeline schedule over this rank's stages:
+        the first stage takes the inputs, the last the labels and the loss."""
+        self._set_loss_scale(microbatches)
+        loss_total = torch.zeros((), device=self.device)
+        for inputs, labels in microbatches:
+            args = (inputs.to(self.device),) if self.has_first_stage else ()
+            target = labels.to(self.device) if self.has_last_stage else None
+            losses: list[torch.Tensor] = []  # the schedule clears it: one list per step()
+            with (
+                torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
+                loss_parallel() if self.loss_parallel else contextlib.nullcontext(),
+            ):
+                self.schedule.step(*args, target=target, losses=losses)
+            for loss in losses:  # the last stage's: one per pipeline micro-batch
+                loss_total += _local(loss.detach())
+        return self._step_loss(loss_total)
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -287,10 +294,12 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> tuple[float, float]:
         """Clip and apply the accumulated gradients, unless the loss or their norm is not finite."""
         params = list(self.model.parameters())
-        # the global norm over every parameter's shards; clips only when max_norm > 0
-        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm)
+        # the global norm over every parameter's shards and pipeline stages; clips if max_norm > 0
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, self.pp_mesh)
         loss_value = loss.item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        # a dry run's values are meaningless (fake collectives deliver no data)
+        if not finite and not self.dry_run:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"step {self.step}: loss {loss_value}, grad norm {grad_norm}; the update was not "

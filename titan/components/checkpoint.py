@@ -58,7 +58,8 @@ def load_initial_weights(model: nn.Module, args: ModelArgs, path: str, in_hf: bo
     """Start from other weights: a Hugging Face safetensors folder or a DCP (e.g. a seed)."""
     if in_hf:
         state = titan_state_dict_from_hf(path, args)
-        state = {k: v.to(torch.float32) for k, v in state.items()}
+        keys = get_model_state_dict(model).keys()  # a pipeline rank holds some stages only
+        state = {k: v.to(torch.float32) for k, v in state.items() if k in keys}
         # full tensors: each rank keeps its own shards of them
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:

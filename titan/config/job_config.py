@@ -124,11 +124,23 @@ class Parallelism:
     pipeline_parallel_degree: int = 1
     """Pipeline stages' ranks."""
     pipeline_parallel_schedule: str = "1F1B"
-    """GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, or a CSV."""
+    """GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble or
+    DualPipeV (the last two place two stages per rank in a V)."""
+    pipeline_parallel_schedule_csv: str = ""
+    """A custom schedule: a CSV file with one row of actions per pipeline rank (e.g. 0F0, 0B0,
+    0I0, 0W0); it replaces pipeline_parallel_schedule and says which rank runs which stage."""
     pipeline_parallel_microbatch_size: int = 1
-    """Sequences per pipeline micro-batch."""
+    """Sequences per pipeline micro-batch (local_batch_size must be a multiple)."""
     pipeline_parallel_layers_per_stage: int | None = None
-    """Transformer blocks per virtual stage; None gives one stage per rank (two for V schedules)."""
+    """Most transformer blocks per stage (stages = ceil(n_layers / this)); None gives one stage
+    per rank (two for V schedules)."""
+    pipeline_parallel_module_names_per_stage: list[str] = field(default_factory=list)
+    """An explicit split: one entry per stage, its module names separated by spaces, e.g.
+    ["tok_embeddings layers.0", "layers.1 norm output"]; replaces the even split."""
+    pipeline_parallel_first_stage_less_layers: int = 0
+    """Give the first stage this many blocks fewer, for the cost of the embedding."""
+    pipeline_parallel_last_stage_less_layers: int = 0
+    """Give the last stage this many blocks fewer, for the cost of the norm, output and loss."""
     context_parallel_degree: int = 1
     """Ranks splitting each sequence (context parallel)."""
     fsdp_reshard_after_forward: str = "default"

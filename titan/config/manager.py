@@ -201,6 +201,16 @@ _CHOICES = {
     "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    # titan.parallelisms.pipeline.SCHEDULES (a test keeps the two equal)
+    "parallelism.pipeline_parallel_schedule": (
+        "GPipe",
+        "1F1B",
+        "Interleaved1F1B",
+        "LoopedBFS",
+        "InterleavedZeroBubble",
+        "ZBVZeroBubble",
+        "DualPipeV",
+    ),  # fmt: skip
     "activation_checkpoint.mode": ("none", "full", "selective", "memory_budget"),
     "checkpoint.async_mode": ("disabled", "async", "async_with_pinned_mem"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
@@ -263,6 +273,19 @@ def validate(cfg: JobConfig) -> None:
     ):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallelism.{key} = {getattr(p, key)} must be >= 1")
+    if (
+        p.pipeline_parallel_layers_per_stage is not None
+        and p.pipeline_parallel_layers_per_stage < 1
+    ):
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_layers_per_stage = "
+            f"{p.pipeline_parallel_layers_per_stage} must be >= 1 (or unset)"
+        )
+    _non_negative(
+        cfg,
+        "parallelism.pipeline_parallel_first_stage_less_layers",
+        "parallelism.pipeline_parallel_last_stage_less_layers",
+    )
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}: "

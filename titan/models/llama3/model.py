@@ -5,6 +5,8 @@ h += feed_forward(ffn_norm(h))] -> norm -> output -> logits. RoPE (theta 500000,
 frequency scaling) rotates q and k with real cos/sin tables on Meta's interleaved (even, odd)
 pairs. Names follow Meta's checkpoints.
 Build on the meta device, move with `to_empty(device=...)`, then call `init_weights()`.
+A pipeline stage is this module with the parts it does not own deleted (blocks removed from
+`layers`; tok_embeddings, norm and output set to None): it then maps hidden states in or out.
 """
 
 import math
@@ -48,6 +50,9 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
 
     x: (bs, seqlen, n_heads, head_dim); cache: (seqlen, head_dim // 2, 2) of cos, sin.
     """
+    # FSDP with bf16 parameters casts every floating block input to bf16, this table included:
+    # rotate in fp32 whatever its dtype (as transformers does, from bf16 cos/sin).
+    cache = cache.float()
     if not torch.compiler.is_compiling():
         # Eager: one complex multiply is ~5x faster than the real formulation on CPU.
         rot = torch.view_as_complex(cache)[None, :, None, :]  # (1, seqlen, 1, head_dim // 2)
@@ -89,7 +94,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x: (bs, seqlen, dim); rope: the cos/sin table from position 0, at least seqlen long."""
         bs, seqlen, _ = x.shape
+        # The table is cut here, to the sequence attention sees: a pipeline stage after the
+        # first receives hidden states that sequence parallel has sharded, and only attention's
+        # input is the whole sequence again.
+        rope = rope[:seqlen]
         # -1 rather than n_heads: under tensor parallel each rank holds a slice of the heads
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
@@ -157,21 +167,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cache", cache, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size)."""
+        """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size).
+
+        A pipeline stage without tok_embeddings takes hidden states (bs, seqlen, dim) instead,
+        and one without output returns them."""
         seqlen = tokens.shape[1]
         if seqlen > self.rope_cache.shape[0]:
             raise ValueError(
                 f"sequence length {seqlen} exceeds max_seq_len {self.rope_cache.shape[0]}"
             )
-        rope = self.rope_cache[:seqlen]
-        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        rope = self.rope_cache
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope)  # (bs, seqlen, dim)
+        if self.output is None:
+            return h
         return self.output(self.norm(h))
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "Transformer":
         super().to_empty(device=device, recurse=recurse)
-        if self.args.tie_word_embeddings:  # to_empty gives each module a new tensor: re-tie
+        if self.args.tie_word_embeddings and self.output is not None:
+            # to_empty gives each module a new tensor: re-tie
             self.output.weight = self.tok_embeddings.weight
         return self
 
@@ -184,15 +200,13 @@ class Transformer(nn.Module):
             )
         for layer in self.layers.values():
             layer.init_weights()
-        self.norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
         # Tied: one matrix serves as embedding and output, so it takes the output's scale.
         final_std = args.dim**-0.5
-        if args.tie_word_embeddings:
-            nn.init.trunc_normal_(
-                self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
-            )
-        else:
+        if self.tok_embeddings is not None and not args.tie_word_embeddings:
             nn.init.normal_(self.tok_embeddings.weight)
+        if self.output is not None:
             nn.init.trunc_normal_(
                 self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
             )

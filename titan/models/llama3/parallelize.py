@@ -10,7 +10,11 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -50,12 +54,23 @@ def check_tp_degree(args: ModelArgs, tp: int) -> None:
             )
 
 
-def check_supported_layout(dims: ParallelDims) -> None:
-    """Stop on degrees this plan cannot apply yet (callers may check before starting processes)."""
-    if dims.pp > 1 or dims.cp > 1:
+def check_supported_layout(dims: ParallelDims, args: ModelArgs) -> None:
+    """Stop on layouts this plan cannot apply (callers may check before starting processes)."""
+    if dims.cp > 1:
         raise NotImplementedError(
-            f"pipeline_parallel_degree {dims.pp}, context_parallel_degree {dims.cp}: pipeline "
-            "and context parallel are not implemented yet; set both to 1"
+            f"context_parallel_degree {dims.cp}: context parallel is not implemented yet; set it "
+            "to 1"
+        )
+    if dims.pp > 1 and args.tie_word_embeddings:
+        raise ValueError(
+            "pipeline parallel with tied embeddings (Llama 3.2 1B/3B): the embedding and the "
+            "output would live on different stages; use FSDP/TP for these models "
+            "(pipeline_parallel_degree = 1)"
+        )
+    if dims.pp > 1 and dims.ddp_enabled:
+        raise ValueError(
+            "pipeline parallel with DDP (data_parallel_replicate_degree > 1 without sharding) is "
+            "not supported: shard too (FSDP, or HSDP with data_parallel_shard_degree > 1)"
         )
 
 
@@ -64,21 +79,21 @@ def apply_tp(
 ) -> None:
     """Shard the Llama 3 matmuls over `mesh` (Megatron-style: colwise in, rowwise out)."""
     seq = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        # vocab-sharded embedding; its output is reduce-scattered onto sequence shards
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        # logits sharded on the vocabulary for the loss-parallel cross-entropy
+        "output": ColwiseParallel(
+            input_layouts=seq,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
+    # a pipeline stage holds only some of these
     parallelize_module(
-        model,
-        mesh,
-        {
-            # vocab-sharded embedding; its output is reduce-scattered onto sequence shards
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-            # logits sharded on the vocabulary for the loss-parallel cross-entropy
-            "output": ColwiseParallel(
-                input_layouts=seq,
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
+        model, mesh, {k: v for k, v in plan.items() if getattr(model, k) is not None}
     )
-    norms = [model.norm]
+    norms = [model.norm] if model.norm is not None else []
     for block in model.layers.values():
         plan = {
             "attention": PrepareModuleInput(
@@ -114,7 +129,7 @@ def parallelize_llama(
     """Transform the (meta-device) model in place for the given parallel layout (`meshes`:
     ParallelDims.build_meshes, empty for one process)."""
     p = cfg.parallelism
-    check_supported_layout(dims)
+    check_supported_layout(dims, model.args)
     ac = cfg.activation_checkpoint
     compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
     plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
@@ -135,7 +150,7 @@ def parallelize_llama(
         )  # fmt: skip
         if p.enable_async_tensor_parallel:
             enable_async_tp(meshes["tp"], cfg.compile.enable)
-        if compile_blocks:
+        if compile_blocks and model.tok_embeddings is not None:
             detach_async_collective_output(model.tok_embeddings)
     apply_ac(model, ac)
     apply_compile(model, cfg.compile)
@@ -144,12 +159,17 @@ def parallelize_llama(
         fsdp_mesh = meshes["hsdp"] if dims.dp_replicate > 1 else meshes["dp_shard_cp"]
         on_gpu = fsdp_mesh.device_type == "cuda"
         param_dtype = torch.float32
-        if on_gpu and cfg.training.mixed_precision_param == "bfloat16":
+        stored_bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())  # a dry run's
+        if (on_gpu and cfg.training.mixed_precision_param == "bfloat16") or stored_bf16:
             param_dtype = torch.bfloat16
+        reshard = p.fsdp_reshard_after_forward
+        if dims.pp > 1 and reshard == "default":
+            # a pipeline stage runs forward once per micro-batch: keep its blocks gathered
+            # rather than all-gather them again for every micro-batch
+            reshard = "never"
         apply_fsdp(
-            model, fsdp_mesh, param_dtype=param_dtype,
-            reduce_dtype=torch.float32, reshard_after_forward=p.fsdp_reshard_after_forward,
-            cpu_offload=p.fsdp_cpu_offload,
+            model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
+            reshard_after_forward=reshard, cpu_offload=p.fsdp_cpu_offload,
         )  # fmt: skip
     elif dims.ddp_enabled:
         if dims.tp > 1:
@@ -171,8 +191,9 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device) -> None:
-    """Give a parallelized model exactly the weights a one-process run with this seed has.
+def init_as_one_process(parts: list[nn.Module], args: ModelArgs, device: torch.device) -> None:
+    """Give parallelized model parts (one, or this rank's pipeline stages) exactly the weights a
+    one-process run with this seed has.
 
     DTensor's random ops on CPU draw the same numbers on every rank, so shards initialized in
     place would repeat each other. On CPU (small models) each rank builds the full model and
@@ -182,6 +203,9 @@ def init_as_one_process(model: nn.Module, args: ModelArgs, device: torch.device)
         full = Transformer(args)
     full.to_empty(device=device)
     full.init_weights(buffer_device=device)
+    weights = full.state_dict()
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, full.state_dict(), options=options)
-    model.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict
+    for part in parts:
+        keys = get_model_state_dict(part).keys()  # a pipeline stage holds some of the modules
+        set_model_state_dict(part, {k: weights[k] for k in keys}, options=options)
+        part.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict

@@ -1,0 +1,100 @@
+"""Build Llama 3 for a run in titan's fixed order: (1) on the meta device, (2) converters,
+(3) pipeline split and parallelize, (4) allocate on the device, (5) initialize the weights."""
+
+import dataclasses
+import os
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from titan.config import ConfigError
+from titan.config.job_config import JobConfig, Model
+from titan.logger import logger
+from titan.models.llama3.args import FLAVORS, ModelArgs
+from titan.models.llama3.model import Transformer
+from titan.models.llama3.parallelize import default_dtype, init_as_one_process, parallelize_llama
+from titan.models.llama3.pipeline import pipeline_llama
+from titan.parallelisms.parallel_dims import ParallelDims
+
+
+def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
+    """The flavor's args, with the vocabulary override and a RoPE table sized to seq_len."""
+    if cfg.flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor = {cfg.flavor!r} is not one of {', '.join(FLAVORS)}")
+    args = FLAVORS[cfg.flavor]
+    vocab = args.vocab_size if cfg.vocab_size == -1 else cfg.vocab_size
+    if tokenizer_words > vocab:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_words} tokens but the model's vocabulary is "
+            f"{vocab} rows: use the flavor's tokenizer or set model.vocab_size"
+        )
+    return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
+
+
+@dataclasses.dataclass
+class BuiltModel:
+    parts: list[Transformer]  # what runs: the whole model, or this rank's pipeline stages
+    n_params: int  # of the whole model (tied weights count once)
+    stage_ids: list[int] | None = None  # the parts' pipeline stage indices
+    n_stages: int = 1
+    low_memory_dry_run: bool = False  # stored in bf16: the real run's state would not fit here
+
+
+def build_model(
+    args: ModelArgs,
+    dims: ParallelDims,
+    meshes: dict[str, DeviceMesh],
+    cfg: JobConfig,
+    device: torch.device,
+    dry_run: bool,
+) -> BuiltModel:
+    """The model parts this rank runs, allocated and initialized (seeded)."""
+    # (1) the model on the meta device: no memory, no init cost
+    with torch.device("meta"):
+        model = Transformer(args)
+    if dry_run and device.type == "cpu" and not _fits_in_fp32(model, dims):
+        # Fake collectives make a dry run's values meaningless: store bf16, half the memory
+        # (sizes are still reported for the real run's fp32 state), and gather one block at a
+        # time (a pipelined run on GPUs keeps its stages' blocks gathered through the step).
+        logger.info(
+            "dry run: fp32 state would not fit in half this machine's memory: bf16, and FSDP "
+            "reshards every block after forward"
+        )
+        with torch.device("meta"), default_dtype(torch.bfloat16):
+            model = Transformer(args)
+        parallelism = dataclasses.replace(cfg.parallelism, fsdp_reshard_after_forward="always")
+        cfg = dataclasses.replace(cfg, parallelism=parallelism)
+    built = BuiltModel([model], n_params=sum(p.numel() for p in model.parameters()))
+    built.low_memory_dry_run = model.tok_embeddings.weight.dtype == torch.bfloat16
+    # (2) converters (float8/MX/LoRA): none configured
+    # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in that order
+    try:
+        if dims.pp > 1:
+            built.parts, built.stage_ids, built.n_stages = pipeline_llama(model, dims, meshes, cfg)
+        else:
+            parallelize_llama(model, dims, meshes, cfg)
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(str(e)) from None
+    # (4) allocate on the device (this rank's shards only)
+    for part in built.parts:
+        part.to_empty(device=device)
+    # (5) initialize the weights (seeded, so every run with this seed starts identically)
+    with torch.no_grad():
+        if meshes and device.type == "cpu" and not dry_run:
+            init_as_one_process(built.parts, args, device)
+        else:
+            # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
+            for part in built.parts:
+                part.init_weights(buffer_device=device)
+    for part in built.parts:
+        part.train()
+    return built
+
+
+def _fits_in_fp32(model: torch.nn.Module, dims: ParallelDims) -> bool:
+    """Whether rank 0's fp32 weights, gradients and AdamW moments (16 bytes per parameter)
+    fit in half of this machine's memory."""
+    # every rank but the replicas holds a different slice of the parameters
+    local = sum(p.numel() for p in model.parameters()) / (dims.world_size // dims.dp_replicate)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 16 * local < ram / 2
