@@ -72,24 +72,33 @@ def test_every_schedule_matches_one_process(batches, reference, tmp_path):
         "GPipe": ([*ALONE, SCHEDULE, "GPipe"], pp()),
         "1F1B": ([*ALONE, SCHEDULE, "1F1B"], pp()),
         "Interleaved1F1B, 3 stages per rank": (
-            [*ALONE, SCHEDULE, "Interleaved1F1B", *ONE_BLOCK_EACH], pp(LOOPED_3)
+            [*ALONE, SCHEDULE, "Interleaved1F1B", *ONE_BLOCK_EACH],
+            pp(LOOPED_3),
         ),
         "LoopedBFS, explicit 4-stage split": (
-            [*ALONE, SCHEDULE, "LoopedBFS",
-             "--parallelism.pipeline_parallel_module_names_per_stage", EXPLICIT_4],
+            [
+                *ALONE,
+                SCHEDULE,
+                "LoopedBFS",
+                "--parallelism.pipeline_parallel_module_names_per_stage",
+                EXPLICIT_4,
+            ],
             pp({0: [0, 2], 1: [1, 3]}),
         ),  # fmt: skip
         "InterleavedZeroBubble": (
-            [*ALONE, SCHEDULE, "InterleavedZeroBubble", *ONE_BLOCK_EACH], pp(LOOPED_3)
+            [*ALONE, SCHEDULE, "InterleavedZeroBubble", *ONE_BLOCK_EACH],
+            pp(LOOPED_3),
         ),
         "ZBVZeroBubble": ([*ALONE, SCHEDULE, "ZBVZeroBubble"], pp(V)),
         "DualPipeV": ([*ALONE, SCHEDULE, "DualPipeV"], pp(V)),
         "CSV with split backward": (
-            [*ALONE, "--parallelism.pipeline_parallel_schedule_csv", str(csv)], pp()
+            [*ALONE, "--parallelism.pipeline_parallel_schedule_csv", str(csv)],
+            pp(),
         ),
         "1F1B, full AC": ([*ALONE, "--activation_checkpoint.mode", "full"], pp(ac_blocks=3)),
         "1F1B, first stage 2 blocks fewer": (
-            [*ALONE, "--parallelism.pipeline_parallel_first_stage_less_layers", "2"], pp()
+            [*ALONE, "--parallelism.pipeline_parallel_first_stage_less_layers", "2"],
+            pp(),
         ),
         "1F1B, compiled": (
             [*ALONE, "--compile.enable", "true", "--compile.backend", COUNTING_BACKEND],
@@ -104,8 +113,15 @@ def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
     cases = {
         "pp 2 x fsdp 2, 1F1B": ([*PP, "--training.local_batch_size", "2"], fsdp(**fsdp_pp)),
         "pp 2 x fsdp 2, two micro-batches of 1 accumulated": (
-            [*PP, "--training.local_batch_size", "1", "--training.global_batch_size", "4",
-             SCHEDULE, "GPipe"],
+            [
+                *PP,
+                "--training.local_batch_size",
+                "1",
+                "--training.global_batch_size",
+                "4",
+                SCHEDULE,
+                "GPipe",
+            ],
             fsdp(**fsdp_pp),
         ),  # fmt: skip
         "pp 2 x fsdp 2, ZBVZeroBubble": (
@@ -113,8 +129,14 @@ def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
             fsdp(**{**fsdp_pp, "stages": V}),
         ),
         "pp 2 x tp 2, Interleaved1F1B": (
-            [*ALONE, "--parallelism.tensor_parallel_degree", "2", SCHEDULE, "Interleaved1F1B",
-             *ONE_BLOCK_EACH],
+            [
+                *ALONE,
+                "--parallelism.tensor_parallel_degree",
+                "2",
+                SCHEDULE,
+                "Interleaved1F1B",
+                *ONE_BLOCK_EACH,
+            ],
             dataclasses.replace(fsdp_tp("pp 2 x tp 2", stages=LOOPED_3), dp=None),
         ),  # fmt: skip
         "pp 4, 1F1B": (
@@ -157,29 +179,63 @@ def _pp(**kw) -> Parallelism:
 @pytest.mark.parametrize(
     "cfg, local_batch, message",
     [
-        (_pp(pipeline_parallel_microbatch_size=3), 4,
-         "local_batch_size 4 is not divisible by parallelism.pipeline_parallel_microbatch_size 3"),
+        (
+            _pp(pipeline_parallel_microbatch_size=3),
+            4,
+            "local_batch_size 4 is not divisible by "
+            "parallelism.pipeline_parallel_microbatch_size 3",
+        ),
         (_pp(pp=8), 8, "8 pipeline stages but the model has 6 blocks"),
-        (_pp(pipeline_parallel_layers_per_stage=1), 8,
-         "schedule 1F1B runs one stage per rank, but the split gives 6 stages"),
-        (_pp(pipeline_parallel_schedule="Interleaved1F1B", pipeline_parallel_layers_per_stage=2), 8,
-         "3 stages do not divide over pipeline_parallel_degree 2"),
-        (_pp(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_layers_per_stage=1), 8,
-         "needs exactly two stages per rank \\(4 stages"),
+        (
+            _pp(pipeline_parallel_layers_per_stage=1),
+            8,
+            "schedule 1F1B runs one stage per rank, but the split gives 6 stages",
+        ),
+        (
+            _pp(pipeline_parallel_schedule="Interleaved1F1B", pipeline_parallel_layers_per_stage=2),
+            8,
+            "3 stages do not divide over pipeline_parallel_degree 2",
+        ),
+        (
+            _pp(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_layers_per_stage=1),
+            8,
+            "needs exactly two stages per rank \\(4 stages",
+        ),
         (_pp(), 1, "schedule 1F1B needs at least as many micro-batches as stages \\(2\\)"),
-        (_pp(pipeline_parallel_schedule="DualPipeV"), 2,
-         "DualPipeV needs at least as many micro-batches as stages \\(4\\)"),
-        (_pp(pipeline_parallel_schedule="Interleaved1F1B", pipeline_parallel_layers_per_stage=1),
-         5, "5 micro-batches is not a multiple of 2 rounds"),
-        (_pp(pipeline_parallel_schedule="ZBVZeroBubble", fsdp_reshard_after_forward="always"), 4,
-         "computes weight gradients after the input gradients.*use 'default' or 'never'"),
-        (_pp(pipeline_parallel_schedule_csv="/nonexistent.csv"), 4,
-         "pipeline_parallel_schedule_csv = '/nonexistent.csv': no such file"),
+        (
+            _pp(pipeline_parallel_schedule="DualPipeV"),
+            2,
+            "DualPipeV needs at least as many micro-batches as stages \\(4\\)",
+        ),
+        (
+            _pp(pipeline_parallel_schedule="Interleaved1F1B", pipeline_parallel_layers_per_stage=1),
+            5,
+            "5 micro-batches is not a multiple of 2 rounds",
+        ),
+        (
+            _pp(pipeline_parallel_schedule="ZBVZeroBubble", fsdp_reshard_after_forward="always"),
+            4,
+            "computes weight gradients after the input gradients.*use 'default' or 'never'",
+        ),
+        (
+            _pp(pipeline_parallel_schedule_csv="/nonexistent.csv"),
+            4,
+            "pipeline_parallel_schedule_csv = '/nonexistent.csv': no such file",
+        ),
     ],  # fmt: skip
 )
 def test_pipeline_constraints_are_named(cfg, local_batch, message):
     with pytest.raises(ValueError, match=message):
         check_pipeline(cfg, DEBUG.n_layers, local_batch)
+
+
+@pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"])
+def test_zero_bubble_with_compile_is_refused(schedule):
+    # measured: torch 2.13's input-gradient pass fails on compiled blocks (ZBV, DualPipeV)
+    cfg = _pp(pipeline_parallel_schedule=schedule)
+    with pytest.raises(ValueError, match="cannot do through compiled blocks"):
+        check_pipeline(cfg, DEBUG.n_layers, 4, compile_blocks=True)
+    check_pipeline(_pp(), DEBUG.n_layers, 4, compile_blocks=True)  # 1F1B compiles
 
 
 def test_bad_csv_and_explicit_splits_are_named(tmp_path):
@@ -199,13 +255,28 @@ def test_bad_csv_and_explicit_splits_are_named(tmp_path):
 @pytest.mark.parametrize(
     "args, world, message",
     [
-        ([SCHEDULE, "interleaved_1f1b"], 1,
-         "pipeline_parallel_schedule = 'interleaved_1f1b' is not one of .* did you mean "
-         "'Interleaved1F1B'"),
-        ([*PP, "--model.flavor", "1B", "--model.vocab_size", "2304"], 2,
-         "pipeline parallel with tied embeddings"),
-        ([*PP, "--parallelism.data_parallel_replicate_degree", "2",
-          "--parallelism.data_parallel_shard_degree", "1"], 4, "pipeline parallel with DDP"),
+        (
+            [SCHEDULE, "interleaved_1f1b"],
+            1,
+            "pipeline_parallel_schedule = 'interleaved_1f1b' is not one of .* did you mean "
+            "'Interleaved1F1B'",
+        ),
+        (
+            [*PP, "--model.flavor", "1B", "--model.vocab_size", "2304"],
+            2,
+            "pipeline parallel with tied embeddings",
+        ),
+        (
+            [
+                *PP,
+                "--parallelism.data_parallel_replicate_degree",
+                "2",
+                "--parallelism.data_parallel_shard_degree",
+                "1",
+            ],
+            4,
+            "pipeline parallel with DDP",
+        ),
         ([*PP, "--training.local_batch_size", "1"], 2, "needs at least as many micro-batches"),
     ],  # fmt: skip
 )

@@ -105,7 +105,9 @@ def rank_stages(cfg: Parallelism, n_stages: int) -> list[list[int]]:
     return [list(range(r, n_stages, pp)) for r in range(pp)]
 
 
-def check_pipeline(cfg: Parallelism, n_layers: int, local_batch_size: int) -> None:
+def check_pipeline(
+    cfg: Parallelism, n_layers: int, local_batch_size: int, compile_blocks: bool = False
+) -> None:
     """Every constraint of the schedule and split, before any process group starts."""
     pp = cfg.pipeline_parallel_degree
     name = cfg.pipeline_parallel_schedule
@@ -164,6 +166,12 @@ def check_pipeline(cfg: Parallelism, n_layers: int, local_batch_size: int) -> No
         raise ValueError(
             f"schedule {what} runs micro-batches in rounds of {pp}: {n_micro} micro-batches is "
             f"not a multiple of {rounds} rounds; use a multiple of {pp} micro-batches"
+        )
+    if kind.zero_bubble and compile_blocks:
+        raise ValueError(
+            f"schedule {what} splits backward into input and weight gradients, which torch "
+            "(2.13) cannot do through compiled blocks (the input-gradient pass fails): use "
+            "1F1B, Interleaved1F1B, GPipe or LoopedBFS with compile, or turn compile off"
         )
     if kind.zero_bubble and cfg.fsdp_reshard_after_forward == "always":
         raise ValueError(
