@@ -10,6 +10,7 @@ sequence-parallel and loss-parallel activations, activation checkpointing and co
 """
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from parallel_harness import (
     COUNTING_BACKEND,
     DEBUG_TOML,
     LOSS_ATOL,
+    REPO,
     assert_matches,
     assert_tensor_matches,
     ignore_some_labels,
@@ -30,7 +32,8 @@ from parallel_harness import (
 
 from titan.components.loss import IGNORE_INDEX
 from titan.config import load_config
-from titan.models.llama3.hf_io import save_hf_checkpoint
+from titan.models.llama3 import FLAVORS
+from titan.models.llama3.hf_io import save_hf_checkpoint, titan_state_dict_from_hf
 from titan.train import Trainer, main
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 32
@@ -177,6 +180,13 @@ def test_comparison_catches_a_one_percent_error(reference):
             assert_matches("broken", broken, reference)
 
 
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_resume_chain_across_layouts(tmp_path):
     """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> PP 2
     (Interleaved1F1B, 3 stages per rank) -> one process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4
@@ -217,9 +227,22 @@ def test_resume_chain_across_layouts(tmp_path):
             torch.tensor(got["losses"]), torch.tensor(reference["losses"][i : i + 1]), atol=TOL,
             rtol=0, msg=lambda m, name=name: f"{name}: loss after resuming differs\n{m}",
         )  # fmt: skip
-    # the last leg's weights after all seven steps: the uninterrupted run's
+    # the last leg's weights after all nine steps: the uninterrupted run's
     for key, param in reference["params"].items():
         torch.testing.assert_close(results[-1]["params"][key], param, atol=TOL, rtol=0)
+    # the pipelined leg's checkpoint (step 4) converts to Hugging Face like any other: its
+    # weights are the uninterrupted run's after four steps
+    after_4 = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches, stop=4)
+    hf = tmp_path / "hf_from_pp"
+    step_4 = str(tmp_path / "checkpoint" / "step-4")
+    convert_to_hf = _script("convert_to_hf")
+    assert (
+        convert_to_hf.main([step_4, str(hf), "--flavor", "debugmodel", "--dtype", "float32"]) == 0
+    )
+    converted = titan_state_dict_from_hf(hf, FLAVORS["debugmodel"])
+    assert converted.keys() == after_4["params"].keys()
+    for key, param in after_4["params"].items():
+        torch.testing.assert_close(converted[key], param, atol=TOL, rtol=0, msg=key)
 
 
 def test_seed_and_hf_weights_start_every_layout_alike(tmp_path, batches):

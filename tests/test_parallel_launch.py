@@ -148,6 +148,33 @@ def test_dry_run_debug_model_fsdp_tp_at_8(tmp_path):
     assert sizes["optimizer state"] == 2 * sizes["parameters"]
 
 
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_dry_run_debug_model_pp_tp_at_8(tmp_path, schedule):
+    """A pipelined dry run runs its schedule: every stage is given its shapes, since the fake
+    collectives carry none (with ZBV rank 0 also holds the last stage and its sharded logits)."""
+    log = _run(
+        tmp_path, DEBUG_TOML, "--training.seq_len", "32", "--training.local_batch_size", "4",
+        "--parallelism.pipeline_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2",
+        "--parallelism.pipeline_parallel_schedule", schedule,
+        COMM_MODE="fake_backend", NGPU="8",
+    )  # fmt: skip
+    assert "parallel layout: pp 2 x dp_shard 2 x tp 2 over 8 ranks" in log
+    rank_0 = {
+        "1F1B": "stage 0 [tok_embeddings, layers.0-2]",
+        "ZBVZeroBubble": "stage 0 [tok_embeddings, layers.0-1]; stage 3 [layers.4-5, norm, output]",
+    }
+    assert f"pp rank 0: {rank_0[schedule]}" in log
+    assert "schedule not run" not in log  # the schedule ran
+    assert re.search(r"step: +1 +loss: ", log)
+    sizes = _dry_run_sizes(log)
+    # rank 0's stages split 4 ways (TP 2 x FSDP 2; norm weights are whole on each TP rank)
+    embedding, block = 2304 * 256, 754_176  # debugmodel: 2 x embedding + norm + 6 blocks
+    held = {"1F1B": embedding + 3 * block, "ZBVZeroBubble": 2 * embedding + 256 + 4 * block}
+    expected = held[schedule] / 4
+    assert expected <= sizes["parameters"] <= expected * 1.01, sizes
+    assert sizes["optimizer state"] == 2 * sizes["parameters"]
+
+
 def test_dry_run_405b_pp_fsdp_tp_at_512(tmp_path):
     """The 405B config as shipped (PP 8 x FSDP 8 x TP 8, Interleaved1F1B, 16 stages) at 512
     ranks, on a tiny batch: 20-40 s and ~8 GiB here, so it runs with the suite."""
