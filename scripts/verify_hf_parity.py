@@ -31,8 +31,8 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
+from titan.components.dcp_io import CheckpointError, load_dcp_model  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer  # noqa: E402
-from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model  # noqa: E402
 from titan.models.llama3.hf_io import (  # noqa: E402
     empty_model,
     read_hf_config,

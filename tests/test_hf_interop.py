@@ -17,8 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 import transformers
 
+from titan.components.dcp_io import CheckpointError, load_dcp_model, save_dcp_model
 from titan.models.llama3 import FLAVORS, ModelArgs, hf_io
-from titan.models.llama3.dcp_io import CheckpointError, load_dcp_model, save_dcp_model
 from titan.models.llama3.hf_io import (
     args_from_hf_config,
     check_args_match,

@@ -6,6 +6,7 @@ Run: CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh [--section.key va
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -21,17 +22,19 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
 from titan.components.dataloader import DataError, build_dataloader
+from titan.components.dcp_io import CheckpointError
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, flops_per_token, peak_flops
 from titan.components.optimizer import build_lr_scheduler, build_optimizer
 from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from titan.components.runtime import pick_device, set_determinism
 from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer, resolve_path
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.job_config import Parallelism, Training
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3.build import build_model, model_args_for
-from titan.models.llama3.dcp_io import CheckpointError
+from titan.models.llama3.hf_io import titan_state_dict_from_hf
 from titan.models.llama3.parallelize import check_supported_layout
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms import dry_run
@@ -47,29 +50,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class NonFiniteLossError(RuntimeError):
     """Loss or gradient norm became NaN/inf; the step was not applied."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "training.device = 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'"
-        )
-    if name == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def set_determinism(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault(
-            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
-        )  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
@@ -132,14 +112,10 @@ class Trainer:
         if dims.pp > 1:
             shapes = None
             if self.dry_run:  # no neighbour stage to learn shapes from: give them
-                tp_mesh = self.meshes["tp"] if dims.tp > 1 else None
-                shapes = [
-                    static_stage_shapes(
-                        part, cfg.parallelism.pipeline_parallel_microbatch_size, t.seq_len,
-                        tp_mesh, cfg.parallelism.enable_sequence_parallel, self.loss_parallel,
-                    )
-                    for part in self.model_parts
-                ]  # fmt: skip
+                shapes = static_stage_shapes(
+                    self.model_parts, cfg, self.meshes["tp"] if dims.tp > 1 else None,
+                    self.loss_parallel,
+                )  # fmt: skip
             self.schedule = build_schedule(
                 self.model_parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device,
                 cfg.parallelism, t.local_batch_size, self._pipeline_loss, shapes,
@@ -178,9 +154,10 @@ class Trainer:
                 self.step = manager.load()
                 return manager
         if ckpt.initial_load_path:
-            load_initial_weights(
-                self.model, self.model_args, ckpt.initial_load_path, ckpt.initial_load_in_hf
-            )
+            read_hf = None
+            if ckpt.initial_load_in_hf:
+                read_hf = functools.partial(titan_state_dict_from_hf, args=self.model_args)
+            load_initial_weights(self.model, ckpt.initial_load_path, read_hf)
         return manager
 
     def _init_parallel(self) -> tuple[ParallelDims, dict[str, DeviceMesh]]:

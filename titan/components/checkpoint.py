@@ -11,7 +11,7 @@ import pickle
 import re
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from titan.config.job_config import Checkpoint
-from titan.logger import logger
-from titan.models.llama3.args import ModelArgs
-from titan.models.llama3.dcp_io import (
+from titan.components.dcp_io import (
     CheckpointError,
     dcp_load,
     fit_to_model,
     load_dcp_model,
     read_dcp_metadata,
 )
-from titan.models.llama3.hf_io import titan_state_dict_from_hf
+from titan.config.job_config import Checkpoint
+from titan.logger import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,10 +52,16 @@ def complete_steps(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def load_initial_weights(model: nn.Module, args: ModelArgs, path: str, in_hf: bool) -> None:
-    """Start from other weights: a Hugging Face safetensors folder or a DCP (e.g. a seed)."""
-    if in_hf:
-        state = titan_state_dict_from_hf(path, args)
+def load_initial_weights(
+    model: nn.Module,
+    path: str,
+    read_hf: Callable[[str], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Start from other weights: a DCP folder (e.g. a seed checkpoint), or, given the model's
+    reader of Hugging Face folders (`read_hf(path)` -> full tensors under titan's names), one
+    of those."""
+    if read_hf is not None:
+        state = read_hf(path)
         keys = get_model_state_dict(model).keys()  # a pipeline rank holds some stages only
         state = {k: v.to(torch.float32) for k, v in state.items() if k in keys}
         # full tensors: each rank keeps its own shards of them

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from titan.components.dcp_io import CheckpointError, atomic_dir
 from titan.models.llama3.args import FLAVORS, ModelArgs, RoPEScaling
-from titan.models.llama3.dcp_io import CheckpointError, atomic_dir
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.state_dict_adapter import from_hf, hf_config_dict, to_hf
 

@@ -127,43 +127,41 @@ def pipeline_llama(
 
 
 def static_stage_shapes(
-    part: Transformer,
-    microbatch_size: int,
-    seq_len: int,
-    tp_mesh: DeviceMesh | None,
-    sequence_parallel: bool,
-    loss_parallel: bool,
-) -> dict[str, tuple]:
-    """Example (meta) inputs and outputs of a stage and their gradients, so that the stage
-    needs no shape exchange with its neighbours at the first step: a dry run's fake
-    collectives carry no data, and the neighbours are not there."""
-    args = part.args
+    parts: list[Transformer], cfg: JobConfig, tp_mesh: DeviceMesh | None, loss_parallel: bool
+) -> list[dict[str, tuple]]:
+    """Example (meta) inputs and outputs of each stage and their gradients, so that no stage
+    needs a shape exchange with its neighbours at the first step: a dry run's fake collectives
+    carry no data, and the neighbours are not there."""
+    p, seq_len = cfg.parallelism, cfg.training.seq_len
+    mbs = p.pipeline_parallel_microbatch_size
     tp = tp_mesh.size() if tp_mesh is not None else 1
-    local_seq = seq_len // tp if sequence_parallel and tp > 1 else seq_len
-    params = [p for p in part.parameters() if p.is_floating_point()]
-    dtype = _compute_dtype(part, params[0].dtype)
-    # activations carry gradients: requires_grad, as the stage's real inputs and outputs do
-    meta = {"dtype": dtype, "device": "meta", "requires_grad": True}
-    hidden = torch.empty(microbatch_size, local_seq, args.dim, **meta)
-    if part.tok_embeddings is not None:
-        inputs = torch.empty(microbatch_size, seq_len, dtype=torch.long, device="meta")
-        input_grads = (None,)
-    else:
-        inputs, input_grads = hidden, hidden
-    if part.output is None:
-        output = hidden
-    elif loss_parallel:
-        local = torch.empty(
-            microbatch_size, seq_len, args.vocab_size // tp, dtype=dtype, device="meta"
-        )
-        output = DTensor.from_local(local, tp_mesh, [Shard(-1)], run_check=False)
-        output = output.detach().requires_grad_()
-    else:
-        output = torch.empty(microbatch_size, seq_len, args.vocab_size, **meta)
-    return {
-        "input_args": inputs, "output_args": output, "input_grads": input_grads,
-        "output_grads": output,
-    }  # fmt: skip
+    local_seq = seq_len // tp if p.enable_sequence_parallel and tp > 1 else seq_len
+    shapes = []
+    for part in parts:
+        args = part.args
+        params = [x for x in part.parameters() if x.is_floating_point()]
+        # activations carry gradients: requires_grad, as the stage's real inputs and outputs do
+        meta = {"dtype": _compute_dtype(part, params[0].dtype), "device": "meta"}
+        meta["requires_grad"] = True
+        hidden = torch.empty(mbs, local_seq, args.dim, **meta)
+        if part.tok_embeddings is not None:
+            inputs = torch.empty(mbs, seq_len, dtype=torch.long, device="meta")
+            input_grads = (None,)
+        else:
+            inputs, input_grads = hidden, hidden
+        if part.output is None:
+            output = hidden
+        elif loss_parallel:
+            local = torch.empty(mbs, seq_len, args.vocab_size // tp, **meta)
+            output = DTensor.from_local(local, tp_mesh, [Shard(-1)], run_check=False)
+            output = output.detach().requires_grad_()
+        else:
+            output = torch.empty(mbs, seq_len, args.vocab_size, **meta)
+        shapes.append({
+            "input_args": inputs, "output_args": output, "input_grads": input_grads,
+            "output_grads": output,
+        })  # fmt: skip
+    return shapes
 
 
 def _compute_dtype(part: nn.Module, storage: torch.dtype) -> torch.dtype:
