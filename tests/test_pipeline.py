@@ -243,6 +243,9 @@ def test_bad_csv_and_explicit_splits_are_named(tmp_path):
     csv.write_text("\n".join([*SPLIT_BACKWARD_CSV, "1F0"]) + "\n")
     with pytest.raises(ValueError, match="has 3 rows but pipeline_parallel_degree is 2"):
         check_pipeline(_pp(pipeline_parallel_schedule_csv=str(csv)), 6, 4)
+    csv.write_text("0F0,0X0\n1F0\n")
+    with pytest.raises(ValueError, match="three_rows.csv', row 1: Invalid action string: 0X0"):
+        check_pipeline(_pp(pipeline_parallel_schedule_csv=str(csv)), 6, 4)
     names = "tok_embeddings layers.0 layers.1 layers.2,layers.4 layers.3 layers.5 norm output"
     p = _pp(pipeline_parallel_module_names_per_stage=names.split(","))
     with pytest.raises(ValueError, match="exactly once, in model order"):

@@ -2,9 +2,10 @@
 
 A run of `pipeline_parallel_degree` (pp) ranks splits the model into stages. Single-stage
 schedules (GPipe, 1F1B) give each rank one stage; looped schedules (Interleaved1F1B, LoopedBFS,
-InterleavedZeroBubble, a CSV) give rank r the stages r, r + pp, r + 2 pp, ...; V schedules
+InterleavedZeroBubble) give rank r the stages r, r + pp, r + 2 pp, ...; V schedules
 (ZBVZeroBubble, DualPipeV) give rank r exactly two, r and 2 pp - 1 - r, so the first and last
-stage share rank 0. Each data-parallel rank's local batch is cut into micro-batches of
+stage share rank 0; a CSV schedule's rows say which rank runs which stage. Each
+data-parallel rank's local batch is cut into micro-batches of
 `pipeline_parallel_microbatch_size` sequences that flow through the stages.
 """
 
@@ -60,11 +61,15 @@ class CsvSchedule:
 
 
 def read_csv_schedule(path: str) -> CsvSchedule:
+    rows = []
     with open(path, newline="") as f:
-        rows = [
-            [a for a in (_Action.from_str(x) for x in row) if a is not None]
-            for row in csv.reader(f)
-        ]
+        for line, row in enumerate(csv.reader(f), start=1):
+            try:
+                rows.append([a for a in map(_Action.from_str, row) if a is not None])
+            except RuntimeError as e:
+                raise ValueError(
+                    f"pipeline_parallel_schedule_csv {path!r}, row {line}: {e}"
+                ) from None
     types = {a.computation_type.value for row in rows for a in row}
     return CsvSchedule(
         stages=[sorted({a.stage_index for a in row if a.is_compute_op}) for row in rows],
