@@ -1,4 +1,5 @@
 """Pipeline parallel against one process: every schedule, the CSV schedule, PP x FSDP, PP x TP,
+PP x FSDP x TP (3D), PP x HSDP,
 accumulation, activation checkpointing and compile give the one-process losses and every
 gradient (tests/parallel_harness.py); the split, the stage placement and each start-up error.
 """
@@ -145,6 +146,30 @@ def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
         ),
     }
     _check_all(cases, 4, batches, reference)
+
+
+def test_pipeline_in_3d_and_with_hsdp(batches, reference):
+    """Eight ranks: PP 2 x FSDP 2 x TP 2, and PP 2 x HSDP 2x2 (a micro-batch per rank)."""
+    hsdp_mesh = ("dp_replicate", "dp_shard")
+    cases = {
+        "pp 2 x fsdp 2 x tp 2, 1F1B": (
+            [*PP, "--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "2"],
+            fsdp_tp("pp 2 x dp_shard 2 x tp 2", stages=ONE),
+        ),
+        "pp 2 x hsdp 2x2, GPipe": (
+            [
+                *PP,
+                "--parallelism.data_parallel_replicate_degree",
+                "2",
+                "--training.local_batch_size",
+                "1",
+                SCHEDULE,
+                "GPipe",
+            ],
+            fsdp("pp 2 x dp_replicate 2 x dp_shard 2", fsdp_mesh=hsdp_mesh, stages=ONE),
+        ),  # fmt: skip
+    }
+    _check_all(cases, 8, batches, reference)
 
 
 def test_split_and_placement():
