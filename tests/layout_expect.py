@@ -4,9 +4,12 @@
 and loss parallel, activation checkpointing, compile, pipeline stages); `check_layout` compares
 it with what tests/parallel_harness.py saw in the model: every parameter's placement, the FSDP
 units, the final norm's output and the logits, wrapped and compiled blocks, stage placement.
+`check_cases` runs many cases in one launch and checks each layout and its parity.
 """
 
 import dataclasses
+
+from parallel_harness import assert_matches, run_layouts
 
 SEQ_LEN, VOCAB = 32, 2304
 
@@ -121,3 +124,12 @@ def check_layout(name: str, got: dict, e: Expect) -> None:
         assert got_runs == runs, (
             f"{name}: {got_runs} compiled graphs ran per micro-batch, not {runs}"
         )
+
+
+def check_cases(cases: dict, world_size: int, batches, reference: dict) -> None:
+    """Run {name: (overrides, Expect)} in one launch of world_size processes; each case must
+    have applied its layout and match the one-process reference."""
+    results = run_layouts(world_size, [args for args, _ in cases.values()], batches)
+    for (name, (_, expect)), got in zip(cases.items(), results, strict=True):
+        check_layout(name, got["layout"], expect)
+        assert_matches(name, got, reference)

@@ -15,7 +15,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from layout_expect import Expect, check_layout, fsdp, fsdp_tp, tp
+from layout_expect import Expect, check_cases, fsdp, fsdp_tp, tp
 from parallel_harness import (
     BASE,
     COUNTING_BACKEND,
@@ -113,26 +113,19 @@ def reference(batches) -> dict:
     return run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
 
 
-def _check_all(cases: dict, world_size: int, batches, reference) -> None:
-    results = run_layouts(world_size, [args for args, _ in cases.values()], batches)
-    for (name, (_, expect)), got in zip(cases.items(), results, strict=True):
-        check_layout(name, got["layout"], expect)
-        assert_matches(name, got, reference)
-
-
 def test_two_rank_layouts_match_one_process(batches, reference):
-    _check_all(TWO_RANKS, 2, batches, reference)
+    check_cases(TWO_RANKS, 2, batches, reference)
 
 
 def test_four_rank_layouts_match_one_process(batches, reference):
-    _check_all(FOUR_RANKS, 4, batches, reference)
+    check_cases(FOUR_RANKS, 4, batches, reference)
 
 
 def test_compiled_layouts_match_one_process(batches, reference):
     # Includes TP x compile, where the embedding's pending-collective output would lose its
     # gradient entering a compiled block without titan's guard (see tensor_parallel.py).
-    _check_all(COMPILED, 2, batches, reference)
-    _check_all(COMPILED_FOUR, 4, batches, reference)
+    check_cases(COMPILED, 2, batches, reference)
+    check_cases(COMPILED_FOUR, 4, batches, reference)
 
 
 def test_loss_is_one_cross_entropy_over_the_joined_batch(batches, reference):

@@ -9,13 +9,11 @@ import re
 
 import pytest
 import torch
-from layout_expect import Expect, check_layout, fsdp, fsdp_tp
+from layout_expect import Expect, check_cases, fsdp, fsdp_tp
 from parallel_harness import (
     COUNTING_BACKEND,
-    assert_matches,
     ignore_some_labels,
     make_batches,
-    run_layouts,
     run_single,
 )
 
@@ -59,13 +57,6 @@ def reference(batches) -> dict:
     return run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
 
 
-def _check_all(cases: dict, world_size: int, batches, reference) -> None:
-    results = run_layouts(world_size, [args for args, _ in cases.values()], batches)
-    for (name, (_, expect)), got in zip(cases.items(), results, strict=True):
-        check_layout(name, got["layout"], expect)
-        assert_matches(name, got, reference)
-
-
 def test_every_schedule_matches_one_process(batches, reference, tmp_path):
     csv = tmp_path / "split_backward.csv"
     csv.write_text("\n".join(SPLIT_BACKWARD_CSV) + "\n")
@@ -106,7 +97,7 @@ def test_every_schedule_matches_one_process(batches, reference, tmp_path):
             pp(compiled=True),
         ),
     }
-    _check_all(cases, 2, batches, reference)
+    check_cases(cases, 2, batches, reference)
 
 
 def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
@@ -145,7 +136,7 @@ def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
             pp({0: [0], 1: [1], 2: [2], 3: [3]}, layout="pp 4"),
         ),
     }
-    _check_all(cases, 4, batches, reference)
+    check_cases(cases, 4, batches, reference)
 
 
 def test_pipeline_in_3d_and_with_hsdp(batches, reference):
@@ -169,7 +160,7 @@ def test_pipeline_in_3d_and_with_hsdp(batches, reference):
             fsdp("pp 2 x dp_replicate 2 x dp_shard 2", fsdp_mesh=hsdp_mesh, stages=ONE),
         ),  # fmt: skip
     }
-    _check_all(cases, 8, batches, reference)
+    check_cases(cases, 8, batches, reference)
 
 
 def test_split_and_placement():
