@@ -15,6 +15,7 @@ may hold IGNORE_INDEX. `assert_matches` compares a case with the reference, each
 to its own scale.
 """
 
+import multiprocessing
 import os
 import pickle
 import socket
@@ -322,10 +323,14 @@ def _worker(rank: int, world_size: int, port: int, cases, batches, out_dir: str)
 def run_layouts(world_size: int, cases: list, batches) -> list[dict]:
     """Each case's results (every rank's merged), all cases run in one launch of world_size
     processes."""
+    # Workers fork from a server process that has imported titan and nothing else: forked from
+    # pytest itself they inherit whatever earlier tests left running (tqdm monitors, pyarrow's
+    # jemalloc thread, compile pools), and a CI run once segfaulted and hung that way.
+    multiprocessing.set_forkserver_preload(["parallel_harness"])
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _worker, args=(world_size, _free_port(), cases, batches, out), nprocs=world_size,
-            start_method="fork",
+            start_method="forkserver",
         )  # fmt: skip
         return pickle.loads(Path(out, "results.pkl").read_bytes())
 

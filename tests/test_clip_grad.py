@@ -8,6 +8,7 @@ torch.nn.utils.clip_grad_norm_ over the full tensors and a float64 norm computed
 
 import copy
 import math
+import multiprocessing
 import os
 import pickle
 import re
@@ -273,8 +274,10 @@ def distributed_results() -> list[dict]:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
+    # from a clean server process, as tests/parallel_harness.py does (and with its preload)
+    multiprocessing.set_forkserver_preload(["parallel_harness"])
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(port, out), nprocs=WORLD_SIZE, start_method="fork")
+        mp.start_processes(_worker, args=(port, out), nprocs=WORLD_SIZE, start_method="forkserver")
         return [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(WORLD_SIZE)]
 
 
