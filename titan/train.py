@@ -168,7 +168,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"[parallelism] {e}") from None
         try:  # before any process group starts
-            check_supported_layout(dims, self.model_args)
+            check_supported_layout(dims, self.model_args, self.cfg)
             p = self.cfg.parallelism
             compile_blocks = self.cfg.compile.enable and "model" in self.cfg.compile.components
             check_pipeline(

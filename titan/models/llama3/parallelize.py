@@ -54,8 +54,23 @@ def check_tp_degree(args: ModelArgs, tp: int) -> None:
             )
 
 
-def check_supported_layout(dims: ParallelDims, args: ModelArgs) -> None:
+def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) -> None:
     """Stop on layouts this plan cannot apply (callers may check before starting processes)."""
+    if dims.tp > 1:
+        check_tp_degree(args, dims.tp)
+    ac = cfg.activation_checkpoint
+    compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
+    plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
+    if dims.tp > 1 and compile_blocks and plain_ac:
+        # torch 2.13's AOT autograd fails on a compiled checkpoint of DTensor code that saves
+        # no op outputs ("expected all tensors_saved_with_vc_check to be Tensors, got
+        # DeviceMesh"); op-level selective AC saves matmul outputs and compiles correctly.
+        raise ValueError(
+            f"activation_checkpoint.mode = {ac.mode!r} (whole blocks) with compile and tensor "
+            "parallel fails inside torch.compile: use mode = 'selective' with "
+            "selective_ac_option = 'op', or compile only the loss (compile.components = "
+            "['loss']), or turn compile off"
+        )
     if dims.cp > 1:
         raise NotImplementedError(
             f"context_parallel_degree {dims.cp}: context parallel is not implemented yet; set it "
@@ -129,21 +144,10 @@ def parallelize_llama(
     """Transform the (meta-device) model in place for the given parallel layout (`meshes`:
     ParallelDims.build_meshes, empty for one process)."""
     p = cfg.parallelism
-    check_supported_layout(dims, model.args)
+    check_supported_layout(dims, model.args, cfg)
     ac = cfg.activation_checkpoint
     compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
-    plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
-    if dims.tp > 1 and compile_blocks and plain_ac:
-        # torch 2.13's AOT autograd fails on a compiled checkpoint of DTensor code that saves
-        # no op outputs ("expected all tensors_saved_with_vc_check to be Tensors, got
-        # DeviceMesh"); op-level selective AC saves matmul outputs and compiles correctly.
-        raise ValueError(
-            f"activation_checkpoint.mode = {ac.mode!r} (whole blocks) with compile and tensor "
-            "parallel fails inside torch.compile: use mode = 'selective' with "
-            "selective_ac_option = 'op', or turn compile off"
-        )
     if dims.tp > 1:
-        check_tp_degree(model.args, dims.tp)
         apply_tp(
             model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=not p.disable_loss_parallel,
