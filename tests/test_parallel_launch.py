@@ -335,6 +335,5 @@ def test_shipped_configs_pass_every_start_up_check(path):
     dims = resolve_parallel_dims(p, world)
     args = model_args_for(cfg.model, cfg.training.seq_len, tokenizer_words=0)
     check_supported_layout(dims, args, cfg)
-    compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
-    check_pipeline(p, args.n_layers, cfg.training.local_batch_size, compile_blocks)
+    check_pipeline(p, args.n_layers, cfg.training.local_batch_size, cfg.compile.blocks)
     assert grad_accumulation_steps(cfg.training, dims.dp) >= 1

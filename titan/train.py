@@ -170,10 +170,10 @@ class Trainer:
         try:  # before any process group starts
             check_supported_layout(dims, self.model_args, self.cfg)
             p = self.cfg.parallelism
-            compile_blocks = self.cfg.compile.enable and "model" in self.cfg.compile.components
             check_pipeline(
-                p, self.model_args.n_layers, self.cfg.training.local_batch_size, compile_blocks
-            )
+                p, self.model_args.n_layers, self.cfg.training.local_batch_size,
+                self.cfg.compile.blocks,
+            )  # fmt: skip
             check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, self.device.type)
         except (NotImplementedError, ValueError) as e:
             raise ConfigError(f"[parallelism] {e}") from None

@@ -169,6 +169,11 @@ class Compile:
     backend: str = "inductor"
     """torch.compile backend."""
 
+    @property
+    def blocks(self) -> bool:
+        """Whether the transformer blocks are compiled (enabled, with "model" a component)."""
+        return self.enable and "model" in self.components
+
 
 @dataclass
 class Checkpoint:

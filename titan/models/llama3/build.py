@@ -52,7 +52,8 @@ def build_model(
     # (1) the model on the meta device: no memory, no init cost
     with torch.device("meta"):
         model = Transformer(args)
-    if dry_run and device.type == "cpu" and not _fits_in_fp32(model, dims):
+    low_memory = dry_run and device.type == "cpu" and not _fits_in_fp32(model, dims)
+    if low_memory:
         # Fake collectives make a dry run's values meaningless: store bf16, half the memory
         # (sizes are still reported for the real run's fp32 state), and gather one block at a
         # time (a pipelined run on GPUs keeps its stages' blocks gathered through the step).
@@ -64,8 +65,8 @@ def build_model(
             model = Transformer(args)
         parallelism = dataclasses.replace(cfg.parallelism, fsdp_reshard_after_forward="always")
         cfg = dataclasses.replace(cfg, parallelism=parallelism)
-    built = BuiltModel([model], n_params=sum(p.numel() for p in model.parameters()))
-    built.low_memory_dry_run = model.tok_embeddings.weight.dtype == torch.bfloat16
+    n_params = sum(p.numel() for p in model.parameters())
+    built = BuiltModel([model], n_params=n_params, low_memory_dry_run=low_memory)
     # (2) converters (float8/MX/LoRA): none configured
     # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in that order
     try:

@@ -59,7 +59,7 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
     if dims.tp > 1:
         check_tp_degree(args, dims.tp)
     ac = cfg.activation_checkpoint
-    compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
+    compile_blocks = cfg.compile.blocks
     plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
     if dims.tp > 1 and compile_blocks and plain_ac:
         # torch 2.13's AOT autograd fails on a compiled checkpoint of DTensor code that saves
@@ -146,7 +146,7 @@ def parallelize_llama(
     p = cfg.parallelism
     check_supported_layout(dims, model.args, cfg)
     ac = cfg.activation_checkpoint
-    compile_blocks = cfg.compile.enable and "model" in cfg.compile.components
+    compile_blocks = cfg.compile.blocks
     if dims.tp > 1:
         apply_tp(
             model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
