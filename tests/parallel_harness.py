@@ -172,7 +172,31 @@ def describe_layout(trainer: Trainer) -> dict:
         "checkpointed_blocks": sum(isinstance(b, CheckpointWrapper) for b in model.layers.values()),
         "stages": {trainer.pp_mesh.get_local_rank(): stage_ids} if stage_ids is not None else {},
         "graph_runs_per_block_and_pipeline_micro_batch": {},
+        "linears": _linear_precision(trainer),
     }
+
+
+def _linear_precision(trainer: Trainer) -> dict[str, str]:
+    """Each linear's matmul precision: "float8" (torchao Float8Linear; "float8 all-gather" when
+    FSDP gathers its weight in float8), "mx" (an MXFP8 training weight) or "high"."""
+    if not trainer.cfg.model.converters:
+        return {}
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from titan.components.quantization.mx import is_mx_linear
+
+    kinds = {}
+    for part in trainer.model_parts:
+        for name, m in part.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            kind = "float8" if isinstance(m, Float8Linear) else "mx" if is_mx_linear(m) else "high"
+            local = m.weight.to_local() if isinstance(m.weight, DTensor) else m.weight
+            if isinstance(local, WeightWithDynamicFloat8CastTensor):
+                kind += " all-gather"
+            kinds[_clean(name)] = kind
+    return kinds
 
 
 def merge_ranks(results: list[dict]) -> dict:
@@ -185,7 +209,7 @@ def merge_ranks(results: list[dict]) -> dict:
                 merged[key].setdefault(name, t)
         layout, more = merged["layout"], other["layout"]
         for key in (
-            "placements", "reshard_after_forward", "stages",
+            "placements", "reshard_after_forward", "stages", "linears",
             "graph_runs_per_block_and_pipeline_micro_batch",
         ):  # fmt: skip
             for name, value in more[key].items():

@@ -134,8 +134,65 @@ def test_bad_toml_errors(tmp_path):
 
 
 def test_every_field_is_documented():
-    for section in vars(JobConfig()).values():
+    sections = list(vars(JobConfig()).values())
+    while sections:
+        section = sections.pop()
         docs = field_docs(type(section))
-        for name in vars(section):
+        for name, value in vars(section).items():
             assert docs.get(name), f"{type(section).__name__}.{name} has no doc"
+            if dataclasses.is_dataclass(value):  # a [table.sub]
+                sections.append(value)
     assert "--training.local_batch_size" in help_text()
+    assert "--quantize.linear.float8.recipe_name" in help_text()
+
+
+def test_nested_tables_from_toml_and_command_line(tmp_path):
+    path = tmp_path / "f8.toml"
+    path.write_text(
+        '[model]\nconverters = ["float8"]\n'
+        '[quantize.linear.float8]\nrecipe_name = "rowwise"\nfilter_fqns = ["output", "wk"]\n'
+    )
+    cfg = load_config(["--quantize.linear.float8.debug_log_freq", "5"], config_file=str(path))
+    f8 = cfg.quantize.linear.float8
+    assert (f8.recipe_name, f8.filter_fqns, f8.debug_log_freq) == ("rowwise", ["output", "wk"], 5)
+    assert cfg.quantize.linear.mx.recipe_name == "mxfp8_rceil"  # untouched: the default
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg))
+    assert "[quantize.linear.float8]" in to_toml(cfg) and "[quantize]" not in to_toml(cfg)
+    assert load_config([], config_file=str(again)) == dataclasses.replace(
+        cfg, job=dataclasses.replace(cfg.job, config_file=str(again))
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize.linear.float8.recipe", "rowwise"],
+         "unknown config key quantize.linear.float8.'recipe' (command line); did you mean "
+         "'recipe_name'?"),
+        (["--quantize.linaer.float8.recipe_name", "rowwise"],
+         "unknown config section quantize.'linaer' (command line); did you mean 'linear'?"),
+        (["--quantize.linear", "x"], "unknown config key quantize.'linear' (command line)"),
+        (["--quantize.linear.float8.recipe_name", "rowise"],
+         "quantize.linear.float8.recipe_name = 'rowise' is not one of tensorwise, hybrid, "
+         "rowwise, rowwise_with_gw_hp; did you mean 'rowwise'?"),
+        (["--model.converters", "float8,fp8"],
+         "model.converters names 'fp8', which is not a converter: valid ones are float8, mx"),
+        (["--model.converters", "float8,mx"],
+         "model.converters = ['float8', 'mx']: name each converter once, and use float8 or mx"),
+        (["--model.converters", "float8", "--quantize.linear.float8.recipe_name", "rowwise",
+          "--quantize.linear.float8.enable_fsdp_float8_all_gather", "true"],
+         "enable_fsdp_float8_all_gather needs per-tensor scales; recipe 'rowwise' scales per "
+         "row: use recipe_name = 'tensorwise' or turn it off"),
+        (["--model.converters", "float8", "--quantize.linear.float8.debug_log_freq", "5",
+          "--compile.enable", "true"],
+         "quantize.linear.float8.debug_log_freq records from eager blocks: set compile.components "
+         "= ['loss'] or compile.enable = false, or turn the stats off"),
+        (["--quantize.linear.float8.debug_log_freq", "-1"],
+         "quantize.linear.float8.debug_log_freq = -1 must be >= 0"),
+    ],
+)  # fmt: skip
+def test_converter_and_nested_key_errors(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -17,20 +17,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
 from titan.components.dataloader import DataError, build_dataloader
 from titan.components.dcp_io import CheckpointError
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
-from titan.components.metrics import MetricsLogger, flops_per_token, peak_flops
+from titan.components.metrics import MetricsLogger, model_flops
 from titan.components.optimizer import build_lr_scheduler, build_optimizer
 from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from titan.components.runtime import pick_device, set_determinism
+from titan.components.quantization.float8 import precompute_float8_scales
+from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: re-exported)
+    NonFiniteLossError,
+    grad_accumulation_steps,
+    pick_device,
+    set_determinism,
+)
 from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer, resolve_path
 from titan.config import ConfigError, JobConfig, load_config
-from titan.config.job_config import Parallelism, Training
+from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
 from titan.models.llama3.build import build_model, model_args_for
@@ -39,28 +44,15 @@ from titan.models.llama3.parallelize import check_supported_layout
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms import dry_run
 from titan.parallelisms.data_parallel import check_cpu_offload
-from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, init_distributed
+from titan.parallelisms.distributed import (
+    clip_grad_norm_,
+    comm_mode,
+    dist_sum,
+    init_distributed,
+    local_tensor,
+)
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import build_schedule, check_pipeline
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class NonFiniteLossError(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the step was not applied."""
-
-
-def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
-    per_pass = cfg.local_batch_size * dp_degree
-    global_batch = per_pass if cfg.global_batch_size == -1 else cfg.global_batch_size
-    if global_batch % per_pass:
-        raise ConfigError(
-            f"training.global_batch_size {global_batch} is not divisible by local_batch_size "
-            f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_pass}"
-        )
-    return global_batch // per_pass
 
 
 class Trainer:
@@ -82,6 +74,7 @@ class Trainer:
         # rank's parameters under the full model's names (for optimizer and checkpoints)
         built = build_model(self.model_args, dims, self.meshes, cfg, self.device, self.dry_run)
         self.model_parts, self.n_params = built.parts, built.n_params
+        self.float8_flops = built.float8_flops
         self.stage_ids, self.n_stages = built.stage_ids, built.n_stages
         self.model = self.model_parts[0] if dims.pp == 1 else StageUnion(self.model_parts)
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
@@ -127,8 +120,18 @@ class Trainer:
                 logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
                 self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
         self.metrics = self._build_metrics()
+        self.float8 = cfg.quantize.linear.float8 if "float8" in cfg.model.converters else None
+        self.float8_stats = None  # per-layer float8 cast statistics, every debug_log_freq steps
+        if self.float8 is not None and self.float8.debug_log_freq:
+            from titan.components.quantization.float8_stats import Float8Stats
+
+            self.float8_stats = Float8Stats(
+                self.model_parts, self.float8.debug_log_freq, cfg.job.dump_folder, self.rank
+            )
         self.step = 0
         self.checkpointer = self._build_checkpointer()
+        if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
+            precompute_float8_scales(self.model_parts, self.float8)
 
     def _build_checkpointer(self) -> CheckpointManager | None:
         """Resume from the run's own checkpoint, else start from checkpoint.initial_load_path."""
@@ -194,19 +197,13 @@ class Trainer:
 
     def _build_metrics(self) -> MetricsLogger:
         a = self.model_args
-        embedding = 0 if a.tie_word_embeddings else a.vocab_size * a.dim
-        fpt = flops_per_token(
-            self.n_params, embedding, a.n_layers, a.n_heads, a.head_dim, a.max_seq_len
+        self.flops_per_token, peak, label = model_flops(
+            a, self.n_params, self.float8_flops, self.device, self.compute_dtype
         )
-        self.flops_per_token = fpt
-        peak = None
-        if self.device.type == "cuda":
-            peak = peak_flops(
-                torch.cuda.get_device_name(self.device), str(self.compute_dtype).split(".")[-1]
-            )
         return MetricsLogger(
             self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,
-            flops_per_token=fpt, peak_flops=peak, config_dict=to_dict(self.cfg),
+            flops_per_token=self.flops_per_token, peak_flops=peak, config_dict=to_dict(self.cfg),
+            peak_label=label,
         )  # fmt: skip
 
     def _set_loss_scale(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -239,7 +236,7 @@ class Trainer:
                 loss = self.loss_fn(logits, labels) * self.loss_scale
                 del logits  # the largest activation: free it before backward
                 loss.backward()
-            loss_total += _local(loss.detach())
+            loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -262,14 +259,19 @@ class Trainer:
             ):
                 self.schedule.step(*args, target=target, losses=losses)
             for loss in losses:  # the last stage's: one per pipeline micro-batch
-                loss_total += _local(loss.detach())
+                loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (mean token loss, grad norm)."""
-        return self.optimizer_step(self.forward_backward(microbatches))
+        if self.float8_stats is not None:
+            self.float8_stats.start_step(self.step)
+        loss = self.forward_backward(microbatches)
+        if self.float8_stats is not None:  # before the update: a non-finite step's too
+            self.float8_stats.end_step(self.step)
+        return self.optimizer_step(loss)
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[float, float]:
         """Clip and apply the accumulated gradients, unless the loss or their norm is not finite."""
@@ -287,6 +289,8 @@ class Trainer:
             )
         self.optimizer.step()
         self.lr_scheduler.step()
+        if self.float8 is not None:  # FSDP's float8 all-gather: every weight's scale at once
+            precompute_float8_scales(self.model_parts, self.float8)
         if self.dry_run:
             self.sizes = dry_run.local_sizes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)

@@ -89,6 +89,44 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
+def model_flops(
+    args, n_params: int, float8_flops: int, device: torch.device, compute_dtype: torch.dtype
+) -> tuple[int, float | None, str]:
+    """(training FLOPs per token, the peak FLOP/s MFU is measured against, a label naming that
+    peak when float8 matmuls mix with bf16 ones) for a Llama 3 model with `args`; `float8_flops`
+    of the FLOPs per token run on float8 tensor cores."""
+    embedding = 0 if args.tie_word_embeddings else args.vocab_size * args.dim
+    fpt = flops_per_token(
+        n_params, embedding, args.n_layers, args.n_heads, args.head_dim, args.max_seq_len
+    )
+    if device.type != "cuda":
+        return fpt, None, ""
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, str(compute_dtype).split(".")[-1])
+    if not float8_flops:
+        return fpt, peak, ""
+    peak = mixed_precision_peak(fpt, float8_flops, peak, peak_flops(name, "float8"))
+    return fpt, peak, "of bf16 + float8 peaks"
+
+
+def mixed_precision_peak(
+    flops_per_token: float,
+    float8_flops_per_token: float,
+    peak_bf16: float | None,
+    peak_float8: float | None,
+) -> float | None:
+    """The peak FLOP/s of a step that runs `float8_flops_per_token` of its FLOPs on float8 tensor
+    cores and the rest in bf16: its FLOPs over the time a device at both peaks needs for them.
+    MFU against it is 100% only when every FLOP runs at its own precision's peak; against the
+    bf16 peak alone, float8 could claim over 100%, against the float8 peak alone the bf16 part
+    (attention, the output layer) would look slow."""
+    if peak_bf16 is None or (float8_flops_per_token and peak_float8 is None):
+        return None
+    bf16_flops = flops_per_token - float8_flops_per_token
+    seconds = bf16_flops / peak_bf16 + (float8_flops_per_token / peak_float8 if peak_float8 else 0)
+    return flops_per_token / seconds
+
+
 class DeviceMemoryMonitor:
     """Peak memory of one device: the CUDA caching allocator's, or the process's host memory.
 
@@ -162,8 +200,10 @@ class MetricsLogger:
         flops_per_token: int,
         peak_flops: float | None,
         config_dict: dict | None = None,
+        peak_label: str = "",
     ) -> None:
         self.cfg = cfg
+        self.peak_label = peak_label  # names the peak MFU is against when it is not plain bf16
         self.rank = rank
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
@@ -215,7 +255,7 @@ class MetricsLogger:
         }
         self._check_alloc_retries(step)
         metrics.update(extra or {})
-        logger.info(_format_line(step, metrics, extra or {}))
+        logger.info(_format_line(step, metrics, extra or {}, self.peak_label))
         self._write(step, metrics)
         self.memory.reset_peak()
         return metrics
@@ -249,8 +289,12 @@ class MetricsLogger:
             self._wandb_run.log(scalars, step=step)
 
 
-def _format_line(step: int, m: dict[str, float | None], extra: dict[str, float]) -> str:
+def _format_line(
+    step: int, m: dict[str, float | None], extra: dict[str, float], peak_label: str = ""
+) -> str:
     mfu = "n/a" if m["mfu_pct"] is None else f"{m['mfu_pct']:.2f}%"
+    if peak_label and m["mfu_pct"] is not None:
+        mfu += f" ({peak_label})"
     memory = f"{m['memory_gib']:.2f}GiB"
     if m["memory_pct"] is not None:
         memory += f"({m['memory_pct']:.1f}%)"

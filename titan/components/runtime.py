@@ -1,10 +1,12 @@
-"""The process's device and random state, from [training]."""
+"""The process's device and random state, the accumulation count, and the non-finite-loss stop,
+from [training]."""
 
 import os
 
 import torch
 
 from titan.config import ConfigError
+from titan.config.job_config import Training
 
 
 def pick_device(name: str) -> torch.device:
@@ -28,3 +30,18 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         )  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
+    per_pass = cfg.local_batch_size * dp_degree
+    global_batch = per_pass if cfg.global_batch_size == -1 else cfg.global_batch_size
+    if global_batch % per_pass:
+        raise ConfigError(
+            f"training.global_batch_size {global_batch} is not divisible by local_batch_size "
+            f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_pass}"
+        )
+    return global_batch // per_pass

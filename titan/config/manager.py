@@ -60,13 +60,22 @@ def to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
 
 def to_toml(cfg: JobConfig) -> str:
     """The effective config as TOML text that `load_config` reads back to an equal config."""
-    lines = []
-    for section, values in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is not None:  # TOML has no null: an absent key means the default None
-                lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
+    lines: list[str] = []
+
+    def add(name: str, table: dict[str, Any]) -> None:
+        values = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if values:  # a table holding only sub-tables needs no header
+            lines.append(f"[{name}]")
+            for key, value in values.items():
+                if value is not None:  # TOML has no null: an absent key means the default None
+                    lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                add(f"{name}.{key}", value)
+
+    for section, table in to_dict(cfg).items():
+        add(section, table)
     return "\n".join(lines)
 
 
@@ -83,14 +92,24 @@ def field_docs(section_cls: type) -> dict[str, str]:
 
 def help_text() -> str:
     """Every section and key with its default and doc, for `--help`."""
-    out = []
-    for sec in dataclasses.fields(JobConfig):
-        section = getattr(JobConfig(), sec.name)
+    out: list[str] = []
+
+    def add(section: Any, prefix: str) -> None:
         docs = field_docs(type(section))
-        out.append(f"[{sec.name}]")
+        out.append(f"[{prefix}]")
+        tables = []
         for f in dataclasses.fields(section):
-            out.append(f"  --{sec.name}.{f.name} (default {getattr(section, f.name)!r})")
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                tables.append((value, f"{prefix}.{f.name}"))
+                continue
+            out.append(f"  --{prefix}.{f.name} (default {value!r})")
             out.append(f"      {docs.get(f.name, '')}")
+        for value, name in tables:
+            add(value, name)
+
+    for sec in dataclasses.fields(JobConfig):
+        add(getattr(JobConfig(), sec.name), sec.name)
     return "\n".join(out)
 
 
@@ -120,28 +139,45 @@ def _nearest(name: str, options: list[str]) -> str:
     return f"; did you mean {lowered[match[0]]!r}?" if match else f"; valid: {', '.join(options)}"
 
 
+def _section(cfg: JobConfig, path: list[str], source: str) -> Any:
+    """The (sub-)section object at `path`, e.g. ["quantize", "linear", "float8"]."""
+    section: Any = cfg
+    for depth, name in enumerate(path):
+        tables = [f.name for f in dataclasses.fields(section) if _is_table(section, f.name)]
+        if name not in tables:
+            where = ".".join(path[:depth])
+            what = f"{where}.{name!r}" if where else repr(name)
+            raise ConfigError(f"unknown config section {what} ({source})" + _nearest(name, tables))
+        section = getattr(section, name)
+    return section
+
+
 def _resolve_key(cfg: JobConfig, dotted: str, source: str) -> tuple[Any, str]:
-    section_name, _, key = dotted.partition(".")
-    sections = [f.name for f in dataclasses.fields(cfg)]
-    if section_name not in sections:
-        raise ConfigError(
-            f"unknown config section {section_name!r} ({source})" + _nearest(section_name, sections)
-        )
-    section = getattr(cfg, section_name)
-    keys = [f.name for f in dataclasses.fields(section)]
-    if key not in keys:
+    """The (sub-)section object holding `dotted`'s last part, and that key."""
+    *path, key = dotted.split(".")
+    section = _section(cfg, path, source)
+    keys = [f.name for f in dataclasses.fields(section) if not _is_table(section, f.name)]
+    if not path or key not in keys:
         hint = _nearest(key, keys)
-        raise ConfigError(f"unknown config key {section_name}.{key!r} ({source})" + hint)
+        raise ConfigError(f"unknown config key {'.'.join(path)}.{key!r} ({source})" + hint)
     return section, key
 
 
-def _apply_table(cfg: JobConfig, table: dict[str, Any], source: str) -> None:
-    for section_name, values in table.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: top-level key {section_name!r} must be a [table]")
-        for key, value in values.items():
-            section, key = _resolve_key(cfg, f"{section_name}.{key}", source=source)
-            _set(section, key, value, where=f"{section_name}.{key} in {source}", from_string=False)
+def _is_table(section: Any, name: str) -> bool:
+    return dataclasses.is_dataclass(getattr(section, name))
+
+
+def _apply_table(cfg: JobConfig, table: dict[str, Any], source: str, prefix: str = "") -> None:
+    for name, value in table.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):  # a [table] or [table.sub]: it must name a section
+            _section(cfg, dotted.split("."), source)  # raises for an unknown section
+            _apply_table(cfg, value, source, prefix=f"{dotted}.")
+        elif not prefix:
+            raise ConfigError(f"{source}: top-level key {name!r} must be a [table]")
+        else:
+            section, key = _resolve_key(cfg, dotted, source=source)
+            _set(section, key, value, where=f"{dotted} in {source}", from_string=False)
 
 
 def _set(section: Any, key: str, value: Any, where: str, from_string: bool) -> None:
@@ -214,14 +250,15 @@ _CHOICES = {
     "activation_checkpoint.mode": ("none", "full", "selective", "memory_budget"),
     "checkpoint.async_mode": ("disabled", "async", "async_with_pinned_mem"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
+    "quantize.linear.float8.recipe_name": ("tensorwise", "hybrid", "rowwise", "rowwise_with_gw_hp"),
+    "quantize.linear.mx.recipe_name": ("mxfp8_rceil", "mxfp8_rceil_wgrad_with_hp"),
 }
 
 
 def validate(cfg: JobConfig) -> None:
     """Reject impossible values at start-up, naming the key."""
     for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+        value = _get(cfg, dotted)
         if value not in choices:
             raise ConfigError(
                 f"{dotted} = {value!r} is not one of {', '.join(choices)}"
@@ -246,6 +283,7 @@ def validate(cfg: JobConfig) -> None:
         "lr_scheduler.warmup_steps",
         "lr_scheduler.min_lr_factor",
         "checkpoint.keep_latest_k",
+        "quantize.linear.float8.debug_log_freq",
     )
     if t.global_batch_size != -1 and t.global_batch_size < 1:
         raise ConfigError(
@@ -305,19 +343,25 @@ def validate(cfg: JobConfig) -> None:
             "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
             "set compile.enable = true"
         )
+    from titan.components.quantization import check_converters  # imports titan.config
+
+    check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
 
 
+def _get(cfg: JobConfig, dotted: str) -> Any:
+    section, key = _resolve_key(cfg, dotted, source="titan")
+    return getattr(section, key)
+
+
 def _positive(cfg: JobConfig, *dotted: str) -> None:
     for d in dotted:
-        section, key = d.split(".")
-        if getattr(getattr(cfg, section), key) <= 0:
-            raise ConfigError(f"{d} = {getattr(getattr(cfg, section), key)} must be > 0")
+        if _get(cfg, d) <= 0:
+            raise ConfigError(f"{d} = {_get(cfg, d)} must be > 0")
 
 
 def _non_negative(cfg: JobConfig, *dotted: str) -> None:
     for d in dotted:
-        section, key = d.split(".")
-        if getattr(getattr(cfg, section), key) < 0:
-            raise ConfigError(f"{d} = {getattr(getattr(cfg, section), key)} must be >= 0")
+        if _get(cfg, d) < 0:
+            raise ConfigError(f"{d} = {_get(cfg, d)} must be >= 0")

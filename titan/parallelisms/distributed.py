@@ -51,6 +51,11 @@ def init_distributed(device: torch.device, world_size: int, timeout_s: int = 600
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (a plain tensor is its own)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def dist_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Sum of a tensor over the ranks of a 1-D mesh (itself when there is no mesh)."""
     if mesh is None or mesh.size() == 1:

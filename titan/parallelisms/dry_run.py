@@ -5,13 +5,10 @@ import resource
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from titan.parallelisms.distributed import local_tensor
 
 _FP32_BYTES = 4
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def local_sizes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -19,9 +16,11 @@ def local_sizes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return {
-        "parameters": sum(_local(p).numel() for p in params),
-        "gradients": sum(_local(p.grad).numel() for p in params if p.grad is not None),
-        "optimizer state": sum(_local(v).numel() for v in state if v.ndim > 0),  # not step counts
+        "parameters": sum(local_tensor(p).numel() for p in params),
+        "gradients": sum(local_tensor(p.grad).numel() for p in params if p.grad is not None),
+        "optimizer state": sum(
+            local_tensor(v).numel() for v in state if v.ndim > 0
+        ),  # not step counts
     }
 
 

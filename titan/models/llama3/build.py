@@ -7,6 +7,7 @@ import os
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from titan.components.quantization import apply_converters
 from titan.config import ConfigError
 from titan.config.job_config import JobConfig, Model
 from titan.logger import logger
@@ -38,6 +39,7 @@ class BuiltModel:
     stage_ids: list[int] | None = None  # the parts' pipeline stage indices
     n_stages: int = 1
     low_memory_dry_run: bool = False  # stored in bf16: the real run's state would not fit here
+    float8_flops: int = 0  # per token, in matmuls on float8 (or MX) tensor cores
 
 
 def build_model(
@@ -67,9 +69,12 @@ def build_model(
         cfg = dataclasses.replace(cfg, parallelism=parallelism)
     n_params = sum(p.numel() for p in model.parameters())
     built = BuiltModel([model], n_params=n_params, low_memory_dry_run=low_memory)
-    # (2) converters (float8/MX/LoRA): none configured
-    # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in that order
     try:
+        # (2) converters (float8/MX): swap linears before any transform shards or splits them
+        built.float8_flops = apply_converters(
+            model, cfg.model.converters, cfg.quantize.linear, device, fsdp=dims.fsdp_enabled
+        )
+        # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in order
         if dims.pp > 1:
             built.parts, built.stage_ids, built.n_stages = pipeline_llama(model, dims, meshes, cfg)
         else:

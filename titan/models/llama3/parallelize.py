@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from titan.components.quantization.float8 import float8_tp_enabled, float8_tp_styles
 from titan.config.job_config import JobConfig
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.model import Transformer
@@ -71,6 +72,14 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "selective_ac_option = 'op', or compile only the loss (compile.components = "
             "['loss']), or turn compile off"
         )
+    if dims.tp > 1 and "mx" in cfg.model.converters:
+        # measured on torch 2.13 / torchao 0.18: the TP-sharded matmuls of MXFP8 training
+        # weights dispatch as plain matmuls, so TP x mx silently trains in high precision
+        raise ValueError(
+            "model.converters = ['mx'] with tensor parallel: torchao's MXFP8 training weights "
+            "lose their MX matmuls once TP shards them; use the float8 converter with TP, or "
+            "tensor_parallel_degree = 1"
+        )
     if dims.cp > 1:
         raise NotImplementedError(
             f"context_parallel_degree {dims.cp}: context parallel is not implemented yet; set it "
@@ -90,9 +99,15 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
 
 
 def apply_tp(
-    model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    sequence_parallel: bool,
+    loss_parallel: bool,
+    float8: bool = False,
 ) -> None:
-    """Shard the Llama 3 matmuls over `mesh` (Megatron-style: colwise in, rowwise out)."""
+    """Shard the Llama 3 matmuls over `mesh` (Megatron-style: colwise in, rowwise out); with
+    `float8`, float8 layers take torchao's TP styles, which all-gather activations in float8."""
     seq = Shard(1) if sequence_parallel else Replicate()
     plan = {
         # vocab-sharded embedding; its output is reduce-scattered onto sequence shards
@@ -110,20 +125,20 @@ def apply_tp(
     )
     norms = [model.norm] if model.norm is not None else []
     for block in model.layers.values():
+        colwise, rowwise, prepare = float8_tp_styles(block) if float8 else _PLAIN_STYLES
+        attention = ["attention.wq", "attention.wk", "attention.wv"]
+        ffn_in = ["feed_forward.w1", "feed_forward.w3"]
         plan = {
-            "attention": PrepareModuleInput(
-                input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)
+            "attention": prepare(
+                attention, input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)
             ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward": PrepareModuleInput(
-                input_layouts=(seq,), desired_input_layouts=(Replicate(),)
+            **{fqn: colwise(fqn) for fqn in attention},
+            "attention.wo": rowwise("attention.wo", output_layouts=seq),
+            "feed_forward": prepare(
+                ffn_in, input_layouts=(seq,), desired_input_layouts=(Replicate(),)
             ),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
-            "feed_forward.w3": ColwiseParallel(),
+            **{fqn: colwise(fqn) for fqn in ffn_in},
+            "feed_forward.w2": rowwise("feed_forward.w2", output_layouts=seq),
         }
         parallelize_module(block, mesh, plan)
         norms += [block.attention_norm, block.ffn_norm]
@@ -138,6 +153,13 @@ def apply_tp(
         model.output.weight = model.tok_embeddings.weight
 
 
+_PLAIN_STYLES = (
+    lambda _fqn, **kw: ColwiseParallel(**kw),
+    lambda _fqn, **kw: RowwiseParallel(**kw),
+    lambda _fqns, **kw: PrepareModuleInput(**kw),
+)
+
+
 def parallelize_llama(
     model: nn.Module, dims: ParallelDims, meshes: dict[str, DeviceMesh], cfg: JobConfig
 ) -> None:
@@ -148,9 +170,10 @@ def parallelize_llama(
     ac = cfg.activation_checkpoint
     compile_blocks = cfg.compile.blocks
     if dims.tp > 1:
+        float8 = float8_tp_enabled(cfg.model.converters, cfg.quantize.linear.float8, meshes["tp"])
         apply_tp(
             model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
-            loss_parallel=not p.disable_loss_parallel,
+            loss_parallel=not p.disable_loss_parallel, float8=float8,
         )  # fmt: skip
         if p.enable_async_tensor_parallel:
             enable_async_tp(meshes["tp"], cfg.compile.enable)
