@@ -186,6 +186,9 @@ def test_dry_run_405b_pp_fsdp_tp_at_512(tmp_path):
     assert "dry run: stages built, schedule not run" in log
     assert "parallel layout: pp 8 x dp_shard 8 x tp 8 over 512 ranks" in log
     assert "pipeline: 16 stages over 8 ranks" in log
+    assert (
+        "float8 tensorwise (emulated): 882 of 883 linears; in high precision: output; FSDP " in log
+    )
     assert "pp rank 0: stage 0 [tok_embeddings, layers.0-7]; stage 8 [layers.63-70]" in log
     assert "pp rank 7: stage 7 [layers.55-62]; stage 15 [layers.118-125, norm, output]" in log
     args = FLAVORS["405B"]
@@ -209,6 +212,10 @@ def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
     )  # fmt: skip
     assert "parallel layout: dp_shard 32 x tp 8 over 256 ranks" in log
     assert "model llama3 70B: 70,553,706,496 parameters" in log
+    # as shipped: float8 (torchao's float8 TP styles: the fake backend is not gloo)
+    assert (
+        "float8 tensorwise (emulated): 560 of 561 linears; in high precision: output; FSDP " in log
+    )
     sizes = _dry_run_sizes(log)
     # rank 0 holds a 1/256 slice (norm weights are replicated over TP; FSDP pads to 32 rows)
     total = 70_553_706_496
