@@ -35,7 +35,6 @@ from torch.optim.lr_scheduler import LambdaLR
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from titan.components.loss import IGNORE_INDEX  # noqa: E402
-from titan.components.metrics import peak_flops  # noqa: E402
 from titan.components.optimizer import lr_factor  # noqa: E402
 from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
 from titan.models.llama3.state_dict_adapter import hf_config_dict, to_hf  # noqa: E402
@@ -340,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.enable()
     t = cfg.training
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(name, str(dtype).removeprefix("torch.")) if device.type == "cuda" else None
+    # titan's own peak: bf16, or mixed bf16 + float8 when converters put matmuls on float8
+    peak, label = trainer.metrics.peak_flops, trainer.metrics.peak_label
+    if label:
+        print(f"MFU against the {label.removeprefix('of ')}")
     print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"model: {cfg.model.flavor}, {trainer.n_params:,} params, compute {dtype}; per step "
