@@ -23,19 +23,23 @@ def test_shipped_configs_parse(path):
     cfg = load_config([], config_file=str(path))
     with path.open("rb") as f:
         table = tomllib.load(f)
-    defaults = JobConfig()
     assert set(table) <= {f.name for f in dataclasses.fields(JobConfig)}, path.name
-    for section in dataclasses.fields(JobConfig):
-        written = table.get(section.name, {})
-        got = getattr(cfg, section.name)
-        assert set(written) <= set(vars(got)), (section.name, set(written) - set(vars(got)))
-        for key, value in vars(got).items():
-            # the file's value where it sets one, else the dataclass default
-            default = getattr(getattr(defaults, section.name), key)
-            expected = written.get(key, default)
-            if (section.name, key) == ("job", "config_file"):
-                expected = str(path)  # not in the file: load_config records where it read it
-            assert value == expected, (section.name, key, value, expected)
+    _check_table(cfg, JobConfig(), table, str(path), ())
+
+
+def _check_table(got, defaults, written: dict, path: str, where: tuple) -> None:
+    """Every field: the file's value where it sets one, else the dataclass default; sub-tables
+    ([quantize.linear.float8]) likewise."""
+    assert set(written) <= set(vars(got)), (where, set(written) - set(vars(got)))
+    for key, value in vars(got).items():
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(value):
+            _check_table(value, default, written.get(key, {}), path, (*where, key))
+            continue
+        expected = written.get(key, default)
+        if (*where, key) == ("job", "config_file"):
+            expected = path  # not in the file: load_config records where it read it
+        assert value == expected, (where, key, value, expected)
 
 
 def test_seed_layouts():
