@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
-from titan.components.dataloader import DataError, build_dataloader
+from titan.components.dataloader import DataError, build_dataloader, document_ids
 from titan.components.dcp_io import CheckpointError
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, model_flops
@@ -33,7 +33,7 @@ from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: r
     pick_device,
     set_determinism,
 )
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer, resolve_path
+from titan.components.tokenizer import build_tokenizer
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_dict, to_toml
@@ -61,7 +61,7 @@ class Trainer:
         t = cfg.training
         self.device = pick_device(t.device)
         self.dry_run = comm_mode() == "fake_backend"
-        self.tokenizer = build_tokenizer(self._tokenizer_path())
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer_path, dry_run=self.dry_run)
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.parallel_dims, self.meshes = self._init_parallel()
         dims = self.parallel_dims
@@ -187,14 +187,6 @@ class Trainer:
         logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
         return dims, meshes
 
-    def _tokenizer_path(self) -> str:
-        path = self.cfg.model.tokenizer_path
-        if self.dry_run and not resolve_path(path).is_file():
-            # A dry run checks layouts and memory, not text: any tokenizer in the format will do.
-            logger.warning(f"dry run: tokenizer {path} not found, using {SHIPPED_TOKENIZER}")
-            return SHIPPED_TOKENIZER
-        return path
-
     def _build_metrics(self) -> MetricsLogger:
         a = self.model_args
         self.flops_per_token, peak, label = model_flops(
@@ -230,7 +222,7 @@ class Trainer:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast):
-                logits = self.model(inputs)
+                logits = self.model(inputs, **self._attention_kwargs(inputs))
             # loss parallel: cross-entropy over vocabulary shards, without gathering the logits
             with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
                 loss = self.loss_fn(logits, labels) * self.loss_scale
@@ -238,6 +230,11 @@ class Trainer:
                 loss.backward()
             loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
+
+    def _attention_kwargs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.model_args.attn_mask_type != "block_causal":
+            return {}
+        return {"document_ids": document_ids(inputs, self.tokenizer.bos_id)}
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, labels) * self.loss_scale
@@ -250,14 +247,16 @@ class Trainer:
         self._set_loss_scale(microbatches)
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            args = (inputs.to(self.device),) if self.has_first_stage else ()
+            inputs = inputs.to(self.device)
+            args = (inputs,) if self.has_first_stage else ()
             target = labels.to(self.device) if self.has_last_stage else None
+            kwargs = self._attention_kwargs(inputs)  # every stage's attention masks
             losses: list[torch.Tensor] = []  # the schedule clears it: one list per step()
             with (
                 torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
                 loss_parallel() if self.loss_parallel else contextlib.nullcontext(),
             ):
-                self.schedule.step(*args, target=target, losses=losses)
+                self.schedule.step(*args, target=target, losses=losses, **kwargs)
             for loss in losses:  # the last stage's: one per pipeline micro-batch
                 loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
@@ -309,10 +308,9 @@ class Trainer:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
         logger.info(
-            f"training {1 if self.dry_run else t.steps} steps: {self.grad_accum_steps} "
-            "micro-batch(es) of "
-            f"{t.local_batch_size} x "
-            f"{t.seq_len} tokens per step on {self.device}, compute {self.compute_dtype}"
+            f"training {1 if self.dry_run else t.steps} steps: {self.grad_accum_steps} micro-"
+            f"batch(es) of {t.local_batch_size} x {t.seq_len} tokens per step on {self.device}, "
+            f"compute {self.compute_dtype}, {self.model_args.attn_mask_type} attention"
         )
         gc.disable()  # collections mid-step stall every rank; collect on a fixed schedule instead
         losses, ntokens, data_s, last = [], 0, 0.0, time.perf_counter()

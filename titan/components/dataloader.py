@@ -344,6 +344,13 @@ def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
     return torch.stack(inputs), torch.stack(labels)  # (local_batch_size, seq_len) each
 
 
+def document_ids(inputs: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Each token's document within its window, (bs, seqlen) like `inputs`: the packer starts
+    every document with BOS, so the documents are the runs that begin at a BOS (the head of a
+    window before its first BOS is the tail of an earlier document: index 0)."""
+    return torch.cumsum(inputs == bos_id, dim=1)
+
+
 def build_dataloader(
     cfg: Data,
     tokenizer: Tokenizer,

@@ -30,6 +30,9 @@ class Model:
     """Tokenizer file in Llama 3's tiktoken format (Meta's original/tokenizer.model works)."""
     vocab_size: int = -1
     """Embedding rows; -1 takes the flavor's vocabulary (the tokenizer must fit in it)."""
+    attn_mask_type: str = "causal"
+    """causal, or block_causal: tokens attend only within their own document of the packed
+    window (documents start at the BOS token the data packer puts before each)."""
     converters: list[str] = field(default_factory=list)
     """Model converters applied before parallelizing: float8 ([quantize.linear.float8]) or mx
     ([quantize.linear.mx]); at most one of the two."""

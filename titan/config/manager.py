@@ -231,6 +231,7 @@ def _coerce(value: Any, hint: Any, from_string: bool) -> Any:
 
 _CHOICES = {
     "model.name": ("llama3",),
+    "model.attn_mask_type": ("causal", "block_causal"),
     "training.mixed_precision_param": ("bfloat16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
     "optimizer.name": ("AdamW", "Adam"),

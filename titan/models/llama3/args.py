@@ -30,6 +30,8 @@ class ModelArgs:
     rope_scaling: RoPEScaling | None = None
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
+    # "causal", or "block_causal": no attention across the documents packed into one sequence
+    attn_mask_type: str = "causal"
     # derived in __post_init__
     head_dim: int = 0
     ffn_hidden_dim: int = 0

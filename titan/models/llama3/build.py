@@ -29,7 +29,9 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
             f"the tokenizer has {tokenizer_words} tokens but the model's vocabulary is "
             f"{vocab} rows: use the flavor's tokenizer or set model.vocab_size"
         )
-    return dataclasses.replace(args, vocab_size=vocab, max_seq_len=seq_len)
+    return dataclasses.replace(
+        args, vocab_size=vocab, max_seq_len=seq_len, attn_mask_type=cfg.attn_mask_type
+    )
 
 
 @dataclasses.dataclass

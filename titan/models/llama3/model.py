@@ -4,6 +4,10 @@ tokens -> tok_embeddings -> n_layers x [h += attention(attention_norm(h));
 h += feed_forward(ffn_norm(h))] -> norm -> output -> logits. RoPE (theta 500000, Llama 3.1
 frequency scaling) rotates q and k with real cos/sin tables on Meta's interleaved (even, odd)
 pairs. Names follow Meta's checkpoints.
+With attn_mask_type "block_causal", forward also takes each token's document index and a token
+attends only to earlier tokens of its own document (flex attention on CUDA, a masked SDPA that
+computes the same function elsewhere); RoPE positions stay those of the window, which changes
+nothing: attention scores depend only on the distance between two tokens.
 Build on the meta device, move with `to_empty(device=...)`, then call `init_weights()`.
 A pipeline stage is this module with the parts it does not own deleted (blocks removed from
 `layers`; tok_embeddings, norm and output set to None): it then maps hidden states in or out.
@@ -14,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from titan.models.llama3.args import ModelArgs, RoPEScaling
 
@@ -67,6 +72,37 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+AttentionMask = torch.Tensor | BlockMask | None  # None: causal
+
+
+def block_causal_mask(document_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
+    """Causal attention within each document. document_ids: (bs, seqlen) ints, equal for the
+    tokens of one document. Returns flex attention's BlockMask (which skips the blocks that are
+    all masked), or a (bs, 1, seqlen, seqlen) boolean mask for scaled_dot_product_attention."""
+    bs, seqlen = document_ids.shape
+    if flex:
+
+        def same_document_causal(b, _h, q, kv):
+            return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
+
+        return create_block_mask(
+            same_document_causal, bs, None, seqlen, seqlen, device=document_ids.device
+        )
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (bs, seqlen, seqlen)
+    return (same & causal)[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask):
+    """q: (bs, n_heads, seqlen, head_dim), k and v: (bs, n_kv_heads, seqlen, head_dim)."""
+    # GQA: each kv head serves n_heads // n_kv_heads query heads, without copying k and v
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -93,8 +129,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x: (bs, seqlen, dim); rope: the cos/sin table from position 0, at least seqlen long."""
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None
+    ) -> torch.Tensor:
+        """x: (bs, seqlen, dim); rope: the cos/sin table from position 0, at least seqlen long;
+        mask: see block_causal_mask (None: causal)."""
         bs, seqlen, _ = x.shape
         # The table is cut here, to the sequence attention sees: a pipeline stage after the
         # first receives hidden states that sequence parallel has sharded, and only attention's
@@ -106,8 +145,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
-        # GQA: each kv head serves n_heads // n_kv_heads query heads, without copying k and v
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
         return self.wo(out)
 
@@ -136,8 +174,10 @@ class TransformerBlock(nn.Module):
         # Output projections of deeper blocks start smaller so the residual stream stays O(1).
         self.out_init_std = 0.02 / math.sqrt(2 * (layer_id + 1))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -166,8 +206,11 @@ class Transformer(nn.Module):
         cache = rope_cache(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cache", cache, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size).
+    def forward(
+        self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size). document_ids:
+        (bs, seqlen), each token's document, for attn_mask_type "block_causal".
 
         A pipeline stage without tok_embeddings takes hidden states (bs, seqlen, dim) instead,
         and one without output returns them."""
@@ -177,9 +220,14 @@ class Transformer(nn.Module):
                 f"sequence length {seqlen} exceeds max_seq_len {self.rope_cache.shape[0]}"
             )
         rope = self.rope_cache
+        mask = None
+        if self.args.attn_mask_type == "block_causal":
+            if document_ids is None:
+                raise ValueError("attn_mask_type 'block_causal' needs each token's document_ids")
+            mask = block_causal_mask(document_ids, flex=tokens.device.type == "cuda")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, rope)  # (bs, seqlen, dim)
+            h = layer(h, rope, mask)  # (bs, seqlen, dim)
         if self.output is None:
             return h
         return self.output(self.norm(h))

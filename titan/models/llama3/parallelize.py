@@ -129,8 +129,11 @@ def apply_tp(
         attention = ["attention.wq", "attention.wk", "attention.wv"]
         ffn_in = ["feed_forward.w1", "feed_forward.w3"]
         plan = {
+            # (x, rope, mask): x is gathered, the RoPE table and the mask are whole already
             "attention": prepare(
-                attention, input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)
+                attention,
+                input_layouts=(seq, None, None),
+                desired_input_layouts=(Replicate(), None, None),
             ),
             **{fqn: colwise(fqn) for fqn in attention},
             "attention.wo": rowwise("attention.wo", output_layouts=seq),
