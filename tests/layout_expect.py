@@ -28,6 +28,7 @@ class Expect:
     ac_blocks: int = 0  # blocks wrapped for activation checkpointing
     compiled: bool = False
     stages: dict[int, list[int]] | None = None  # pipeline rank -> its stage indices
+    cp: int = 1  # context parallel: each rank holds 1/cp of every sequence
 
 
 def fsdp(layout="dp_shard 2", **kw) -> Expect:
@@ -93,7 +94,7 @@ def check_layout(name: str, got: dict, e: Expect) -> None:
     norm_out, logits = got["activations"]["norm_out"], got["activations"]["logits"]
     tp_size = 2 if e.tp else 1
     # sequence parallel: the final norm's output is a sequence shard
-    seq = SEQ_LEN // tp_size if e.sp else SEQ_LEN
+    seq = (SEQ_LEN // e.cp) // (tp_size if e.sp else 1)
     assert norm_out["placement"] == ((("tp",), ("S(1)",)) if e.sp else None), (
         f"{name}: norm output {norm_out}"
     )

@@ -173,6 +173,10 @@ def describe_layout(trainer: Trainer) -> dict:
         "stages": {trainer.pp_mesh.get_local_rank(): stage_ids} if stage_ids is not None else {},
         "graph_runs_per_block_and_pipeline_micro_batch": {},
         "linears": _linear_precision(trainer),
+        # attention modules that gather keys and values from the context-parallel ranks
+        "context_parallel_attention": sum(
+            b.attention.context_gather is not None for b in model.layers.values()
+        ),
     }
 
 

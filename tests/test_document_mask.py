@@ -11,7 +11,7 @@ from parallel_harness import assert_matches, make_batches, run_layouts, run_sing
 from titan.components.dataloader import document_ids
 from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.models.llama3 import FLAVORS
-from titan.models.llama3.model import Transformer, attention, block_causal_mask
+from titan.models.llama3.model import Transformer, attention, attention_mask
 
 BOS = build_tokenizer(SHIPPED_TOKENIZER).bos_id
 BLOCK = ["--model.attn_mask_type", "block_causal"]
@@ -39,11 +39,17 @@ def test_flex_attention_and_masked_sdpa_compute_the_same_function(n_kv_heads):
     q = torch.randn(bs, heads, seqlen, dim, generator=gen)
     k, v = (torch.randn(bs, n_kv_heads, seqlen, dim, generator=gen) for _ in range(2))
     docs = torch.cumsum(torch.rand(bs, seqlen, generator=gen) < 0.15, dim=1)
-    flex = attention(q, k, v, block_causal_mask(docs, flex=True))
-    sdpa = attention(q, k, v, block_causal_mask(docs, flex=False))
+    positions = torch.arange(seqlen).expand(bs, seqlen)
+    # keys in another order, as context parallel gathers them: the mask follows their positions
+    perm = torch.randperm(seqlen, generator=gen)
+    kp, kd, k, v = positions[:, perm], docs[:, perm], k[:, :, perm], v[:, :, perm]
+    flex = attention(q, k, v, attention_mask(positions, kp, docs, kd, flex=True))
+    sdpa = attention(q, k, v, attention_mask(positions, kp, docs, kd, flex=False))
     torch.testing.assert_close(flex, sdpa, atol=1e-6, rtol=1e-5)
-    causal = attention(q, k, v, None)
+    causal = attention(q, k, v, attention_mask(positions, kp, None, None, flex=False))
     assert (causal - sdpa).abs().max() > 0.1  # the documents' mask changed something
+    in_order = attention(q, k[:, :, perm.argsort()], v[:, :, perm.argsort()], None)
+    torch.testing.assert_close(causal, in_order, atol=1e-6, rtol=1e-5)  # = is_causal
 
 
 def test_each_document_gets_the_logits_it_gets_alone():

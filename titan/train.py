@@ -43,6 +43,7 @@ from titan.models.llama3.hf_io import titan_state_dict_from_hf
 from titan.models.llama3.parallelize import check_supported_layout
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms import dry_run
+from titan.parallelisms.context_parallel import shard_batch
 from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import (
     clip_grad_norm_,
@@ -69,6 +70,7 @@ class Trainer:
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         self.pp_mesh = self.meshes["pp"] if dims.pp > 1 else None
+        self.cp_mesh = self.meshes["cp"] if dims.cp > 1 else None
         set_determinism(t.seed, t.deterministic)
         # model_parts: what runs (the model, or this rank's pipeline stages); model: all of this
         # rank's parameters under the full model's names (for optimizer and checkpoints)
@@ -97,7 +99,8 @@ class Trainer:
         self.use_autocast = self.compute_dtype != torch.float32 and not dims.fsdp_enabled
         # FSDP and DDP average gradients over the data-parallel ranks; the loss is scaled by
         # their number so that the average is the sum over the global batch.
-        self.grad_average_over = dims.dp if (dims.fsdp_enabled or dims.ddp_enabled) else 1
+        # (FSDP averages over dp_shard x cp: context-parallel ranks hold parts of the tokens.)
+        self.grad_average_over = dims.dp * dims.cp if dims.fsdp_enabled or dims.ddp_enabled else 1
         self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_scale = 1.0  # 1 / the step's global target count (x FSDP's averaging)
         # the plain or the pipelined forward/backward, picked once
@@ -210,7 +213,7 @@ class Trainer:
         """The step's mean token loss on every rank: each data-parallel rank (and, pipelined,
         only the last stage) holds a share of it."""
         local_loss = local_loss / self.grad_average_over
-        return dist_sum(dist_sum(local_loss, self.pp_mesh), self.dp_mesh)
+        return dist_sum(dist_sum(local_loss, self.pp_mesh), self.meshes.get("dp_cp"))
 
     def _forward_backward(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -221,8 +224,9 @@ class Trainer:
         for inputs, labels in microbatches:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            inputs, labels, kwargs = self._model_inputs(inputs, labels)
             with torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast):
-                logits = self.model(inputs, **self._attention_kwargs(inputs))
+                logits = self.model(inputs, **kwargs)
             # loss parallel: cross-entropy over vocabulary shards, without gathering the logits
             with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
                 loss = self.loss_fn(logits, labels) * self.loss_scale
@@ -231,10 +235,15 @@ class Trainer:
             loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
 
-    def _attention_kwargs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.model_args.attn_mask_type != "block_causal":
-            return {}
-        return {"document_ids": document_ids(inputs, self.tokenizer.bos_id)}
+    def _model_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """(inputs, labels, the model's keyword inputs) of this rank: with block_causal masking
+        each token's document, under context parallel this cp rank's chunks and positions."""
+        kwargs = {}
+        if self.model_args.attn_mask_type == "block_causal":
+            kwargs["document_ids"] = document_ids(inputs, self.tokenizer.bos_id)
+        if self.cp_mesh is None:
+            return inputs, labels, kwargs
+        return shard_batch(inputs, labels, kwargs, self.cp_mesh)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, labels) * self.loss_scale
@@ -247,10 +256,9 @@ class Trainer:
         self._set_loss_scale(microbatches)
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            inputs = inputs.to(self.device)
+            inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
             args = (inputs,) if self.has_first_stage else ()
             target = labels.to(self.device) if self.has_last_stage else None
-            kwargs = self._attention_kwargs(inputs)  # every stage's attention masks
             losses: list[torch.Tensor] = []  # the schedule clears it: one list per step()
             with (
                 torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),

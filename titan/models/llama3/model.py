@@ -14,6 +14,7 @@ A pipeline stage is this module with the parts it does not own deleted (blocks r
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,22 +76,33 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
 AttentionMask = torch.Tensor | BlockMask | None  # None: causal
 
 
-def block_causal_mask(document_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
-    """Causal attention within each document. document_ids: (bs, seqlen) ints, equal for the
-    tokens of one document. Returns flex attention's BlockMask (which skips the blocks that are
-    all masked), or a (bs, 1, seqlen, seqlen) boolean mask for scaled_dot_product_attention."""
-    bs, seqlen = document_ids.shape
+def attention_mask(
+    q_positions: torch.Tensor,
+    kv_positions: torch.Tensor,
+    q_documents: torch.Tensor | None,
+    kv_documents: torch.Tensor | None,
+    flex: bool,
+) -> torch.Tensor | BlockMask:
+    """Which keys each query may attend to: those at its position or before (causal) and, given
+    documents, in its own document. positions and documents: (bs, seqlen) ints for the queries
+    and the keys (the same tensors, unless context parallel gathered the keys from other ranks,
+    in any order). Returns flex attention's BlockMask (which skips all-masked blocks), or a
+    (bs, 1, q_len, kv_len) boolean mask for scaled_dot_product_attention."""
     if flex:
 
-        def same_document_causal(b, _h, q, kv):
-            return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
+        def allowed(b, _h, q, kv):
+            causal = q_positions[b, q] >= kv_positions[b, kv]
+            if q_documents is None:
+                return causal
+            return causal & (q_documents[b, q] == kv_documents[b, kv])
 
-        return create_block_mask(
-            same_document_causal, bs, None, seqlen, seqlen, device=document_ids.device
-        )
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (bs, seqlen, seqlen)
-    return (same & causal)[:, None]
+        bs, q_len = q_positions.shape
+        kv_len = kv_positions.shape[1]
+        return create_block_mask(allowed, bs, None, q_len, kv_len, device=q_positions.device)
+    mask = q_positions[:, :, None] >= kv_positions[:, None, :]  # (bs, q_len, kv_len)
+    if q_documents is not None:
+        mask = mask & (q_documents[:, :, None] == kv_documents[:, None, :])
+    return mask[:, None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask):
@@ -128,6 +140,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # context parallel (set by apply_cp): all-gathers a tensor along a dim over the cp ranks
+        self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None
@@ -145,6 +159,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+        if self.context_gather is not None:  # every cp rank's keys: (bs, heads, cp x seqlen, ...)
+            k, v = self.context_gather(k, 2), self.context_gather(v, 2)
         out = attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
         return self.wo(out)
@@ -205,32 +221,49 @@ class Transformer(nn.Module):
         # Not persistent: derived from args, rebuilt by init_weights() after to_empty().
         cache = rope_cache(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cache", cache, persistent=False)
+        # context parallel (set by apply_cp): gathers positions and documents of every cp rank
+        self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(
-        self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size). document_ids:
-        (bs, seqlen), each token's document, for attn_mask_type "block_causal".
-
-        A pipeline stage without tok_embeddings takes hidden states (bs, seqlen, dim) instead,
-        and one without output returns them."""
-        seqlen = tokens.shape[1]
-        if seqlen > self.rope_cache.shape[0]:
-            raise ValueError(
-                f"sequence length {seqlen} exceeds max_seq_len {self.rope_cache.shape[0]}"
-            )
-        rope = self.rope_cache
-        mask = None
-        if self.args.attn_mask_type == "block_causal":
-            if document_ids is None:
-                raise ValueError("attn_mask_type 'block_causal' needs each token's document_ids")
-            mask = block_causal_mask(document_ids, flex=tokens.device.type == "cuda")
+        (bs, seqlen), each token's document, for attn_mask_type "block_causal". positions:
+        (bs, seqlen), each token's position in its window (default 0, 1, ...; context parallel
+        gives each rank parts of the window). A pipeline stage without tok_embeddings takes
+        hidden states (bs, seqlen, dim) instead, and one without output returns them."""
+        rope, mask = self.rope_cache, None
+        if positions is not None:
+            rope = rope[positions[0]]  # every row of a batch has the same positions
+        elif tokens.shape[1] > rope.shape[0]:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {len(rope)}")
+        block = self.args.attn_mask_type == "block_causal"
+        if block and document_ids is None:
+            raise ValueError("attn_mask_type 'block_causal' needs each token's document_ids")
+        if block or self.context_gather is not None:
+            mask = self._mask(document_ids if block else None, positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, rope, mask)  # (bs, seqlen, dim)
         if self.output is None:
             return h
         return self.output(self.norm(h))
+
+    def _mask(self, documents: torch.Tensor | None, positions: torch.Tensor | None):
+        """The attention mask (see attention_mask) of this rank's queries over all keys."""
+        if positions is None:  # documents given: the window in order
+            bs, seqlen = documents.shape
+            positions = torch.arange(seqlen, device=documents.device).expand(bs, seqlen)
+        kv_positions, kv_documents = positions, documents
+        if self.context_gather is not None:
+            kv_positions = self.context_gather(positions, 1)
+            if documents is not None:
+                kv_documents = self.context_gather(documents, 1)
+        flex = positions.device.type == "cuda"
+        return attention_mask(positions, kv_positions, documents, kv_documents, flex)
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "Transformer":
         super().to_empty(device=device, recurse=recurse)

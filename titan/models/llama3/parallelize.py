@@ -1,4 +1,5 @@
-"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, AC, compile, FSDP/DDP.
+"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, CP, AC, compile,
+FSDP/DDP.
 
 The tensor-parallel plan is keyed by Meta's layer names. With sequence parallel the residual
 stream between blocks is sharded on the sequence dimension (Shard(1)); attention and the FFN
@@ -31,6 +32,7 @@ from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.model import Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
+from titan.parallelisms.context_parallel import apply_cp, check_cp
 from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
 from titan.parallelisms.parallel_dims import ParallelDims
 from titan.parallelisms.tensor_parallel import (
@@ -80,10 +82,11 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "lose their MX matmuls once TP shards them; use the float8 converter with TP, or "
             "tensor_parallel_degree = 1"
         )
-    if dims.cp > 1:
+    check_cp(dims.cp, dims.tp, cfg.parallelism.enable_sequence_parallel, cfg.training.seq_len)
+    if dims.cp > 1 and dims.dp_replicate > 1:
         raise NotImplementedError(
-            f"context_parallel_degree {dims.cp}: context parallel is not implemented yet; set it "
-            "to 1"
+            "context parallel with HSDP (data_parallel_replicate_degree > 1) is not supported "
+            "yet: shard instead (data_parallel_replicate_degree = 1)"
         )
     if dims.pp > 1 and args.tie_word_embeddings:
         raise ValueError(
@@ -182,6 +185,8 @@ def parallelize_llama(
             enable_async_tp(meshes["tp"], cfg.compile.enable)
         if compile_blocks and model.tok_embeddings is not None:
             detach_async_collective_output(model.tok_embeddings)
+    if dims.cp > 1:
+        apply_cp(model, meshes["cp"])
     apply_ac(model, ac)
     apply_compile(model, cfg.compile)
     if dims.fsdp_enabled:

@@ -1,0 +1,105 @@
+"""Context parallel against one process: the same seed and global batch give the same losses
+and every gradient (fp32; 1e-5, each gradient relative to its own scale), with causal and
+block_causal masks, documents of arbitrary lengths (a BOS starts each, anywhere), ignored labels,
+and CP composed with FSDP, TP, PP, activation checkpointing and compile."""
+
+import pytest
+from layout_expect import check_layout, fsdp, fsdp_tp
+from parallel_harness import (
+    COUNTING_BACKEND,
+    assert_matches,
+    ignore_some_labels,
+    run_layouts,
+    run_single,
+)
+from test_document_mask import BLOCK, _packed_batches
+
+from titan.parallelisms.context_parallel import check_cp, chunk_order, shard_sequence
+
+SEQ_LEN = 32
+ALONE = ["--parallelism.data_parallel_shard_degree", "1", "--training.local_batch_size", "4"]
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+CP4 = ["--parallelism.context_parallel_degree", "4"]
+OP_AC = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
+         "op"]  # fmt: skip
+COMPILE = ["--compile.enable", "true", "--compile.backend", COUNTING_BACKEND]
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+
+# name: (overrides, expected layout (None: pipelined, checked by its stages), block_causal)
+TWO_RANKS = {
+    "cp2": ([*CP2, *ALONE], fsdp("cp 2", cp=2), False),
+    "cp2_block_causal": ([*CP2, *ALONE, *BLOCK], fsdp("cp 2", cp=2), True),
+    "cp2_block_causal_op_ac": ([*CP2, *ALONE, *BLOCK, *OP_AC],
+                               fsdp("cp 2", cp=2, ac_blocks=6), True),
+    "cp2_block_causal_compile": ([*CP2, *ALONE, *BLOCK, *COMPILE],
+                                 fsdp("cp 2", cp=2, compiled=True), True),
+}  # fmt: skip
+FOUR_RANKS = {
+    "cp4": ([*CP4, *ALONE], fsdp("cp 4", cp=4), False),
+    "cp4_block_causal": ([*CP4, *ALONE, *BLOCK], fsdp("cp 4", cp=4), True),
+    "fsdp2_cp2_block_causal": ([*CP2, "--training.local_batch_size", "2", *BLOCK],
+                               fsdp("dp_shard 2 x cp 2", cp=2), True),
+    "cp2_tp2_block_causal": ([*CP2, *TP2, *ALONE, *BLOCK], fsdp_tp("cp 2 x tp 2", cp=2), True),
+    "pp2_cp2_block_causal": ([*CP2, *PP2, *ALONE, *BLOCK], None, True),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def batches():
+    # documents of random lengths (a BOS starts each) and labels ignored in varying numbers
+    return ignore_some_labels(_packed_batches(3, 4, SEQ_LEN))
+
+
+@pytest.fixture(scope="module")
+def references(batches) -> dict[bool, dict]:
+    whole = ["--training.local_batch_size", "4"]
+    return {False: run_single(whole, batches), True: run_single([*whole, *BLOCK], batches)}
+
+
+def _check(cases: dict, world_size: int, batches, references) -> None:
+    results = run_layouts(world_size, [args for args, _, _ in cases.values()], batches)
+    for (name, (_, expect, block)), got in zip(cases.items(), results, strict=True):
+        layout = got["layout"]
+        if expect is not None:
+            check_layout(name, layout, expect)
+            assert layout["context_parallel_attention"] == 6, name
+        else:
+            assert layout["stages"] == {0: [0], 1: [1]}, name
+            assert layout["context_parallel_attention"] == 3, name  # rank 0's stage
+        assert_matches(name, got, references[block])
+
+
+def test_masks_differ(references):
+    """The documents change the loss: a causal run could not pass for a block_causal one."""
+    assert abs(references[True]["losses"][0] - references[False]["losses"][0]) > 1e-3
+
+
+def test_two_rank_context_parallel_matches_one_process(batches, references):
+    _check(TWO_RANKS, 2, batches, references)
+
+
+def test_four_rank_context_parallel_matches_one_process(batches, references):
+    _check(FOUR_RANKS, 4, batches, references)
+
+
+def test_load_balanced_chunks():
+    """Rank r holds chunks r and 2cp-1-r: every rank one early and one late chunk, and the
+    ranks' parts together are the sequence."""
+    import torch
+
+    x = torch.arange(16)[None]
+    parts = [shard_sequence(x, 4, r)[0].tolist() for r in range(4)]
+    assert parts == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+    assert sorted(sum(parts, [])) == list(range(16))
+    assert chunk_order(2, 1) == [1, 2]
+
+
+def test_sequence_length_must_split_into_equal_chunks():
+    check_cp(2, 2, True, 32)  # 2 x 2 x 2 = 8 divides 32
+    with pytest.raises(ValueError, match=r"seq_len 36 does not divide into 2 x context_parallel"
+                       r"_degree 2 x tensor_parallel_degree 2 \(sequence parallel\) = 8 equal "
+                       r"chunks: use a seq_len that is a multiple of 8"):  # fmt: skip
+        check_cp(2, 2, True, 36)
+    with pytest.raises(ValueError, match="2 x context_parallel_degree 4 = 8 equal chunks"):
+        check_cp(4, 1, True, 36)
