@@ -67,18 +67,18 @@ def one_process(tmp_path_factory):
     is the sum over every rank's tokens over the global target count, so the global batch is
     the ranks' rows concatenated.
     """
-    cache: dict[int, tuple[list[float], list[float]]] = {}
+    cache: dict[tuple, tuple[list[float], list[float]]] = {}
 
-    def run(dp: int) -> tuple[list[float], list[float]]:
-        if dp in cache:
-            return cache[dp]
+    def run(dp: int, extra: tuple[str, ...] = ()) -> tuple[list[float], list[float]]:
+        if (dp, extra) in cache:
+            return cache[dp, extra]
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "COMM_MODE"):
             assert key not in os.environ, key  # the reference is one process
         local = 2  # LAUNCH_ARGS' local_batch_size: every dp rank's rows per step
         dump = str(tmp_path_factory.mktemp(f"one_process_dp{dp}"))
         cfg = load_config([
             "--job.config_file", DEBUG_TOML, "--job.dump_folder", dump, *LAUNCH_ARGS,
-            "--training.device", "cpu", "--training.local_batch_size", str(local * dp),
+            "--training.device", "cpu", "--training.local_batch_size", str(local * dp), *extra,
         ])  # fmt: skip
         trainer = Trainer(cfg)
         t = cfg.training
@@ -96,8 +96,8 @@ def one_process(tmp_path_factory):
             loss, norm = trainer.train_step([batch])
             losses.append(loss)
             norms.append(norm)
-        cache[dp] = losses, norms
-        return cache[dp]
+        cache[dp, extra] = losses, norms
+        return cache[dp, extra]
 
     return run
 
@@ -114,8 +114,16 @@ def one_process(tmp_path_factory):
                           "--parallelism.pipeline_parallel_module_names_per_stage",
                           "tok_embeddings layers.0,layers.1 layers.2,layers.3 layers.4,"
                           "layers.5 norm output"]),
+        # the issue's command: NGPU=2 ./run_train.sh --parallelism.context_parallel_degree 2
+        # --parallelism.data_parallel_shard_degree 1 (here with block_causal masks too)
+        ("2", "cp 2", 1, ["--parallelism.context_parallel_degree", "2",
+                          "--parallelism.data_parallel_shard_degree", "1"]),
+        ("2", "cp 2", 1, ["--parallelism.context_parallel_degree", "2",
+                          "--parallelism.data_parallel_shard_degree", "1",
+                          "--model.attn_mask_type", "block_causal"]),
     ],
-    ids=["dp_shard2", "dp_replicate2", "tp2", "dp_shard2_tp2", "pp2_1f1b", "pp2_interleaved"],
+    ids=["dp_shard2", "dp_replicate2", "tp2", "dp_shard2_tp2", "pp2_1f1b", "pp2_interleaved",
+         "cp2", "cp2_block_causal"],
 )  # fmt: skip
 def test_run_train_sh_multi_process(tmp_path, one_process, ngpu, layout, dp, args):
     log = _run(tmp_path, DEBUG_TOML, *LAUNCH_ARGS, *args, NGPU=ngpu)
@@ -123,7 +131,10 @@ def test_run_train_sh_multi_process(tmp_path, one_process, ngpu, layout, dp, arg
     if "Interleaved1F1B" in args:
         assert "pp rank 0: stage 0 [tok_embeddings, layers.0]; stage 2 [layers.3-4]" in log
     losses, norms = _logged(log)
-    expected_losses, expected_norms = one_process(dp)
+    block = "block_causal" in args  # the reference masks documents too
+    expected_losses, expected_norms = one_process(
+        dp, ("--model.attn_mask_type", "block_causal") if block else ()
+    )
     # The log rounds losses to 6 decimals (5e-7) and norms to 4 (5e-5). TP sums the matmuls in
     # another order: after two updates its loss differs from one process's by 1.3e-6 in fp32.
     assert losses == pytest.approx(expected_losses, abs=3e-6, rel=0), log[-2000:]

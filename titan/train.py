@@ -26,6 +26,7 @@ from titan.components.loss import IGNORE_INDEX, build_loss_fn
 from titan.components.metrics import MetricsLogger, model_flops
 from titan.components.optimizer import build_lr_scheduler, build_optimizer
 from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from titan.components.quantization import build_float8_stats
 from titan.components.quantization.float8 import precompute_float8_scales
 from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: re-exported)
     NonFiniteLossError,
@@ -84,13 +85,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.grad_accum_steps = grad_accumulation_steps(t, dims.dp)
-        data_cfg = cfg.data
-        if self.dry_run and data_cfg.dataset != "synthetic":
-            logger.info("dry run: synthetic tokens instead of data.dataset (nothing is read)")
-            data_cfg = dataclasses.replace(data_cfg, dataset="synthetic", path=None)
         self.dataloader = build_dataloader(
-            data_cfg, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-            dp_rank=self.dp_rank, dp_degree=dims.dp, seed=t.seed,
+            cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
+            dp_rank=self.dp_rank, dp_degree=dims.dp, seed=t.seed, dry_run=self.dry_run,
         )  # fmt: skip
         self.compute_dtype = torch.float32
         if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
@@ -124,13 +121,8 @@ class Trainer:
                 self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
         self.metrics = self._build_metrics()
         self.float8 = cfg.quantize.linear.float8 if "float8" in cfg.model.converters else None
-        self.float8_stats = None  # per-layer float8 cast statistics, every debug_log_freq steps
-        if self.float8 is not None and self.float8.debug_log_freq:
-            from titan.components.quantization.float8_stats import Float8Stats
-
-            self.float8_stats = Float8Stats(
-                self.model_parts, self.float8.debug_log_freq, cfg.job.dump_folder, self.rank
-            )
+        # per-layer float8 cast statistics every debug_log_freq steps, or None
+        self.float8_stats = build_float8_stats(self.model_parts, self.float8, cfg.job, self.rank)
         self.step = 0
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward

@@ -4,6 +4,7 @@
 embedded corpus, synthetic tokens, local files (.txt gives a document per paragraph), or the hub.
 """
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -360,9 +361,14 @@ def build_dataloader(
     dp_rank: int = 0,
     dp_degree: int = 1,
     seed: int = 0,
+    dry_run: bool = False,
 ) -> StatefulDataLoader:
     """A loader of (inputs, labels) int64 batches of shape (local_batch_size, seq_len) for one
-    dp rank; `seed` drives synthetic tokens (text is read in order)."""
+    dp rank; `seed` drives synthetic tokens (text is read in order). A dry run reads nothing:
+    synthetic tokens."""
+    if dry_run and cfg.dataset != "synthetic":
+        logger.info("dry run: synthetic tokens instead of data.dataset (nothing is read)")
+        cfg = dataclasses.replace(cfg, dataset="synthetic", path=None)
     if not 0 <= dp_rank < dp_degree:
         raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_degree={dp_degree})")
     if seq_len < 1 or local_batch_size < 1:

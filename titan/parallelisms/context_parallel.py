@@ -15,8 +15,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 # torch 2.13 renamed the differentiable all-gather (the old name warns there, is all 2.11 has)
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or getattr(
-    funcol, "all_gather_tensor_autograd"
+_all_gather_autograd = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 )
 
 

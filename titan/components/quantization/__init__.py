@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from titan.config.job_config import QuantizeLinear
+from titan.config.job_config import Float8, Job, QuantizeLinear
 
 CONVERTERS = ("float8", "mx")
 
@@ -64,3 +64,13 @@ def apply_converters(
 def linear_names(model: nn.Module) -> list[str]:
     """The names of the model's nn.Linear modules (the layers a converter may swap)."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def build_float8_stats(parts: list[nn.Module], cfg: Float8 | None, job: Job, rank: int):
+    """float8 cast statistics of the parts' float8 layers every cfg.debug_log_freq steps
+    (float8_stats.Float8Stats), or None when float8 or its statistics are off."""
+    if cfg is None or not cfg.debug_log_freq:
+        return None
+    from titan.components.quantization.float8_stats import Float8Stats
+
+    return Float8Stats(parts, cfg.debug_log_freq, job.dump_folder, rank)
