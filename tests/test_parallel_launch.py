@@ -237,6 +237,22 @@ def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
 
 
 @pytest.mark.big_dry_run
+def test_dry_run_8b_128k_fsdp_cp4_at_8(tmp_path):
+    """The 128K long-context config's layout (FSDP 2 x CP 4, block_causal, full AC) on a short
+    sequence (the dry run computes rank 0's step: 128K tokens would take hours here)."""
+    log = _run(
+        tmp_path, str(ROOT / "train_configs" / "llama3_8b_128k.toml"), "--training.seq_len", "64",
+        "--compile.enable", "false", COMM_MODE="fake_backend", NGPU="8", timeout=1500,
+    )  # fmt: skip
+    assert "parallel layout: dp_shard 2 x cp 4 over 8 ranks" in log
+    assert "block_causal attention" in log
+    sizes = _dry_run_sizes(log)
+    total = 8_030_261_248  # FSDP shards over dp_shard x cp = 8 ranks
+    assert total / 8 <= sizes["parameters"] <= total / 8 * 1.001, sizes
+    assert re.search(r"step: +1 +loss: \d+\.\d{6}", log)
+
+
+@pytest.mark.big_dry_run
 def test_dry_run_8b_fsdp_at_8(tmp_path):
     log = _run(
         tmp_path, str(ROOT / "train_configs" / "llama3_8b.toml"), "--training.seq_len", "16",
