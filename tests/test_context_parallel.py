@@ -1,7 +1,7 @@
 """Context parallel against one process: the same seed and global batch give the same losses
 and every gradient (fp32; 1e-5, each gradient relative to its own scale), with causal and
 block_causal masks, documents of arbitrary lengths (a BOS starts each, anywhere), ignored labels,
-and CP composed with FSDP, TP, PP, activation checkpointing and compile."""
+and CP composed with FSDP, HSDP, TP, PP, activation checkpointing and compile."""
 
 import pytest
 from layout_expect import check_layout, fsdp, fsdp_tp
@@ -42,6 +42,10 @@ FOUR_RANKS = {
                                fsdp("dp_shard 2 x cp 2", cp=2), True),
     "cp2_tp2_block_causal": ([*CP2, *TP2, *ALONE, *BLOCK], fsdp_tp("cp 2 x tp 2", cp=2), True),
     "pp2_cp2_block_causal": ([*CP2, *PP2, *ALONE, *BLOCK], None, True),
+    "hsdp2_cp2_block_causal": ([*CP2, "--parallelism.data_parallel_replicate_degree", "2",
+                                *ALONE[:2], "--training.local_batch_size", "2", *BLOCK],
+                               fsdp("dp_replicate 2 x cp 2", cp=2,
+                                    fsdp_mesh=("dp_replicate", "dp_shard_cp")), True),
 }  # fmt: skip
 
 

@@ -284,15 +284,20 @@ def test_tp_degree_must_divide_heads():
     check_tp_degree(FLAVORS["70B"], 8)
 
 
-def test_unimplemented_layouts_fail_clearly(tmp_path):
+def test_context_parallel_seq_len_is_checked_before_any_process_group():
     from titan.config import ConfigError
 
     debug = str(ROOT / "train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--parallelism.context_parallel_degree", "2",
-                       "--parallelism.data_parallel_shard_degree", "1"])  # fmt: skip
+                       "--parallelism.data_parallel_shard_degree", "1", "--training.seq_len",
+                       "34"])  # fmt: skip
     os.environ["WORLD_SIZE"] = "2"
     try:
-        with pytest.raises(ConfigError, match="context parallel is not implemented yet"):
+        with pytest.raises(
+            ConfigError,
+            match=r"\[parallelism\] training.seq_len 34 does not "
+            r"divide into 2 x context_parallel_degree 2 = 4 equal chunks",
+        ):
             Trainer(cfg)
     finally:
         os.environ.pop("WORLD_SIZE")

@@ -59,8 +59,11 @@ class ParallelDims:
         meshes["dp"] = world["dp_replicate", "dp_shard"]._flatten("dp")
         meshes["dp_shard_cp"] = world["dp_shard", "cp"]._flatten("dp_shard_cp")
         meshes["dp_cp"] = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        # HSDP shards over dp_shard_cp; while cp is 1 that is the dp_shard dimension itself
-        meshes["hsdp"] = world["dp_replicate", "dp_shard"]
+        # HSDP replicates over dp_replicate and shards over dp_shard x cp (cp ranks hold parts
+        # of the same sequences, so they share one replica's shards)
+        # (torch 2.13 warns that slicing a flattened dim will be deprecated: only CP x HSDP does)
+        shard = "dp_shard_cp" if self.cp > 1 and self.dp_replicate > 1 else "dp_shard"
+        meshes["hsdp"] = world["dp_replicate", shard]
         return meshes
 
 

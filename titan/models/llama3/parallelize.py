@@ -83,11 +83,6 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "tensor_parallel_degree = 1"
         )
     check_cp(dims.cp, dims.tp, cfg.parallelism.enable_sequence_parallel, cfg.training.seq_len)
-    if dims.cp > 1 and dims.dp_replicate > 1:
-        raise NotImplementedError(
-            "context parallel with HSDP (data_parallel_replicate_degree > 1) is not supported "
-            "yet: shard instead (data_parallel_replicate_degree = 1)"
-        )
     if dims.pp > 1 and args.tie_word_embeddings:
         raise ValueError(
             "pipeline parallel with tied embeddings (Llama 3.2 1B/3B): the embedding and the "

@@ -132,7 +132,8 @@ def static_stage_shapes(
     """Example (meta) inputs and outputs of each stage and their gradients, so that no stage
     needs a shape exchange with its neighbours at the first step: a dry run's fake collectives
     carry no data, and the neighbours are not there."""
-    p, seq_len = cfg.parallelism, cfg.training.seq_len
+    p = cfg.parallelism
+    seq_len = cfg.training.seq_len // p.context_parallel_degree  # this cp rank's part
     mbs = p.pipeline_parallel_microbatch_size
     tp = tp_mesh.size() if tp_mesh is not None else 1
     local_seq = seq_len // tp if p.enable_sequence_parallel and tp > 1 else seq_len
