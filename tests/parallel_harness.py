@@ -15,12 +15,15 @@ may hold IGNORE_INDEX. `assert_matches` compares a case with the reference, each
 to its own scale.
 """
 
+import functools
+import importlib.util
 import multiprocessing
 import os
 import pickle
 import socket
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -318,6 +321,15 @@ def assert_matches(name: str, got: dict, ref: dict) -> None:
     assert sorted(got["grads"]) == sorted(ref["grads"]), f"{name}: parameter names differ"
     for key, grad in ref["grads"].items():
         assert_tensor_matches(f"{name}: gradient of {key}", got["grads"][key], grad)
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _free_port() -> int:

@@ -16,8 +16,6 @@ reports each linear's precision, so a converter that silently did not apply (as 
 does) fails.
 """
 
-import importlib.util
-
 import pytest
 import torch
 from layout_expect import check_layout, fsdp, fsdp_tp, tp
@@ -25,9 +23,9 @@ from parallel_harness import (
     COUNTING_BACKEND,
     DEBUG_TOML,
     REL_TOL,
-    REPO,
     assert_tensor_matches,
     ignore_some_labels,
+    load_script,
     make_batches,
     rel_error,
     run_layouts,
@@ -128,13 +126,6 @@ def _check(cases: dict, world_size: int, batches, references: dict, more=()) -> 
     return results
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_float8_matches(name: str, got: dict, ref: dict) -> None:
     """See the module docstring for the tolerances and why."""
     for key, tol in (("losses", LOSS_TOL), ("norms", NORM_TOL * max(ref["norms"]))):
@@ -178,7 +169,7 @@ def test_two_rank_float8_layouts_match_one_process(batches, references, tmp_path
     step_2 = str(tmp_path / "checkpoint" / "step-2")
     plain = run_single([*TWO_OF_2, "--checkpoint.initial_load_path", step_2], batches, stop=0)
     hf = tmp_path / "hf"
-    convert_to_hf = _script("convert_to_hf")
+    convert_to_hf = load_script("convert_to_hf")
     assert (
         convert_to_hf.main([step_2, str(hf), "--flavor", "debugmodel", "--dtype", "float32"]) == 0
     )

@@ -2,20 +2,19 @@
 transformers, exports that from_pretrained loads, sharding, config.json parsing, clear errors."""
 
 import dataclasses
-import functools
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
+from parallel_harness import load_script
 
 from titan.components.dcp_io import CheckpointError, load_dcp_model, save_dcp_model
 from titan.models.llama3 import FLAVORS, ModelArgs, hf_io
@@ -52,14 +51,6 @@ TINY = dict(
 )
 
 
-@functools.cache
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF folder, read with safetensors alone (not titan's loader)."""
     from safetensors.torch import load_file
@@ -89,10 +80,10 @@ def ckpt(request, tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("tied" if request.param else "untied")
     c = SimpleNamespace(tied=request.param, hf=tmp / "hf", dcp=tmp / "dcp", out=tmp / "out")
     _tiny_hf_model(c.tied).save_pretrained(c.hf)
-    assert _script("convert_from_hf").main([str(c.hf), str(c.dcp)]) == 0
+    assert load_script("convert_from_hf").main([str(c.hf), str(c.dcp)]) == 0
     cfg = ["--config-json", str(c.hf / "config.json")]
     argv = [str(c.dcp), str(c.out), *cfg, "--dtype", "float32"]
-    assert _script("convert_to_hf").main(argv) == 0
+    assert load_script("convert_to_hf").main(argv) == 0
     c.config_args = cfg
     return c
 
@@ -103,14 +94,14 @@ def test_round_trip_is_bit_identical(ckpt, tmp_path):
     for name, w in original.items():
         assert back[name].dtype == torch.float32 and torch.equal(back[name], w), name
     bf16 = tmp_path / "bf16"
-    assert _script("convert_to_hf").main([str(ckpt.dcp), str(bf16), *ckpt.config_args]) == 0
+    assert load_script("convert_to_hf").main([str(ckpt.dcp), str(bf16), *ckpt.config_args]) == 0
     for name, w in _safetensors(bf16).items():
         assert w.dtype == torch.bfloat16 and torch.equal(w, original[name].bfloat16()), name
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_logits_and_greedy_match_transformers(ckpt):
-    parity = _script("verify_hf_parity")
+    parity = load_script("verify_hf_parity")
     tokens = torch.randint(0, 512, (2, 80), generator=torch.Generator().manual_seed(1))
     # titan reads each folder with its own code; transformers reads the original HF folder
     for source in (ckpt.hf, ckpt.dcp, ckpt.out):
@@ -139,7 +130,7 @@ def test_verify_script_reports_and_exits_zero(ckpt):
 def test_hf_reference_catches_a_wrong_dcp_load(ckpt, tmp_path, capsys):
     # a DCP whose wq rows are in HF's order (each head's halves) instead of Meta's (interleaved
     # pairs), as a load that skipped the permutation would leave them
-    parity = _script("verify_hf_parity")
+    parity = load_script("verify_hf_parity")
     args = args_from_hf_config(json.loads((ckpt.hf / "config.json").read_text()))
     sd = load_dcp_model(ckpt.dcp, empty_model(args).state_dict())
     wq = sd["layers.1.attention.wq.weight"]  # (n_heads * head_dim, dim)
@@ -284,7 +275,9 @@ def test_errors_name_the_path(ckpt, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="empty is not a DCP checkpoint"):
         load_dcp_model(tmp_path / "empty", {})
     # --flavor that disagrees with config.json
-    assert _script("convert_from_hf").main([str(ckpt.hf), str(tmp_path / "x"), "--flavor", "1B"])
+    assert load_script("convert_from_hf").main(
+        [str(ckpt.hf), str(tmp_path / "x"), "--flavor", "1B"]
+    )
     err = capsys.readouterr().err
     assert "does not match --flavor 1B" in err and "dim: config.json 128 vs 1B 2048" in err
     # a DCP of other shapes than the flavor's
@@ -298,5 +291,5 @@ def test_errors_name_the_path(ckpt, tmp_path, capsys):
     with pytest.raises(CheckpointError, match=re.escape(f"{distcp} is truncated: ")):
         load_dcp_model(broken, empty_model(args))
     argv = [str(broken), str(tmp_path / "out"), *ckpt.config_args]
-    assert _script("convert_to_hf").main(argv) == 2
+    assert load_script("convert_to_hf").main(argv) == 2
     assert str(broken) in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -10,7 +10,6 @@ sequence-parallel and loss-parallel activations, activation checkpointing and co
 """
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -21,10 +20,10 @@ from parallel_harness import (
     COUNTING_BACKEND,
     DEBUG_TOML,
     LOSS_ATOL,
-    REPO,
     assert_matches,
     assert_tensor_matches,
     ignore_some_labels,
+    load_script,
     make_batches,
     run_layouts,
     run_single,
@@ -173,13 +172,6 @@ def test_comparison_catches_a_one_percent_error(reference):
             assert_matches("broken", broken, reference)
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_resume_chain_across_layouts(tmp_path):
     """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> PP 2
     (Interleaved1F1B, 3 stages per rank) -> one process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4
@@ -228,7 +220,7 @@ def test_resume_chain_across_layouts(tmp_path):
     after_4 = run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches, stop=4)
     hf = tmp_path / "hf_from_pp"
     step_4 = str(tmp_path / "checkpoint" / "step-4")
-    convert_to_hf = _script("convert_to_hf")
+    convert_to_hf = load_script("convert_to_hf")
     assert (
         convert_to_hf.main([step_4, str(hf), "--flavor", "debugmodel", "--dtype", "float32"]) == 0
     )

@@ -77,7 +77,6 @@ class Trainer:
         # rank's parameters under the full model's names (for optimizer and checkpoints)
         built = build_model(self.model_args, dims, self.meshes, cfg, self.device, self.dry_run)
         self.model_parts, self.n_params = built.parts, built.n_params
-        self.float8_flops = built.float8_flops
         self.stage_ids, self.n_stages = built.stage_ids, built.n_stages
         self.model = self.model_parts[0] if dims.pp == 1 else StageUnion(self.model_parts)
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
@@ -119,7 +118,7 @@ class Trainer:
             if built.low_memory_dry_run:
                 logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
                 self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
-        self.metrics = self._build_metrics()
+        self.metrics = self._build_metrics(built.float8_flops)
         self.float8 = cfg.quantize.linear.float8 if "float8" in cfg.model.converters else None
         # per-layer float8 cast statistics every debug_log_freq steps, or None
         self.float8_stats = build_float8_stats(self.model_parts, self.float8, cfg.job, self.rank)
@@ -182,10 +181,10 @@ class Trainer:
         logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
         return dims, meshes
 
-    def _build_metrics(self) -> MetricsLogger:
+    def _build_metrics(self, float8_flops: int) -> MetricsLogger:
         a = self.model_args
         self.flops_per_token, peak, label = model_flops(
-            a, self.n_params, self.float8_flops, self.device, self.compute_dtype
+            a, self.n_params, float8_flops, self.device, self.compute_dtype
         )
         return MetricsLogger(
             self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,

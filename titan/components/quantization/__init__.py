@@ -13,6 +13,7 @@ from torch import nn
 from titan.config.job_config import Float8, Job, QuantizeLinear
 
 CONVERTERS = ("float8", "mx")
+ROWWISE_RECIPES = ("rowwise", "rowwise_with_gw_hp")  # float8 recipes that scale per row
 
 
 def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool) -> None:
@@ -35,7 +36,7 @@ def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool
             "quantize.linear.float8.debug_log_freq records from eager blocks: set "
             "compile.components = ['loss'] or compile.enable = false, or turn the stats off"
         )
-    if "float8" in names and f8.enable_fsdp_float8_all_gather and f8.recipe_name.startswith("row"):
+    if "float8" in names and f8.enable_fsdp_float8_all_gather and f8.recipe_name in ROWWISE_RECIPES:
         raise ConfigError(
             f"quantize.linear.float8.enable_fsdp_float8_all_gather needs per-tensor scales; recipe "
             f"{f8.recipe_name!r} scales per row: use recipe_name = 'tensorwise' or turn it off"

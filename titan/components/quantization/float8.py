@@ -9,10 +9,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from titan.components.quantization import ROWWISE_RECIPES, linear_names
 from titan.config.job_config import Float8
 from titan.logger import logger
-
-ROWWISE_RECIPES = ("rowwise", "rowwise_with_gw_hp")
 
 
 def has_float8_tensor_cores(device: torch.device) -> bool:
@@ -80,7 +79,7 @@ def apply_float8(model: nn.Module, cfg: Float8, device: torch.device, fsdp: bool
     fsdp_all_gather = cfg.enable_fsdp_float8_all_gather and fsdp
     if cfg.enable_fsdp_float8_all_gather and not fsdp:
         logger.info("float8: enable_fsdp_float8_all_gather has no effect without FSDP")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = linear_names(model)
     convert_to_float8_training(
         model,
         config=float8_linear_config(cfg, emulate, fsdp_all_gather),

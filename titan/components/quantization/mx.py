@@ -4,6 +4,7 @@ elements. Real kernels need CUDA SM 10.0 (Blackwell); elsewhere the matmuls are 
 import torch
 from torch import nn
 
+from titan.components.quantization import linear_names
 from titan.config.job_config import MX
 from titan.logger import logger
 
@@ -37,7 +38,7 @@ def apply_mx(model: nn.Module, cfg: MX, device: torch.device) -> int:
             f"mx: {device} has no MX tensor cores (CUDA SM 10.0+): MXFP8 matmuls are emulated "
             "(MX numerics, no MX speed)"
         )
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = linear_names(model)
 
     def convert(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or any(f in fqn for f in cfg.filter_fqns):

@@ -147,7 +147,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None
     ) -> torch.Tensor:
         """x: (bs, seqlen, dim); rope: the cos/sin table from position 0, at least seqlen long;
-        mask: see block_causal_mask (None: causal)."""
+        mask: see attention_mask (None: causal)."""
         bs, seqlen, _ = x.shape
         # The table is cut here, to the sequence attention sees: a pipeline stage after the
         # first receives hidden states that sequence parallel has sharded, and only attention's
