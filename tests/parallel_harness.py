@@ -176,10 +176,11 @@ def describe_layout(trainer: Trainer) -> dict:
         "stages": {trainer.pp_mesh.get_local_rank(): stage_ids} if stage_ids is not None else {},
         "graph_runs_per_block_and_pipeline_micro_batch": {},
         "linears": _linear_precision(trainer),
-        # attention modules that gather keys and values from the context-parallel ranks
-        "context_parallel_attention": sum(
-            b.attention.context_gather is not None for b in model.layers.values()
-        ),
+        # attention modules that see the context-parallel ranks' keys and values, by how
+        "context_parallel_attention": {
+            "ring": sum(b.attention.ring_attention is not None for b in model.layers.values()),
+            "gather": sum(b.attention.context_gather is not None for b in model.layers.values()),
+        },
     }
 
 

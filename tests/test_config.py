@@ -106,6 +106,11 @@ def test_effective_config_round_trips(tmp_path):
             "optimizer.name = 'adamw' is not one of AdamW, Adam; did you mean 'AdamW'?",
         ),
         (["--model.name", "llama4"], "model.name = 'llama4' is not one of llama3"),
+        (
+            ["--parallelism.context_parallel_rotate_method", "all2all"],
+            "parallelism.context_parallel_rotate_method = 'all2all' is not one of allgather, "
+            "alltoall; did you mean 'alltoall'?",
+        ),
         (["--optimizer.beta2", "1.0"], "optimizer.beta2 = 1.0 must be in [0, 1)"),
         (
             ["--parallelism.tensor_parallel_degree", "0"],

@@ -25,10 +25,13 @@ OP_AC = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.s
 COMPILE = ["--compile.enable", "true", "--compile.backend", COUNTING_BACKEND]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+ALLTOALL = ["--parallelism.context_parallel_rotate_method", "alltoall"]
 
 # name: (overrides, expected layout (None: pipelined, checked by its stages), block_causal)
 TWO_RANKS = {
     "cp2": ([*CP2, *ALONE], fsdp("cp 2", cp=2), False),
+    "cp2_alltoall": ([*CP2, *ALONE, *ALLTOALL], fsdp("cp 2", cp=2), False),
+    "cp2_compile": ([*CP2, *ALONE, *COMPILE], fsdp("cp 2", cp=2, compiled=True), False),
     "cp2_block_causal": ([*CP2, *ALONE, *BLOCK], fsdp("cp 2", cp=2), True),
     "cp2_block_causal_op_ac": ([*CP2, *ALONE, *BLOCK, *OP_AC],
                                fsdp("cp 2", cp=2, ac_blocks=6), True),
@@ -37,6 +40,8 @@ TWO_RANKS = {
 }  # fmt: skip
 FOUR_RANKS = {
     "cp4": ([*CP4, *ALONE], fsdp("cp 4", cp=4), False),
+    "cp4_alltoall": ([*CP4, *ALONE, *ALLTOALL], fsdp("cp 4", cp=4), False),
+    "cp2_tp2": ([*CP2, *TP2, *ALONE], fsdp_tp("cp 2 x tp 2", cp=2), False),
     "cp4_block_causal": ([*CP4, *ALONE, *BLOCK], fsdp("cp 4", cp=4), True),
     "fsdp2_cp2_block_causal": ([*CP2, "--training.local_batch_size", "2", *BLOCK],
                                fsdp("dp_shard 2 x cp 2", cp=2), True),
@@ -65,12 +70,15 @@ def _check(cases: dict, world_size: int, batches, references) -> None:
     results = run_layouts(world_size, [args for args, _, _ in cases.values()], batches)
     for (name, (_, expect, block)), got in zip(cases.items(), results, strict=True):
         layout = got["layout"]
+        blocks = 6
         if expect is not None:
             check_layout(name, layout, expect)
-            assert layout["context_parallel_attention"] == 6, name
         else:
             assert layout["stages"] == {0: [0], 1: [1]}, name
-            assert layout["context_parallel_attention"] == 3, name  # rank 0's stage
+            blocks = 3  # rank 0's stage
+        # causal: torch's ring attention; block_causal: gathered keys under the mask
+        how = {"ring": 0, "gather": blocks} if block else {"ring": blocks, "gather": 0}
+        assert layout["context_parallel_attention"] == how, name
         assert_matches(name, got, references[block])
 
 
@@ -107,3 +115,19 @@ def test_sequence_length_must_split_into_equal_chunks():
         check_cp(2, 2, True, 36)
     with pytest.raises(ValueError, match="2 x context_parallel_degree 4 = 8 equal chunks"):
         check_cp(4, 1, True, 36)
+
+
+def test_mask_rotation_and_dtype_need_a_cp_attention():
+    """block_causal all-gathers keys (torch's ring knows only causal masks), and torch's ring on
+    CUDA runs the flash kernel, which has no fp32 version: both stop start-up, naming the fix."""
+    import torch
+
+    check_cp(2, 1, True, 32, "block_causal", "allgather")
+    check_cp(2, 1, True, 32, "causal", "alltoall", torch.bfloat16)
+    block_alltoall = (r"context_parallel_rotate_method = 'alltoall' with model\.attn_mask_type "
+                      r"= 'block_causal': .* use rotate_method 'allgather'")  # fmt: skip
+    with pytest.raises(ValueError, match=block_alltoall):
+        check_cp(2, 1, True, 32, "block_causal", "alltoall")
+    with pytest.raises(ValueError, match=r"ring flash attention, which has no float32 kernel: use "
+                       r"training.mixed_precision_param = 'bfloat16'"):  # fmt: skip
+        check_cp(2, 1, True, 32, "causal", "allgather", torch.float32)

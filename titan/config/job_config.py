@@ -149,6 +149,10 @@ class Parallelism:
     """Give the last stage this many blocks fewer, for the cost of the norm, output and loss."""
     context_parallel_degree: int = 1
     """Ranks splitting each sequence (context parallel)."""
+    context_parallel_rotate_method: str = "allgather"
+    """How torch's ring attention passes keys and values between cp ranks (causal masks):
+    allgather (all at once) or alltoall (one neighbour's per step, overlapped with compute).
+    block_causal always all-gathers."""
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: whether FSDP frees gathered parameters after forward."""
     fsdp_cpu_offload: bool = False

@@ -238,6 +238,7 @@ _CHOICES = {
     "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallelism.context_parallel_rotate_method": ("allgather", "alltoall"),
     # titan.parallelisms.pipeline.SCHEDULES (a test keeps the two equal)
     "parallelism.pipeline_parallel_schedule": (
         "GPipe",

@@ -1,18 +1,26 @@
-"""Context parallel: each of the cp ranks holds a part of every sequence, and attention gathers
-keys and values from all of them.
+"""Context parallel: each of the cp ranks holds a part of every sequence, and attention sees the
+keys and values of all of them.
 
 Sequences are cut into 2 x cp chunks and rank r keeps chunks r and 2cp-1-r (causal load
 balancing: an early chunk attends to few keys, a late one to many, so each rank gets one of
-each). Attention all-gathers k and v along the sequence (the backward reduce-scatters their
-gradients) and masks by the tokens' global positions and documents, so any document lengths
-work: the mask, not the chunking, keeps attention inside documents. This is the function torch's
-"allgather" rotation computes; the keys of all ranks are held at once during attention.
+each). Two attentions:
+- causal: torch's ring attention (`torch.distributed.tensor.experimental._context_parallel`),
+  its load-balanced loop, key/value rotation (`rotate_method` allgather or alltoall) and
+  log-sum-exp merge, run on each device's SDPA kernel (flash on CUDA, the CPU flash kernel
+  elsewhere, so CPU tests run torch's loop itself);
+- block_causal: k and v are all-gathered along the sequence (the backward reduce-scatters their
+  gradients) and attention masks by the tokens' global positions and documents, so documents of
+  any length work: the mask, not the chunking, keeps attention inside documents (torch's ring
+  only knows is_causal). The keys of all ranks are held at once during attention.
 """
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
+
+aten = torch.ops.aten
 
 # torch 2.13 renamed the differentiable all-gather (the old name warns there, is all 2.11 has)
 _all_gather_autograd = (
@@ -20,10 +28,26 @@ _all_gather_autograd = (
 )
 
 
-def check_cp(cp: int, tp: int, sequence_parallel: bool, seq_len: int) -> None:
-    """Every rank must get two equal chunks, and each chunk's tokens split evenly over TP."""
+def check_cp(
+    cp: int, tp: int, sequence_parallel: bool, seq_len: int, mask_type: str = "causal",
+    rotate_method: str = "allgather", cuda_dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """Every rank must get two equal chunks, each chunk's tokens must split evenly over TP, and
+    the mask, rotation and (on CUDA, cuda_dtype) compute dtype must have a CP attention."""
     if cp == 1:
         return
+    if mask_type == "block_causal" and rotate_method != "allgather":
+        raise ValueError(
+            f"parallelism.context_parallel_rotate_method = {rotate_method!r} with "
+            "model.attn_mask_type = 'block_causal': document masks all-gather the keys (torch's "
+            "ring rotation only knows causal masks); use rotate_method 'allgather'"
+        )
+    if mask_type == "causal" and cuda_dtype not in (None, torch.bfloat16):
+        raise ValueError(
+            "context parallel with causal attention on CUDA runs torch's ring flash attention, "
+            f"which has no {str(cuda_dtype).removeprefix('torch.')} kernel: use "
+            "training.mixed_precision_param = 'bfloat16'"
+        )
     parts = 2 * cp * (tp if tp > 1 and sequence_parallel else 1)
     if seq_len % parts:
         split = f" x tensor_parallel_degree {tp} (sequence parallel)" if parts != 2 * cp else ""
@@ -57,8 +81,85 @@ def gather_sequence(mesh: DeviceMesh):
     return gather
 
 
-def apply_cp(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Make the model's attention (and its mask) see every cp rank's keys and values."""
+class _RingAttention(torch.autograd.Function):
+    """torch's load-balanced causal ring attention over `group` (q, k, v: this rank's two
+    chunks, (bs, heads, 2 x chunk, head_dim); GQA: k and v may have fewer heads), forward and
+    backward, on the device's SDPA kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        cuda = q.device.type == "cuda"
+        op = aten._scaled_dot_product_flash_attention if cuda else _cpu_flash
+        out, lse, *rest = torch_cp._templated_ring_attention(
+            group, 2, op, q, k, v, is_causal=True, dropout_p=0.0, scale=None
+        )
+        ctx.save_for_backward(q, k, v, out, lse, *rest[:2], *rest[4:6])
+        ctx.group, ctx.max_qk = group, rest[2:4]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        op, kwargs = _cpu_flash_backward, {}
+        if q.device.type == "cuda":  # the flash kernel's bookkeeping from the forward
+            cum_q, cum_k, seed, offset = rest
+            max_q, max_k = ctx.max_qk
+            op = _cuda_flash_backward
+            kwargs = dict(cum_seq_q=cum_q, cum_seq_k=cum_k, max_q=max_q, max_k=max_k,
+                          philox_seed=seed, philox_offset=offset)  # fmt: skip
+        dq, dk, dv, *_ = torch_cp._templated_ring_attention_backward(
+            ctx.group, 2, op, grad_out=grad_out.contiguous(), grad_out_name="grad_out",
+            query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True, dropout_p=0.0,
+            scale=None, **kwargs,
+        )  # fmt: skip
+        return dq, dk, dv, None
+
+
+# torch's loop calls its kernel with keyword arguments; these pass them on by position
+# (dynamo, tracing a compiled block, takes an `out=` keyword for an out-variant's output).
+def _cpu_flash(q, k, v, *, is_causal, dropout_p, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, scale=scale
+    )
+
+
+def _cpu_flash_backward(*, grad_out, query, key, value, out, logsumexp, is_causal, dropout_p,
+                        scale):  # fmt: skip
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, scale=scale
+    )
+
+
+def _cuda_flash_backward(*, grad_out, query, key, value, out, logsumexp, is_causal, dropout_p,
+                         scale, cum_seq_q, cum_seq_k, max_q, max_k, philox_seed,
+                         philox_offset):  # fmt: skip
+    return aten._scaled_dot_product_flash_attention_backward(
+        grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
+        dropout_p, is_causal, philox_seed, philox_offset, scale=scale,
+    )  # fmt: skip
+
+
+def ring_attention(mesh: DeviceMesh, rotate_method: str):
+    """Causal attention of this rank's q over every cp rank's k and v, by torch's ring."""
+    # torch keeps these as module-wide options: titan's chunks are its head-tail layout
+    torch_cp._cp_options.enable_load_balance = True
+    torch_cp.set_rotate_method(rotate_method)
+    group = mesh.get_group()
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _RingAttention.apply(q, k, v, group)
+
+    return attend
+
+
+def apply_cp(model: nn.Module, mesh: DeviceMesh, mask_type: str, rotate_method: str) -> None:
+    """Make the model's attention see every cp rank's keys and values: torch's ring attention
+    for a causal mask; for block_causal, gathered keys (and their positions and documents)."""
+    if mask_type == "causal":
+        ring = ring_attention(mesh, rotate_method)
+        for block in model.layers.values():
+            block.attention.ring_attention = ring
+        return
     gather = gather_sequence(mesh)
     model.context_gather = gather
     for block in model.layers.values():

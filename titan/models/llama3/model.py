@@ -140,7 +140,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # context parallel (set by apply_cp): all-gathers a tensor along a dim over the cp ranks
+        # context parallel (set by apply_cp), one of: causal attention of this rank's queries
+        # over every cp rank's keys (q, k, v -> out), or an all-gather of a tensor along a dim
+        # over the cp ranks (keys and values for a masked attention)
+        self.ring_attention: Callable[..., torch.Tensor] | None = None
         self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(
@@ -159,9 +162,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
-        if self.context_gather is not None:  # every cp rank's keys: (bs, heads, cp x seqlen, ...)
-            k, v = self.context_gather(k, 2), self.context_gather(v, 2)
-        out = attention(q, k, v, mask)
+        if self.ring_attention is not None:
+            out = self.ring_attention(q, k, v)
+        else:
+            if self.context_gather is not None:  # every cp rank's keys: (bs, heads, cp x seqlen, .)
+                k, v = self.context_gather(k, 2), self.context_gather(v, 2)
+            out = attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(bs, seqlen, -1)  # (bs, seqlen, n_heads * head_dim)
         return self.wo(out)
 
@@ -221,7 +227,8 @@ class Transformer(nn.Module):
         # Not persistent: derived from args, rebuilt by init_weights() after to_empty().
         cache = rope_cache(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cache", cache, persistent=False)
-        # context parallel (set by apply_cp): gathers positions and documents of every cp rank
+        # context parallel with block_causal (set by apply_cp): gathers the positions and
+        # documents of every cp rank's keys
         self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(

@@ -82,7 +82,13 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "lose their MX matmuls once TP shards them; use the float8 converter with TP, or "
             "tensor_parallel_degree = 1"
         )
-    check_cp(dims.cp, dims.tp, cfg.parallelism.enable_sequence_parallel, cfg.training.seq_len)
+    p, t = cfg.parallelism, cfg.training
+    on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    cuda_dtype = getattr(torch, t.mixed_precision_param) if on_cuda else None
+    check_cp(
+        dims.cp, dims.tp, p.enable_sequence_parallel, t.seq_len, args.attn_mask_type,
+        p.context_parallel_rotate_method, cuda_dtype,
+    )  # fmt: skip
     if dims.pp > 1 and args.tie_word_embeddings:
         raise ValueError(
             "pipeline parallel with tied embeddings (Llama 3.2 1B/3B): the embedding and the "
@@ -181,7 +187,7 @@ def parallelize_llama(
         if compile_blocks and model.tok_embeddings is not None:
             detach_async_collective_output(model.tok_embeddings)
     if dims.cp > 1:
-        apply_cp(model, meshes["cp"])
+        apply_cp(model, meshes["cp"], model.args.attn_mask_type, p.context_parallel_rotate_method)
     apply_ac(model, ac)
     apply_compile(model, cfg.compile)
     if dims.fsdp_enabled:
