@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from titan.components.dataloader import build_dataloader, document_ids  # noqa: E402
 from titan.components.tokenizer import build_tokenizer  # noqa: E402
 from titan.config import load_config  # noqa: E402
-from titan.parallelisms.context_parallel import shard_sequence  # noqa: E402
+from titan.parallelisms.context_parallel import chunk_order, document_chunks  # noqa: E402
 from titan.train import Trainer  # noqa: E402
 
 DEBUG = str(Path(__file__).resolve().parents[1] / "train_configs" / "debug_model.toml")
@@ -81,21 +81,41 @@ def time_steps(seq_len: int, cp: int, steps: int) -> tuple[float, float]:
     return float(seconds), float(rss)
 
 
-def work_balance(seq_len: int, cp: int, windows: int = 64) -> tuple[float, float]:
-    """(max over mean of the ranks' allowed query-key pairs, over the windows; the mean of that
-    ratio) under block_causal, for windows of the embedded corpus."""
+def _rank_work(allowed: torch.Tensor, chunks: list[list[int]], block: int) -> list[list[int]]:
+    """Per rank: [allowed (query, key) pairs of its queries, flex blocks with any allowed pair]
+    for the ranks' chunks; keys are gathered in rank order, as attention sees them."""
+    n = sum(len(c) for c in chunks)
+    order = torch.cat([torch.arange(allowed.shape[0]).chunk(n)[i] for cs in chunks for i in cs])
+    allowed = allowed[order][:, order]  # rows: queries in rank order; columns: gathered keys
+    work = []
+    for rows in allowed.chunk(len(chunks)):
+        blocks = rows.unflatten(0, (-1, block)).unflatten(2, (-1, block)).any(1).any(-1)
+        work.append([int(rows.sum()), int(blocks.sum())])
+    return work
+
+
+def work_balance(seq_len: int, cp: int, windows: int = 32, block: int = 128) -> dict[str, list]:
+    """Under block_causal, for windows of the embedded corpus: max over mean of the ranks'
+    allowed (query, key) pairs and of their flex blocks (block x block tiles with any allowed
+    pair), with head-tail chunks and with titan's document-balanced chunks; [worst, average]."""
     cfg = load_config(_overrides(seq_len, 1))
     tokenizer = build_tokenizer(cfg.model.tokenizer_path)
     loader = iter(build_dataloader(cfg.data, tokenizer, seq_len=seq_len, local_batch_size=1))
-    ratios = []
+    head_tail = [chunk_order(cp, r) for r in range(cp)]
+    ratios = {
+        f"{how} {what}": [] for how in ("head-tail", "balanced") for what in ("pairs", "blocks")
+    }
     for _ in range(windows):
         inputs, _ = next(loader)
-        docs = document_ids(inputs, tokenizer.bos_id)[0]
+        docs = document_ids(inputs, tokenizer.bos_id)
         pos = torch.arange(seq_len)
-        allowed = (pos[:, None] >= pos[None, :]) & (docs[:, None] == docs[None, :])
-        per_rank = [shard_sequence(allowed.sum(1)[None], cp, r).sum().item() for r in range(cp)]
-        ratios.append(max(per_rank) / statistics.mean(per_rank))
-    return max(ratios), statistics.mean(ratios)
+        allowed = (pos[:, None] >= pos[None, :]) & (docs[0, :, None] == docs[0, None, :])
+        for how, chunks in (("head-tail", head_tail), ("balanced", document_chunks(docs, cp))):
+            work = _rank_work(allowed, chunks, block)
+            for i, what in enumerate(("pairs", "blocks")):
+                per_rank = [w[i] for w in work]
+                ratios[f"{how} {what}"].append(max(per_rank) / statistics.mean(per_rank))
+    return {k: [max(v), statistics.mean(v)] for k, v in ratios.items()}
 
 
 def main() -> None:
@@ -103,21 +123,25 @@ def main() -> None:
     p.add_argument("--seq-lens", default="256,512,1024")
     p.add_argument("--cps", default="1,2,4")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--balance-seq-lens", default="1024,4096,16384",
+                   type=lambda v: [int(x) for x in v.split(",")])  # fmt: skip
     ns = p.parse_args()
     seq_lens = [int(x) for x in ns.seq_lens.split(",")]
     cps = [int(x) for x in ns.cps.split(",")]
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}; debug model, block_causal, fp32")
     print("seq_len  cp  step s (median)  rank 0 peak RSS GiB")
-    for seq_len in seq_lens:
+    for seq_len in seq_lens if ns.steps else []:
         for cp in cps:
             seconds, rss = time_steps(seq_len, cp, ns.steps)
             print(f"{seq_len:7d} {cp:3d} {seconds:16.3f} {rss:20.2f}")
-    print("block_causal work per CP rank (allowed query-key pairs), embedded corpus windows:")
-    print("seq_len  cp  worst max/mean  average max/mean")
-    for seq_len in (1024, 4096):
+    print("block_causal work per CP rank, max over mean (worst window / average), 32 windows of")
+    print("the embedded corpus: allowed query-key pairs, and flex's 128 x 128 blocks")
+    for seq_len in ns.balance_seq_lens:
         for cp in (2, 4):
-            worst, mean = work_balance(seq_len, cp)
-            print(f"{seq_len:7d} {cp:3d} {worst:15.3f} {mean:17.3f}")
+            cells = "  ".join(
+                f"{k} {w:.3f}/{a:.3f}" for k, (w, a) in work_balance(seq_len, cp).items()
+            )
+            print(f"{seq_len:7d} {cp:3d}  {cells}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ block_causal masks, documents of arbitrary lengths (a BOS starts each, anywhere)
 and CP composed with FSDP, HSDP, TP, PP, activation checkpointing and compile."""
 
 import pytest
+import torch
 from layout_expect import check_layout, fsdp, fsdp_tp
 from parallel_harness import (
     COUNTING_BACKEND,
@@ -12,9 +13,16 @@ from parallel_harness import (
     run_layouts,
     run_single,
 )
-from test_document_mask import BLOCK, _packed_batches
+from test_document_mask import BLOCK, BOS, _packed_batches
 
-from titan.parallelisms.context_parallel import check_cp, chunk_order, shard_sequence
+from titan.components.dataloader import document_ids
+from titan.parallelisms.context_parallel import (
+    check_cp,
+    chunk_order,
+    document_chunks,
+    shard_sequence,
+    take_chunks,
+)
 
 SEQ_LEN = 32
 ALONE = ["--parallelism.data_parallel_shard_degree", "1", "--training.local_batch_size", "4"]
@@ -82,6 +90,56 @@ def _check(cases: dict, world_size: int, batches, references) -> None:
         assert_matches(name, got, references[block])
 
 
+def test_block_causal_cases_move_chunks(batches):
+    """The block_causal cases above include steps whose documents move chunks off the head-tail
+    pairs (CP 2 over the whole batch, and the second data-parallel half under FSDP 2 x CP 2)."""
+    inputs, _ = batches
+    docs = document_ids(inputs[1], BOS)
+    assert document_chunks(docs, 2) == [[0, 2], [1, 3]]
+    assert document_chunks(docs[2:], 2) == [[2, 3], [0, 1]]
+
+
+def _tile_work(documents: torch.Tensor, chunks: list[list[int]], tile: int) -> list[int]:
+    """Brute force: per rank, the (tile x tile) blocks of its queries against the keys gathered
+    in rank order that hold a (query, key) pair of one document, key not after query."""
+    seqlen = documents.shape[1]
+    order = take_chunks(torch.arange(seqlen)[None], sum(map(len, chunks)), sum(chunks, []))[0]
+    pos, docs = order, documents[:, order]
+    allowed = (pos[:, None] >= pos[None, :]) & (docs[:, :, None] == docs[:, None, :])
+    work = []
+    for rows in allowed.chunk(len(chunks), dim=1):  # (bs, seqlen / cp, seqlen)
+        tiles = rows.unflatten(1, (-1, tile)).unflatten(3, (-1, tile)).any(2).any(-1)
+        work.append(int(tiles.sum()))
+    return work
+
+
+def test_document_chunks_balance_documents_of_any_length():
+    """Random document lengths (up to 1500 tokens, none dividing 2 x cp): every chunk goes to
+    one rank, 2m to each; the ranks' block-sparse work, counted by brute force, is within 3% of
+    even where head-tail pairs leave it over 20% off."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        lengths = []
+        while sum(lengths) < 4096:
+            lengths.append(int(torch.randint(1, 1500, (1,), generator=gen)))
+        docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        docs = docs[:4096].expand(2, 4096)
+        chunks = document_chunks(docs, 4)
+        assert sorted(sum(chunks, [])) == list(range(32)) and {len(c) for c in chunks} == {8}
+        balanced = _tile_work(docs, chunks, 128)
+        pairs = [[i * 4 + j for i in (r, 7 - r) for j in range(4)] for r in range(4)]
+        head_tail = _tile_work(docs, pairs, 128)
+        assert max(balanced) / (sum(balanced) / 4) < 1.03, balanced
+        assert max(head_tail) / (sum(head_tail) / 4) > 1.2, head_tail  # measured 1.24 - 1.40
+
+
+def test_document_chunks_keep_head_tail_when_it_is_even():
+    """One document (causal work): the head-tail pairs are already even and are kept."""
+    docs = torch.zeros(1, 1024, dtype=torch.long)
+    assert document_chunks(docs, 2) == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    assert document_chunks(docs[:, :32], 4) == [[r, 7 - r] for r in range(4)]
+
+
 def test_masks_differ(references):
     """The documents change the loss: a causal run could not pass for a block_causal one."""
     assert abs(references[True]["losses"][0] - references[False]["losses"][0]) > 1e-3
@@ -98,8 +156,6 @@ def test_four_rank_context_parallel_matches_one_process(batches, references):
 def test_load_balanced_chunks():
     """Rank r holds chunks r and 2cp-1-r: every rank one early and one late chunk, and the
     ranks' parts together are the sequence."""
-    import torch
-
     x = torch.arange(16)[None]
     parts = [shard_sequence(x, 4, r)[0].tolist() for r in range(4)]
     assert parts == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
@@ -120,8 +176,6 @@ def test_sequence_length_must_split_into_equal_chunks():
 def test_mask_rotation_and_dtype_need_a_cp_attention():
     """block_causal all-gathers keys (torch's ring knows only causal masks), and torch's ring on
     CUDA runs the flash kernel, which has no fp32 version: both stop start-up, naming the fix."""
-    import torch
-
     check_cp(2, 1, True, 32, "block_causal", "allgather")
     check_cp(2, 1, True, 32, "causal", "alltoall", torch.bfloat16)
     block_alltoall = (r"context_parallel_rotate_method = 'alltoall' with model\.attn_mask_type "

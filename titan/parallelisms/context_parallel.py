@@ -62,10 +62,53 @@ def chunk_order(cp: int, rank: int) -> list[int]:
     return [rank, 2 * cp - 1 - rank]
 
 
+def take_chunks(x: torch.Tensor, n_chunks: int, chunks: list[int], dim: int = 1) -> torch.Tensor:
+    """`chunks` of the n_chunks equal chunks of `x` along `dim`, concatenated in that order."""
+    parts = x.chunk(n_chunks, dim=dim)
+    return torch.cat([parts[i] for i in chunks], dim=dim)
+
+
 def shard_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
     """This rank's part of `x` along `dim` (its two chunks, early one first)."""
-    chunks = x.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[i] for i in chunk_order(cp, rank)], dim=dim)
+    return take_chunks(x, 2 * cp, chunk_order(cp, rank), dim)
+
+
+# Flex attention's block size: chunks at least this long (when seq_len allows) keep whole blocks
+# of one rank's queries together, so the block-sparse kernel still skips masked blocks.
+FLEX_BLOCK = 128
+
+
+def document_chunks(documents: torch.Tensor, cp: int, block: int = FLEX_BLOCK) -> list[list[int]]:
+    """Which of n equal sequence chunks each cp rank takes under block_causal, balancing the
+    attention work of documents of any lengths. documents: (bs, seqlen), nondecreasing per row.
+
+    The sequence is cut into 2 x cp x m chunks (m the largest of 8, 4, 2, 1 that leaves chunks of
+    at least `block` tokens, else 1). A chunk's work is the number of (block x block) tiles of
+    its queries against all keys that hold an allowed pair (a block-sparse kernel computes these
+    and skips the rest; tiles shrink to the chunk when chunks are shorter). Each rank takes 2m
+    chunks, the heaviest first to the lightest rank with room (longest-processing-time with
+    equal counts); the head-tail pairs are kept when they are at least as even. Every cp rank
+    computes the same answer from the same documents."""
+    bs, seqlen = documents.shape
+    m = next((m for m in (8, 4, 2) if seqlen % (2 * cp * m) == 0
+              and seqlen // (2 * cp * m) >= block), 1)  # fmt: skip
+    n = 2 * cp * m
+    tiles = documents.view(bs, -1, min(block, seqlen // n))  # (bs, n_tiles, tile)
+    first, last = tiles[..., 0].contiguous(), tiles[..., -1].contiguous()
+    # documents run in order: query tile q meets key tiles lo..q, lo the first whose last
+    # document reaches q's first; summed over the batch, as every row takes the same chunks
+    lo = torch.searchsorted(last, first)
+    per_tile = torch.arange(first.shape[1], device=documents.device) - lo + 1
+    loads = per_tile.sum(0).view(n, -1).sum(1).tolist()
+    head_tail = [[i * m + j for i in chunk_order(cp, r) for j in range(m)] for r in range(cp)]
+    ranks, totals = [[] for _ in range(cp)], [0] * cp
+    for c in sorted(range(n), key=lambda c: (-loads[c], c)):
+        r = min((r for r in range(cp) if len(ranks[r]) < 2 * m), key=lambda r: (totals[r], r))
+        ranks[r].append(c)
+        totals[r] += loads[c]
+    if max(sum(loads[c] for c in cs) for cs in head_tail) <= max(totals):
+        return head_tail
+    return [sorted(cs) for cs in ranks]
 
 
 def gather_sequence(mesh: DeviceMesh):
@@ -170,10 +213,17 @@ def shard_batch(
     inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict[str, torch.Tensor], mesh: DeviceMesh
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """This cp rank's part of a batch: its chunks of the inputs, the labels, the model's keyword
-    inputs (document_ids) and the tokens' positions in the window (for RoPE and the mask)."""
+    inputs (document_ids) and the tokens' positions in the window (for RoPE and the mask).
+    Causal: head-tail chunks (torch's ring expects them); block_causal: chunks balanced by the
+    documents' work (the mask goes by position and document, so any chunks give the same
+    attention)."""
     cp, rank = mesh.size(), mesh.get_local_rank()
     bs, seqlen = inputs.shape
+    n, chunks = 2 * cp, chunk_order(cp, rank)
+    if "document_ids" in kwargs:
+        per_rank = document_chunks(kwargs["document_ids"], cp)
+        n, chunks = cp * len(per_rank[0]), per_rank[rank]
     positions = torch.arange(seqlen, device=inputs.device).expand(bs, seqlen)
     kwargs = {**kwargs, "positions": positions}
-    shard = {k: shard_sequence(v, cp, rank) for k, v in kwargs.items()}
-    return shard_sequence(inputs, cp, rank), shard_sequence(labels, cp, rank), shard
+    shard = {k: take_chunks(v, n, chunks) for k, v in kwargs.items()}
+    return take_chunks(inputs, n, chunks), take_chunks(labels, n, chunks), shard
