@@ -3,13 +3,15 @@ and how evenly block_causal attention's work splits over the CP ranks on real do
 
 Run from the repository root:
   python benchmarks/context_parallel.py [--seq-lens 256,512,1024] [--cps 1,2,4] [--steps 4]
+      [--balance-seq-lens 1024,4096,16384]      # --steps 0: the work balance alone
 
 Each (seq_len, cp) trains the debug model (fp32, gloo, one thread per rank) with block_causal
 masks on the embedded corpus, one sequence per step, in cp processes; prints the median step
-time and rank 0's peak resident memory. Then, for windows of the embedded corpus, the number of
-(query, key) pairs each CP rank's queries may attend to under block_causal: the work a
-block-sparse kernel (flex attention on GPU) does per rank, max over mean. titan's CPU path
-computes the dense masked product, whose work is equal on every rank by construction.
+time and rank 0's peak resident memory. Then, for windows of the embedded corpus under
+block_causal, each CP rank's work, max over mean: the (query, key) pairs its queries may attend
+to, and the 128 x 128 blocks holding any such pair (what flex attention computes on GPU), with
+head-tail chunks and with titan's document-balanced ones. titan's CPU path computes the dense
+masked product, whose work is equal on every rank by construction.
 """
 
 import argparse

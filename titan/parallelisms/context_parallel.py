@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
 
+from titan.logger import logger
+
 aten = torch.ops.aten
 
 # torch 2.13 renamed the differentiable all-gather (the old name warns there, is all 2.11 has)
@@ -199,10 +201,12 @@ def apply_cp(model: nn.Module, mesh: DeviceMesh, mask_type: str, rotate_method: 
     """Make the model's attention see every cp rank's keys and values: torch's ring attention
     for a causal mask; for block_causal, gathered keys (and their positions and documents)."""
     if mask_type == "causal":
+        logger.info(f"context parallel: torch's ring attention, {rotate_method} rotation")
         ring = ring_attention(mesh, rotate_method)
         for block in model.layers.values():
             block.attention.ring_attention = ring
         return
+    logger.info("context parallel: keys all-gathered under the document mask, chunks by document")
     gather = gather_sequence(mesh)
     model.context_gather = gather
     for block in model.layers.values():
