@@ -1,23 +1,24 @@
-"""Data tests: packing, dp sharding, exact resume for every source, and the error messages."""
+"""Data tests: packing, shuffling by epoch, exact resume for every source, the global sample
+order under any data-parallel layout, and the error messages."""
 
 import json
-import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 from titan.components.dataloader import (
     DataError,
-    PackedTextDataset,
-    _IndexedSource,
     build_dataloader,
-    build_source,
+    build_documents,
+    build_stream,
     load_embedded_corpus,
 )
+from titan.components.token_data import PackedWindows, TokenDocuments
 from titan.components.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
 from titan.config.job_config import Data
 
@@ -40,6 +41,13 @@ class CharTokenizer:
     """One id per character: BOS=1000, EOS=1001, so the packed stream is easy to spell out."""
 
     n_words = 1002
+
+    @staticmethod
+    def texts(docs: TokenDocuments) -> list[str]:
+        return [
+            "".join(map(chr, docs.tokens[a + 1 : b - 1]))
+            for a, b in zip(docs.offsets[:-1], docs.offsets[1:], strict=True)
+        ]
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
         return [1000] * bos + [ord(c) for c in s] + [1001] * eos
@@ -82,22 +90,44 @@ def _check_resume(make: Callable[[], object], ks: list[int], total: int):
         _assert_same(first + _take(twice, total - k - 1), reference[k:])
 
 
+def _docs(texts: list[str]) -> TokenDocuments:
+    return TokenDocuments.from_texts("docs", len(texts), texts.__getitem__, CharTokenizer())
+
+
 def test_packing_is_contiguous_bos_eos_stream():
     seq_len = 10
-    source = _IndexedSource("docs", len(DOCS), DOCS.__getitem__, infinite=True)
-    dataset = PackedTextDataset(source, CharTokenizer(), seq_len, dp=(0, 1))
+    windows = PackedWindows(_docs(DOCS), seq_len, seed=0, shuffle=False, infinite=True)
     one_pass = [t for d in DOCS for t in CharTokenizer().encode(d, bos=True, eos=True)]
     stream = one_pass * 3  # documents run across window and pass boundaries
-    it = iter(dataset)
     for i in range(len(stream) // (seq_len + 1)):
-        inputs, labels = next(it)
-        window = stream[i * (seq_len + 1) : (i + 1) * (seq_len + 1)]
-        assert inputs.tolist() == window[:-1] and labels.tolist() == window[1:]
-        assert inputs.dtype == labels.dtype == torch.int64
+        window = windows[i]
+        assert window.tolist() == stream[i * (seq_len + 1) : (i + 1) * (seq_len + 1)]
+        assert window.dtype == np.int64
+
+
+def test_each_epoch_shuffles_the_documents_by_seed():
+    """Epoch e packs the documents in the order drawn from (seed, e): every document once per
+    epoch, another order each epoch and seed, the same order for the same seed."""
+    enc = CharTokenizer().encode
+
+    def epochs(seed: int, n: int = 2) -> list[list[int]]:
+        windows = PackedWindows(_docs(DOCS), 4, seed=seed, shuffle=True, infinite=True)
+        per_epoch = sum(len(enc(d, bos=True, eos=True)) for d in DOCS)
+        stream = np.concatenate([windows[w] for w in range(n * per_epoch // 5 + 1)]).tolist()
+        return [stream[e * per_epoch : (e + 1) * per_epoch] for e in range(n)]
+
+    def order(seed: int, epoch: int) -> list[int]:
+        return np.random.default_rng([seed, epoch]).permutation(len(DOCS)).tolist()
+
+    first = epochs(3)
+    for e, stream in enumerate(first):
+        assert stream == [t for i in order(3, e) for t in enc(DOCS[i], bos=True, eos=True)]
+    assert order(3, 0) != order(3, 1) and order(3, 0) != order(4, 0)
+    assert first == epochs(3) and first != epochs(4)
 
 
 def test_default_corpus_batches(tok: Tokenizer):
-    loader = build_dataloader(Data(), tok, seq_len=32, local_batch_size=4)
+    loader = build_dataloader(Data(shuffle=False), tok, seq_len=32, local_batch_size=4)
     (inputs, labels), (inputs2, _) = _take(loader, 2)
     assert inputs.shape == labels.shape == (4, 32) and inputs.dtype == torch.int64
     assert torch.equal(inputs[:, 1:], labels[:, :-1])
@@ -107,25 +137,60 @@ def test_default_corpus_batches(tok: Tokenizer):
         assert row == stream[i * 33 : i * 33 + 32]
 
 
-def _pass_texts(source, n: int) -> list[str]:
-    return [source.next_text() for _ in range(n)]
+@pytest.mark.parametrize("source", ["default", "synthetic", "jsonl"])
+def test_a_step_reads_the_same_windows_under_any_layout(tok: Tokenizer, tmp_path: Path, source):
+    """Each step's global batch is the same windows for one process with local batch 8, with
+    2 or 4 accumulation steps, and for 2 or 4 data-parallel ranks (with accumulation): the
+    ranks' micro-batches together are the one-process batch, in order."""
+    cfg = Data(dataset=source) if source != "jsonl" else Data(path=str(
+        _write_jsonl(tmp_path / "docs.jsonl", list(load_embedded_corpus()[:30]))))  # fmt: skip
+
+    def steps(dp: int, accumulation: int, n: int = 3) -> list[torch.Tensor]:
+        lbs = 8 // dp // accumulation
+        loaders = [
+            build_dataloader(cfg, tok, seq_len=16, local_batch_size=lbs, dp_rank=r,
+                             dp_degree=dp, accumulation=accumulation, seed=5)
+            for r in range(dp)
+        ]  # fmt: skip
+        out = []
+        for _ in range(n):
+            micro = [[next(loader) for _ in range(accumulation)] for loader in loaders]
+            out.append(torch.cat([micro[r][m][0] for m in range(accumulation) for r in range(dp)]))
+        return out
+
+    reference = steps(1, 1)
+    assert not torch.equal(reference[0], reference[1])
+    for dp, accumulation in [(1, 2), (1, 4), (2, 1), (4, 1), (2, 2), (2, 4)]:
+        got = steps(dp, accumulation)
+        assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True)), (
+            dp,
+            accumulation,
+        )
 
 
-def test_embedded_corpus_dp_shards_are_disjoint():
-    corpus = load_embedded_corpus()
-    assert 300 < len(corpus) < 400
-    shards = [build_source(Data(), rank, 2) for rank in range(2)]
-    texts = [_pass_texts(s, s.num_docs) for s in shards]
-    assert texts[0] == list(corpus[0::2]) and texts[1] == list(corpus[1::2])
-    assert not set(texts[0]) & set(texts[1])
+def test_resume_under_another_layout_reads_the_uninterrupted_windows(tok: Tokenizer):
+    """A state saved after two steps at dp 2 (local batch 2) resumes at dp 1 (local batch 4),
+    at dp 4 (local batch 1) and at dp 1 with 2 accumulation steps on the very windows that the
+    uninterrupted run reads next; at another seq_len, on the next unread tokens."""
 
+    def make(dp: int, rank: int, lbs: int, accumulation: int = 1, seq_len: int = 16):
+        return build_dataloader(Data(), tok, seq_len=seq_len, local_batch_size=lbs,
+                                dp_rank=rank, dp_degree=dp, accumulation=accumulation)  # fmt: skip
 
-def test_local_file_dp_shards_are_disjoint(tmp_path: Path):
-    cfg = Data(path=str(_write_jsonl(tmp_path / "docs.jsonl", DOCS)))
-    shards = [build_source(cfg, rank, 3) for rank in range(3)]
-    texts = [_pass_texts(s, s.num_docs) for s in shards]
-    assert sorted(sum(texts, [])) == sorted(DOCS)
-    assert all(not set(texts[a]) & set(texts[b]) for a, b in [(0, 1), (0, 2), (1, 2)])
+    whole = torch.cat([inputs for inputs, _ in _take(make(1, 0, 4), 4)])  # (16, 16)
+    saved = make(2, 1, 2)
+    _take(saved, 2)
+    state = pickle.loads(pickle.dumps(saved.state_dict()))
+    for dp, lbs, accumulation in [(1, 4, 1), (4, 1, 1), (1, 2, 2)]:
+        loaders = [make(dp, r, lbs, accumulation) for r in range(dp)]
+        for loader in loaders:
+            loader.load_state_dict(state)
+        got = [x for _ in range(accumulation) for loader in loaders for x, _ in _take(loader, 1)]
+        assert torch.equal(torch.cat(got), whole[8:12]), (dp, lbs, accumulation)
+    longer = make(1, 0, 2, seq_len=33)  # 8 windows of 17 tokens read: the next 34 start at 136
+    longer.load_state_dict(state)
+    stream = np.concatenate([make(1, 0, 1).windows[w] for w in range(12)])
+    assert next(longer)[0][0].tolist() == stream[136:169].tolist()
 
 
 def test_resume_embedded_corpus(tok: Tokenizer):
@@ -143,7 +208,7 @@ def test_resume_synthetic(tok: Tokenizer):
     batch = _take(make(), 1)[0][0]
     assert 0 <= batch.min() and batch.max() < tok.n_words
     assert not torch.equal(batch, _take(make(seed=8), 1)[0][0])
-    assert not torch.equal(batch, _take(make(rank=0), 1)[0][0])
+    assert not torch.equal(batch, _take(make(rank=0), 1)[0][0])  # rank 0 reads windows 0 and 1
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -157,15 +222,13 @@ def test_resume_local_files(tok: Tokenizer, tmp_path: Path, fmt: str):
     _check_resume(lambda: build_dataloader(cfg, tok, seq_len=48, local_batch_size=2), [5], 11)
 
 
-def test_resume_across_passes(tok: Tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_resume_across_passes(tok: Tokenizer, tmp_path: Path):
     cfg = Data(path=str(_write_jsonl(tmp_path / "small.jsonl", DOCS[:5])))  # ~40 tokens a pass
 
     def make():
         return build_dataloader(cfg, tok, seq_len=6, local_batch_size=2)
 
-    with caplog.at_level(logging.INFO, logger="titan"):
-        _check_resume(make, [1, 3, 4, 7], 12)  # saves landing in passes 1 to 3
-    assert "starting pass 3" in caplog.text
+    _check_resume(make, [1, 3, 4, 7], 12)  # saves landing in passes 1 to 3
 
 
 def test_resume_streaming_dataset(tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -186,8 +249,15 @@ def test_resume_streaming_dataset(tok: Tokenizer, tmp_path: Path, monkeypatch: p
         return build_dataloader(cfg, tok, seq_len=24, local_batch_size=2, dp_rank=1, dp_degree=2)
 
     _check_resume(make, [0, 1, 2, 4, 5, 7], 14)  # a pass is about 5 batches
-    source = build_source(cfg, 1, 2)
-    assert _pass_texts(source, 7) == docs[1::2] + [docs[1]]  # then the second pass starts
+    source = build_stream(cfg, 1, 2)
+    assert [source.next_text() for _ in range(7)] == docs[1::2] + [docs[1]]  # then pass 2
+    # a stream's position belongs to its shard: another data-parallel degree is refused
+    saved = make()
+    _take(saved, 1)
+    other = build_dataloader(cfg, tok, seq_len=24, local_batch_size=2, dp_rank=0, dp_degree=1)
+    other.load_state_dict(saved.state_dict())
+    with pytest.raises(DataError, match="dp rank 1 of 2"):
+        _take(other, 1)
 
 
 def test_finite_data_runs_out(tok: Tokenizer, tmp_path: Path):
@@ -222,25 +292,15 @@ def test_folder_of_files(tmp_path: Path):
     (tmp_path / "b.txt").write_text("third paragraph\n")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "c.jsonl").write_text('{"text": "ignored"}\n')
-    source = build_source(Data(path=str(tmp_path)), 0, 1)
-    texts = _pass_texts(source, source.num_docs)
-    assert [t.strip() for t in texts] == [
+    docs = build_documents(Data(path=str(tmp_path)), CharTokenizer(), 1002)
+    assert [t.strip() for t in CharTokenizer.texts(docs)] == [
         "first paragraph\nstill first",
         "second paragraph",
         "third paragraph",
     ]
     _write_jsonl(tmp_path / "d.jsonl", DOCS)
     with pytest.raises(DataError, match="several formats"):
-        build_source(Data(path=str(tmp_path)), 0, 1)
-
-
-def test_state_from_another_dp_size_is_refused(tok: Tokenizer):
-    saved = build_dataloader(Data(), tok, seq_len=8, local_batch_size=1, dp_rank=0, dp_degree=2)
-    _take(saved, 1)
-    loader = build_dataloader(Data(), tok, seq_len=8, local_batch_size=1)
-    loader.load_state_dict(saved.state_dict())
-    with pytest.raises(DataError, match="dp rank 0 of 2"):
-        _take(loader, 1)
+        build_documents(Data(path=str(tmp_path)), CharTokenizer(), 1002)
 
 
 def test_arrow_file_gives_the_windows_of_the_same_jsonl(tok: Tokenizer, tmp_path: Path):
@@ -252,7 +312,8 @@ def test_arrow_file_gives_the_windows_of_the_same_jsonl(tok: Tokenizer, tmp_path
         writer.write_table(table)
 
     def make(path: Path):
-        return build_dataloader(Data(path=str(path)), tok, seq_len=16, local_batch_size=4)
+        cfg = Data(path=str(path), shuffle=False)
+        return build_dataloader(cfg, tok, seq_len=16, local_batch_size=4)
 
     batches = _take(make(arrow), 6)
     _assert_same(batches, _take(make(_write_jsonl(tmp_path / "docs.jsonl", DOCS)), 6))

@@ -58,7 +58,7 @@ def test_global_batch_must_divide(tmp_path):
 
 def test_loss_falls_on_embedded_corpus(tmp_path):
     trainer = make_trainer(
-        tmp_path, "--training.steps", "50", "--training.seq_len", "128",
+        tmp_path, "--training.steps", "50", "--training.seq_len", "128", "--data.shuffle", "false",
         "--lr_scheduler.warmup_steps", "5", "--optimizer.lr", "3e-3",
     )  # fmt: skip
     losses = trainer.train()

@@ -86,7 +86,8 @@ class Trainer:
         self.grad_accum_steps = grad_accumulation_steps(t, dims.dp)
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-            dp_rank=self.dp_rank, dp_degree=dims.dp, seed=t.seed, dry_run=self.dry_run,
+            dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=self.grad_accum_steps,
+            seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
         )  # fmt: skip
         self.compute_dtype = torch.float32
         if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
@@ -143,11 +144,11 @@ class Trainer:
         if ckpt.enable or ckpt.create_seed_checkpoint:
             manager = CheckpointManager(
                 ckpt, self.cfg.job.dump_folder, model=self.model, optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, dp_rank=self.dp_rank,
-                dp_degree=self.parallel_dims.dp,
+                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader,
             )  # fmt: skip
         if manager is not None and not ckpt.create_seed_checkpoint:
-            if complete_steps(manager.folder):
+            # a named load_step must exist: load() lists the steps there are
+            if complete_steps(manager.folder) or ckpt.load_step != -1:
                 self.step = manager.load()
                 return manager
         if ckpt.initial_load_path:

@@ -83,8 +83,6 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         dataloader: Any,
-        dp_rank: int = 0,
-        dp_degree: int = 1,
     ):
         self._stager = None
         if cfg.async_mode == "async_with_pinned_mem":
@@ -103,8 +101,9 @@ class CheckpointManager:
         self.folder = Path(dump_folder) / cfg.folder
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.dataloader = dataloader
-        # a loader's position only means something for the same sharding of the data
-        self.dp_key = f"dp{dp_rank}_of_{dp_degree}"
+        # "global" for a loader read by global window index (any layout loads it); a streamed
+        # source's position only means something for the same sharding: "dp{rank}_of_{degree}"
+        self.dp_key = dataloader.state_key
         self._pending: tuple[Future, Path, Path] | None = None
         # Rank 0 prepares and publishes folders; every rank writes its own shards. Saves use a
         # gloo group of their own so a background save never interleaves with training's
@@ -267,9 +266,9 @@ class CheckpointManager:
             k.startswith(f"dataloader.{self.dp_key}") for k in stored
         ):
             logger.warning(
-                f"checkpoint step {step}: no data position for data-parallel rank {self.dp_key} "
-                "(saved with another data-parallel degree); this rank's data starts from the "
-                "beginning of its shard"
+                f"checkpoint step {step}: no data position for {self.dp_key} (saved with "
+                "another data-parallel degree, or from another kind of data source); this "
+                "rank's data starts from the beginning"
             )
             state.pop("dataloader")
         what = f"checkpoint step {step} at {path} cannot be loaded"

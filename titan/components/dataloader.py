@@ -1,7 +1,11 @@
 """Training data: documents tokenized with BOS/EOS, packed back to back into fixed windows.
 
-`build_dataloader` returns a StatefulDataLoader whose state_dict() resumes exactly. Sources: the
-embedded corpus, synthetic tokens, local files (.txt gives a document per paragraph), or the hub.
+`build_dataloader` returns a loader whose state_dict() resumes exactly. Sources: the embedded
+corpus, synthetic tokens, local files (.txt gives a document per paragraph), files written by
+scripts/preprocess_data.py, or the hub. All but streamed hub datasets are read by global window
+index (titan.components.token_data): a step's data is the same under any data-parallel layout,
+and resumes under any. A stream cannot be indexed cheaply: each dp rank reads its own shard of
+it, and its position resumes only under the same data-parallel degree.
 """
 
 import dataclasses
@@ -9,15 +13,20 @@ import functools
 import gzip
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titan.components.token_data import (
+    DataError,
+    GlobalBatchLoader,
+    PackedWindows,
+    SyntheticWindows,
+    TokenDocuments,
+)
 from titan.components.tokenizer import Tokenizer
 from titan.config.job_config import Data
 from titan.logger import logger
@@ -38,10 +47,6 @@ BUILDERS = {
     ".csv": "csv",
 }
 COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
-
-
-class DataError(ValueError):
-    """Data that cannot be read as configured; the message says what to change."""
 
 
 class DocumentSource:
@@ -86,30 +91,6 @@ def _text(example: dict[str, Any], field: str, name: str) -> str:
     if not isinstance(text, str):
         raise DataError(f"{name}: column {field!r} holds {type(text).__name__}, not text")
     return text
-
-
-class _IndexedSource(DocumentSource):
-    """Documents 0..num_docs-1 read by index: the embedded corpus and map-style datasets."""
-
-    def __init__(self, name: str, num_docs: int, get_text: Callable[[int], str], infinite: bool):
-        super().__init__(name, infinite)
-        self.num_docs = num_docs
-        self.get_text = get_text
-        self.index = 0
-
-    def next_text(self) -> str:
-        if self.index >= self.num_docs:
-            self._end_pass(empty=self.num_docs == 0)
-            self.index = 0
-        text = self.get_text(self.index)
-        self.index += 1
-        return text
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
 
 
 class _StreamSource(DocumentSource):
@@ -203,33 +184,6 @@ class PackedTextDataset(IterableDataset):
         self._tokens, self._reread = [], True
 
 
-class SyntheticDataset(IterableDataset):
-    """Uniform random tokens; window n depends only on (seed, dp rank, n), so it resumes exactly."""
-
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, dp: tuple[int, int]):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.seq_len = seq_len
-        self.seed = seed % 2**63  # numpy seeds must be non-negative
-        self.dp = dp
-        self.window = 0
-
-    def __iter__(self):
-        while True:
-            rng = np.random.default_rng([self.seed, self.dp[0], self.window])
-            tokens = rng.integers(0, self.vocab_size, size=self.seq_len + 1, dtype=np.int64)
-            self.window += 1
-            window = torch.from_numpy(tokens)
-            yield window[:-1], window[1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window, "dp": list(self.dp)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_dp(state, self.dp)
-        self.window = state["window"]
-
-
 def _check_dp(state: dict[str, Any], dp: tuple[int, int]) -> None:
     if tuple(state["dp"]) != tuple(dp):
         raise DataError(
@@ -316,14 +270,14 @@ def _load_hub(cfg: Data) -> Any:
         ) from None
 
 
-def build_source(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
-    """This rank's documents: the embedded corpus, local files, or a hub dataset."""
+def build_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
+    """The documents to read by index, or None for a streamed hub dataset."""
     if cfg.path is None and cfg.dataset == "default":
-        docs = load_embedded_corpus()[dp_rank::dp_degree]  # document i -> rank i % dp_degree
-        return _IndexedSource("the embedded corpus", len(docs), docs.__getitem__, cfg.infinite)
-    from datasets import Dataset
-    from datasets.distributed import split_dataset_by_node
-
+        docs = load_embedded_corpus()
+        return TokenDocuments.from_texts("the embedded corpus", len(docs), docs.__getitem__,
+                                         tokenizer)  # fmt: skip
+    if cfg.path is not None and Path(f"{cfg.path}.json").is_file():
+        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)
     name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     columns = dataset.column_names  # None for some streams: then checked at the first example
@@ -332,12 +286,21 @@ def build_source(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
             f"{name} has no column {cfg.text_field!r}; its columns are {columns}. "
             f"Pick one with --data.text_field"
         )
-    dataset = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_degree)
-    if isinstance(dataset, Dataset):
-        dataset = dataset.select_columns([cfg.text_field])
-        get_text = lambda i: _text(dataset[i], cfg.text_field, name)  # noqa: E731
-        return _IndexedSource(name, len(dataset), get_text, cfg.infinite)
-    return _StreamSource(name, dataset, cfg.text_field, cfg.infinite)
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        return None
+    dataset = dataset.select_columns([cfg.text_field])
+    text = lambda i: _text(dataset[i], cfg.text_field, name)  # noqa: E731
+    return TokenDocuments.from_texts(name, len(dataset), text, tokenizer)
+
+
+def build_stream(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
+    """This rank's shard of a streamed hub dataset."""
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = split_dataset_by_node(_load_hub(cfg), rank=dp_rank, world_size=dp_degree)
+    return _StreamSource(f"dataset {cfg.dataset!r}", dataset, cfg.text_field, cfg.infinite)
 
 
 def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,12 +323,15 @@ def build_dataloader(
     local_batch_size: int,
     dp_rank: int = 0,
     dp_degree: int = 1,
+    accumulation: int = 1,
     seed: int = 0,
+    vocab_size: int | None = None,
     dry_run: bool = False,
-) -> StatefulDataLoader:
+) -> GlobalBatchLoader | StatefulDataLoader:
     """A loader of (inputs, labels) int64 batches of shape (local_batch_size, seq_len) for one
-    dp rank; `seed` drives synthetic tokens (text is read in order). A dry run reads nothing:
-    synthetic tokens."""
+    dp rank, `accumulation` micro-batches per step; `seed` orders the documents of every epoch
+    (data.shuffle) and draws synthetic tokens. vocab_size: the model's (token ids must fit it).
+    A dry run reads nothing: synthetic tokens."""
     if dry_run and cfg.dataset != "synthetic":
         logger.info("dry run: synthetic tokens instead of data.dataset (nothing is read)")
         cfg = dataclasses.replace(cfg, dataset="synthetic", path=None)
@@ -375,18 +341,33 @@ def build_dataloader(
         raise ValueError(
             f"seq_len ({seq_len}) and local_batch_size ({local_batch_size}) must be >= 1"
         )
-    dp = (dp_rank, dp_degree)
+    where = f"dp rank {dp_rank} of {dp_degree}"
     if cfg.dataset == "synthetic":
         if cfg.path is not None:
             logger.warning(f"data: --data.dataset synthetic ignores --data.path {cfg.path}")
-        dataset: IterableDataset = SyntheticDataset(tokenizer.n_words, seq_len, seed, dp)
-        logger.info(f"data: synthetic tokens (seed {seed}), dp rank {dp_rank} of {dp_degree}")
-    else:
-        source = build_source(cfg, dp_rank, dp_degree)
-        dataset = PackedTextDataset(source, tokenizer, seq_len, dp)
-        logger.info(f"data: {source.name}, dp rank {dp_rank} of {dp_degree}")
+        windows = SyntheticWindows(tokenizer.n_words, seq_len, seed)
+        logger.info(f"data: synthetic tokens (seed {seed}), {where}, global sample order")
+        return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    docs = build_documents(cfg, tokenizer, vocab_size or tokenizer.n_words)
+    if docs is not None:
+        windows = PackedWindows(docs, seq_len, seed, cfg.shuffle, cfg.infinite)
+        order = f"shuffled by seed {seed} each epoch" if cfg.shuffle else "in order"
+        logger.info(f"data: {docs.name}, {docs.n_docs:,} documents, {len(docs.tokens):,} "
+                    f"tokens, {order}; {where}, global sample order")  # fmt: skip
+        return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    source = build_stream(cfg, dp_rank, dp_degree)
+    logger.warning(
+        f"data: {source.name} is streamed: each dp rank reads its own shard, so the data of a "
+        "step depends on the data-parallel degree and resumes only under the same one; "
+        "scripts/preprocess_data.py makes it indexable (global order, any layout)"
+    )
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which newer torch deprecates; nothing to act on.
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         # num_workers=0: the dataset's state is then exactly that of the batches handed out.
-        return StatefulDataLoader(dataset, batch_size=local_batch_size, collate_fn=_stack)
+        loader = StatefulDataLoader(
+            PackedTextDataset(source, tokenizer, seq_len, (dp_rank, dp_degree)),
+            batch_size=local_batch_size, collate_fn=_stack,
+        )  # fmt: skip
+    loader.state_key = f"dp{dp_rank}_of_{dp_degree}"
+    return loader

@@ -80,6 +80,9 @@ class Data:
     """Stream hub datasets instead of downloading them whole."""
     infinite: bool = True
     """Start another pass over the data when it runs out (else stop with an error)."""
+    shuffle: bool = True
+    """Put the documents in a new order each epoch, drawn from training.seed (not for streamed
+    hub datasets, which are read in order)."""
 
 
 @dataclass

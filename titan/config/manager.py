@@ -298,6 +298,12 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
     if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] or unset")
+    c = cfg.checkpoint
+    if c.load_step != -1 and not c.enable:
+        raise ConfigError(
+            f"checkpoint.load_step = {c.load_step} names a checkpoint to resume from, but "
+            "checkpoint.enable is false: add --checkpoint.enable (or drop load_step)"
+        )
     if s.warmup_steps >= t.steps:
         logger.warning(
             f"lr_scheduler.warmup_steps = {s.warmup_steps} >= training.steps = {t.steps}: "
