@@ -42,6 +42,13 @@ from titan.parallelisms.parallel_dims import resolve_parallel_dims
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 32
 LOSS_TOL = NORM_TOL = 1e-4  # see above
 FLIP_TOL = 2e-3  # a gradient changed by a float8 rounding flip, relative L2
+FIRST_LOSS_TOL = 1e-5  # before any update only fp32 sums differ (measured 0 in every case)
+# TP 2 tensorwise on CI's AMD EPYC machine (2026-11-30): an e5m2 gradient flip in block 1
+# cascades into block 0's attention (12 of 57 gradients past 1e-5, wk's by 9.6e-3), and AdamW's
+# first steps move each weight by about lr whatever its gradient's size, so the loss after an
+# update moves by 1.9e-4 (on the machine that set the bounds above: 3.4e-5 at worst). The first
+# loss still matches to 0, and a wrong scale would move it: (loss, share flipped, worst) bounds.
+CASCADE = {"tp_float8": (5e-4, 0.25, 2e-2)}
 F8 = ["--model.converters", "float8", "--quantize.linear.float8.auto_filter_small_kn", "false"]
 ROWWISE = [*F8, "--quantize.linear.float8.recipe_name", "rowwise"]
 MX = ["--model.converters", "mx"]
@@ -128,13 +135,16 @@ def _check(cases: dict, world_size: int, batches, references: dict, more=()) -> 
 
 def assert_float8_matches(name: str, got: dict, ref: dict) -> None:
     """See the module docstring for the tolerances and why."""
-    for key, tol in (("losses", LOSS_TOL), ("norms", NORM_TOL * max(ref["norms"]))):
+    loss_tol, share, flip_tol = CASCADE.get(name, (LOSS_TOL, 0.1, FLIP_TOL))
+    first = abs(got["losses"][0] - ref["losses"][0])
+    assert first <= FIRST_LOSS_TOL, f"{name}: first loss {got['losses'][0]} != {ref['losses'][0]}"
+    for key, tol in (("losses", loss_tol), ("norms", NORM_TOL * max(ref["norms"]))):
         worst = max(abs(a - b) for a, b in zip(got[key], ref[key], strict=True))
         assert worst <= tol, f"{name}: {key} {got[key]} differ from one process {ref[key]}"
     assert sorted(got["grads"]) == sorted(ref["grads"]), f"{name}: parameter names differ"
     errors = {k: rel_error(got["grads"][k], g)[0] for k, g in ref["grads"].items()}
     flipped = {k: f"{e:.1e}" for k, e in errors.items() if e > REL_TOL}
-    assert len(flipped) <= len(errors) // 10 and max(errors.values()) <= FLIP_TOL, (
+    assert len(flipped) <= int(len(errors) * share) and max(errors.values()) <= flip_tol, (
         f"{name}: gradients off by more than float8 rounding flips (relative L2): {flipped}"
     )
 
