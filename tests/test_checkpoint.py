@@ -77,6 +77,23 @@ def test_resume_is_exact(tmp_path, uninterrupted, mode):
     assert complete_steps(tmp_path / "checkpoint") == [3, 6]
 
 
+def test_resume_across_a_batch_size_ramp_is_exact(tmp_path):
+    """The global batch doubles after 192 tokens (6 windows of 32: steps 1-3 read 2 windows,
+    steps 4-6 read 4 in 2 micro-batches); a run killed after step 4 resumes from step 3, before
+    the ramp, into the bigger batch: the uninterrupted losses, bitwise."""
+    ramp = ("--training.batch_size_schedule", "192 4")
+    whole = make_trainer(tmp_path / "whole", *ramp)
+    losses = whole.train()
+    assert whole.grad_accum_steps == 2 and whole.dataloader.consumed == 3 * 2 + 3 * 4
+    first = make_trainer(tmp_path, "--checkpoint.enable", *ramp)
+    crash_after(first, 4)
+    with pytest.raises(Interrupted):
+        first.train()
+    resumed = make_trainer(tmp_path, "--checkpoint.enable", *ramp)
+    assert resumed.step == 3 and resumed.grad_accum_steps == 2
+    assert resumed.train() == losses[3:]
+
+
 def test_partial_save_is_ignored_and_keep_latest_k(tmp_path):
     trainer = make_trainer(
         tmp_path,

@@ -323,3 +323,58 @@ def test_arrow_file_gives_the_windows_of_the_same_jsonl(tok: Tokenizer, tmp_path
     for i, row in enumerate(rows):  # row i is window i of the documents' token stream
         assert row == (one_pass * 2)[i * 17 : i * 17 + 16]
     _check_resume(lambda: make(arrow), [3], 7)
+
+
+def test_batch_size_ramp_reads_more_windows_per_step(tmp_path: Path):
+    """training.batch_size_schedule: global batch 4 sequences, 8 from 96 tokens on (3 windows
+    of 32, rounded up to the next step: window 4). The steps' windows are the same for one
+    process and for dp 2, the accumulation doubles at the ramp, and a state saved just before
+    it resumes into the bigger batch."""
+    from titan.components.runtime import grad_accumulation_steps
+    from titan.config.job_config import Training
+
+    tok = build_tokenizer(SHIPPED_TOKENIZER)
+
+    def steps(dp: int, n: int = 4, state=None) -> list[torch.Tensor]:
+        t = Training(local_batch_size=2, global_batch_size=4, seq_len=32,
+                     batch_size_schedule=["96 8"])  # fmt: skip
+        ramp = grad_accumulation_steps(t, dp)
+        loaders = [
+            build_dataloader(Data(dataset="synthetic"), tok, seq_len=32, local_batch_size=2,
+                             dp_rank=r, dp_degree=dp, accumulation=ramp)
+            for r in range(dp)
+        ]  # fmt: skip
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        out = []
+        for _ in range(n):
+            acc = loaders[0].accumulation
+            micro = [[next(loader)[0] for _ in range(acc)] for loader in loaders]
+            out.append(torch.cat([micro[r][m] for m in range(acc) for r in range(dp)]))
+        return out, loaders[0]
+
+    one, _ = steps(1)
+    assert [len(b) for b in one] == [4, 8, 8, 8]  # step 2 starts at window 4 >= 3
+    two, _ = steps(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    _, before_ramp = steps(1, n=1)
+    resumed, _ = steps(2, n=3, state=before_ramp.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed, one[1:], strict=True))
+    assert grad_accumulation_steps(Training(local_batch_size=2, batch_size_schedule=["1e3 8"]),
+                                   2) == [(0, 1), (1, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("entries, message", [
+    (["252e6"], r"entry '252e6' is not 'TOKENS GLOBAL_BATCH_SIZE' \(e.g. '252e6 1024'\)"),
+    (["2e9 8", "1e9 16"], "increasing token order"),
+    (["1e9 6"], r"batch_size_schedule '1e9 6': global batch 6 is not divisible by local_batch"
+                r"_size 2 x data-parallel degree 2 = 4"),
+])  # fmt: skip
+def test_bad_batch_size_schedules_are_named(entries, message):
+    from titan.components.runtime import grad_accumulation_steps
+    from titan.config import ConfigError
+    from titan.config.job_config import Training
+
+    with pytest.raises(ConfigError, match=message):
+        grad_accumulation_steps(Training(local_batch_size=2, batch_size_schedule=entries), 2)

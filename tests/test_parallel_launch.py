@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from titan.components.dataloader import build_dataloader
 from titan.config import load_config
 from titan.config.job_config import Parallelism
 from titan.models.llama3 import FLAVORS
@@ -59,14 +57,10 @@ def _logged(log: str) -> tuple[list[float], list[float]]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """(losses, grad norms) of one process trained on the global batches of a dp-rank run.
-
-    Rank r of dp reads its own shard of the corpus (build_dataloader's dp_rank), so a dp run
-    does not read what one process with the same config reads. The reference builds each dp
-    rank's loader as the Trainer does and trains one process on their rows together: the loss
-    is the sum over every rank's tokens over the global target count, so the global batch is
-    the ranks' rows concatenated.
-    """
+    """(losses, grad norms) of one process with the global batch of a dp-rank run as its local
+    batch (2 x dp rows): a step's windows do not depend on the layout (each dp rank reads its
+    slice of the step's global batch; tests/test_data.py), and the loss is the sum over every
+    rank's tokens over the global target count."""
     cache: dict[tuple, tuple[list[float], list[float]]] = {}
 
     def run(dp: int, extra: tuple[str, ...] = ()) -> tuple[list[float], list[float]]:
@@ -81,19 +75,10 @@ def one_process(tmp_path_factory):
             "--training.device", "cpu", "--training.local_batch_size", str(local * dp), *extra,
         ])  # fmt: skip
         trainer = Trainer(cfg)
-        t = cfg.training
-        loaders = [
-            iter(build_dataloader(
-                cfg.data, trainer.tokenizer, seq_len=t.seq_len, local_batch_size=local,
-                dp_rank=rank, dp_degree=dp, seed=t.seed,
-            ))
-            for rank in range(dp)
-        ]  # fmt: skip
+        data = iter(trainer.dataloader)
         losses, norms = [], []
-        for _ in range(t.steps):
-            rows = [next(loader) for loader in loaders]  # each (inputs, labels): (2, seq_len)
-            batch = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
-            loss, norm = trainer.train_step([batch])
+        for _ in range(cfg.training.steps):
+            loss, norm = trainer.train_step([next(data)])
             losses.append(loss)
             norms.append(norm)
         cache[dp, extra] = losses, norms
@@ -375,4 +360,4 @@ def test_shipped_configs_pass_every_start_up_check(path):
     args = model_args_for(cfg.model, cfg.training.seq_len, tokenizer_words=0)
     check_supported_layout(dims, args, cfg)
     check_pipeline(p, args.n_layers, cfg.training.local_batch_size, cfg.compile.blocks)
-    assert grad_accumulation_steps(cfg.training, dims.dp) >= 1
+    assert grad_accumulation_steps(cfg.training, dims.dp)[0][1] >= 1

@@ -83,10 +83,10 @@ class Trainer:
         self.loss_fn = build_loss_fn(cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.grad_accum_steps = grad_accumulation_steps(t, dims.dp)
+        accumulation = grad_accumulation_steps(t, dims.dp)  # [(first window, steps)]
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-            dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=self.grad_accum_steps,
+            dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=accumulation,
             seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
         )  # fmt: skip
         self.compute_dtype = torch.float32
@@ -127,6 +127,11 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches in the next step (training.batch_size_schedule raises it)."""
+        return self.dataloader.accumulation
 
     def _build_checkpointer(self) -> CheckpointManager | None:
         """Resume from the run's own checkpoint, else start from checkpoint.initial_load_path."""

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titan.components.blend import BlendedWindows, parse_blend, parse_schedule
+from titan.components.stream_data import (
+    DocumentSource,
+    PackedTextDataset,
+    _StreamSource,
+    document_text,
+    stack_windows,
+)
 from titan.components.token_data import (
     DataError,
     GlobalBatchLoader,
@@ -47,150 +54,6 @@ BUILDERS = {
     ".csv": "csv",
 }
 COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
-
-
-class DocumentSource:
-    """An endless or one-pass stream of document texts for one dp rank, with a resumable state."""
-
-    def __init__(self, name: str, infinite: bool):
-        self.name = name
-        self.infinite = infinite
-        self.epoch = 0
-
-    def next_text(self) -> str:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _end_pass(self, empty: bool) -> None:
-        """Start the next pass, or explain why there is none."""
-        if empty:
-            raise DataError(f"{self.name} has no documents for this data-parallel rank")
-        if not self.infinite:
-            raise DataError(
-                f"ran out of data: pass {self.epoch + 1} over {self.name} is done; "
-                f"set --data.infinite true to start another pass"
-            )
-        self.epoch += 1
-        logger.info(f"data: starting pass {self.epoch + 1} over {self.name}")
-
-
-def _text(example: dict[str, Any], field: str, name: str) -> str:
-    if field not in example:
-        raise DataError(
-            f"{name} has no column {field!r}; its columns are {sorted(example)}. "
-            f"Pick one with --data.text_field"
-        )
-    text = example[field]
-    if text is None:
-        return ""
-    if not isinstance(text, str):
-        raise DataError(f"{name}: column {field!r} holds {type(text).__name__}, not text")
-    return text
-
-
-class _StreamSource(DocumentSource):
-    """A Hugging Face IterableDataset, resumed through its own state_dict()."""
-
-    def __init__(self, name: str, dataset: Any, text_field: str, infinite: bool):
-        super().__init__(name, infinite)
-        self.dataset = dataset
-        self.text_field = text_field
-        self._iter = None
-        self._started = False  # the current pass has yielded an example since (re)starting
-        self._resume: dict[str, Any] | None = None  # HF state the current pass starts from
-
-    def next_text(self) -> str:
-        while True:
-            if self._iter is None:
-                self.dataset.set_epoch(self.epoch)
-                self.dataset.load_state_dict(self._resume)  # None clears a state loaded earlier
-                self._iter = iter(self.dataset)
-            try:
-                example = next(self._iter)
-            except StopIteration:
-                self._end_pass(empty=not self._started and self._resume is None)
-                self._iter, self._started, self._resume = None, False, None
-                continue
-            self._started = True
-            return _text(example, self.text_field, self.name)
-
-    def state_dict(self) -> dict[str, Any]:
-        hf_state = self.dataset.state_dict() if self._started else self._resume
-        return {"epoch": self.epoch, "hf": hf_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self._resume = state["epoch"], state["hf"]
-        self._iter, self._started = None, False
-
-
-class PackedTextDataset(IterableDataset):
-    """Yields (inputs, labels) of seq_len tokens cut from the stream BOS doc EOS BOS doc EOS ...
-
-    The state is the source's state before the current document plus the tokens of it already
-    emitted, so a resumed loader re-reads one document instead of storing a token buffer.
-    """
-
-    def __init__(
-        self, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, dp: tuple[int, int]
-    ):
-        super().__init__()
-        self.source = source
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.dp = dp  # (rank, degree): a state only fits the shard it was saved from
-        self._doc_state: dict[str, Any] | None = None  # source state before the current doc
-        self._tokens: list[int] = []
-        self._offset = 0  # tokens of the current document already emitted
-        self._reread = False  # after load_state_dict: re-read the current document first
-
-    def _next_document(self) -> None:
-        self._doc_state = self.source.state_dict()
-        text = self.source.next_text()
-        self._tokens = self.tokenizer.encode(text, bos=True, eos=True)
-        self._offset = 0
-
-    def _window(self) -> list[int]:
-        if self._reread:
-            offset = self._offset
-            self.source.load_state_dict(self._doc_state)
-            self._next_document()
-            self._offset, self._reread = offset, False
-        window: list[int] = []
-        while len(window) < self.seq_len + 1:
-            if self._offset >= len(self._tokens):
-                self._next_document()
-            piece = self._tokens[self._offset : self._offset + self.seq_len + 1 - len(window)]
-            window += piece
-            self._offset += len(piece)
-        return window
-
-    def __iter__(self):
-        while True:
-            window = torch.tensor(self._window(), dtype=torch.long)  # (seq_len + 1,)
-            yield window[:-1], window[1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        source = self._doc_state if self._doc_state is not None else self.source.state_dict()
-        return {"source": source, "offset": self._offset, "dp": list(self.dp)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_dp(state, self.dp)
-        self._doc_state, self._offset = state["source"], state["offset"]
-        self._tokens, self._reread = [], True
-
-
-def _check_dp(state: dict[str, Any], dp: tuple[int, int]) -> None:
-    if tuple(state["dp"]) != tuple(dp):
-        raise DataError(
-            f"dataloader state was saved by dp rank {state['dp'][0]} of {state['dp'][1]}, "
-            f"but this is rank {dp[0]} of {dp[1]}: a data-parallel size change cannot resume "
-            f"the data exactly (exclude 'dataloader' from loading to start the data afresh)"
-        )
 
 
 @functools.cache
@@ -276,8 +139,9 @@ def build_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDo
         docs = load_embedded_corpus()
         return TokenDocuments.from_texts("the embedded corpus", len(docs), docs.__getitem__,
                                          tokenizer)  # fmt: skip
-    if cfg.path is not None and Path(f"{cfg.path}.json").is_file():
-        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)
+    written = (Path(f"{cfg.path}{suffix}").is_file() for suffix in (".json", ".bin", ".idx"))
+    if cfg.path is not None and not Path(cfg.path).exists() and any(written):
+        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)  # preprocess_data.py's
     name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     columns = dataset.column_names  # None for some streams: then checked at the first example
@@ -291,8 +155,33 @@ def build_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDo
     if not isinstance(dataset, Dataset):
         return None
     dataset = dataset.select_columns([cfg.text_field])
-    text = lambda i: _text(dataset[i], cfg.text_field, name)  # noqa: E731
+    text = lambda i: document_text(dataset[i], cfg.text_field, name)  # noqa: E731
     return TokenDocuments.from_texts(name, len(dataset), text, tokenizer)
+
+
+def build_blend(
+    cfg: Data, tokenizer: Tokenizer, seq_len: int, seed: int, vocab_size: int
+) -> BlendedWindows:
+    """data.blend's sources mixed by weight, reweighted at data.blend_schedule's token counts."""
+    blend = parse_blend(cfg.blend)
+    phases = [(0, [w for w, _ in blend])]
+    for tokens, weights in parse_schedule(cfg.blend_schedule, len(blend)):
+        phases.append((-(-int(tokens) // seq_len), weights))  # the first window at or past it
+    sources = []
+    for c, (_, name) in enumerate(blend):
+        one = dataclasses.replace(cfg, dataset="default", path=None if name == "default" else name,
+                                  blend=[], blend_schedule=[])  # fmt: skip
+        try:
+            docs = build_documents(one, tokenizer, vocab_size)
+            if docs is None:
+                raise DataError("a streamed dataset cannot be blended: preprocess it first")
+            sources.append(PackedWindows(docs, seq_len, seed + 7919 * c, cfg.shuffle,
+                                         cfg.infinite))  # fmt: skip
+        except (DataError, FileNotFoundError) as e:
+            raise DataError(f"data.blend source {name!r}: {e}") from None
+    share = ", ".join(f"{w:g} {name}" for w, name in blend)
+    logger.info(f"data: blend of {share}; {len(phases) - 1} reweighting(s)")
+    return BlendedWindows(sources, [name for _, name in blend], phases, seed)
 
 
 def build_stream(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
@@ -301,11 +190,6 @@ def build_stream(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:
 
     dataset = split_dataset_by_node(_load_hub(cfg), rank=dp_rank, world_size=dp_degree)
     return _StreamSource(f"dataset {cfg.dataset!r}", dataset, cfg.text_field, cfg.infinite)
-
-
-def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, labels = zip(*samples, strict=True)
-    return torch.stack(inputs), torch.stack(labels)  # (local_batch_size, seq_len) each
 
 
 def document_ids(inputs: torch.Tensor, bos_id: int) -> torch.Tensor:
@@ -323,13 +207,14 @@ def build_dataloader(
     local_batch_size: int,
     dp_rank: int = 0,
     dp_degree: int = 1,
-    accumulation: int = 1,
+    accumulation: int | list[tuple[int, int]] = 1,
     seed: int = 0,
     vocab_size: int | None = None,
     dry_run: bool = False,
 ) -> GlobalBatchLoader | StatefulDataLoader:
     """A loader of (inputs, labels) int64 batches of shape (local_batch_size, seq_len) for one
-    dp rank, `accumulation` micro-batches per step; `seed` orders the documents of every epoch
+    dp rank, `accumulation` micro-batches per step (or [(first window, count)] for a growing
+    batch: runtime.grad_accumulation_steps); `seed` orders the documents of every epoch
     (data.shuffle) and draws synthetic tokens. vocab_size: the model's (token ids must fit it).
     A dry run reads nothing: synthetic tokens."""
     if dry_run and cfg.dataset != "synthetic":
@@ -348,6 +233,9 @@ def build_dataloader(
         windows = SyntheticWindows(tokenizer.n_words, seq_len, seed)
         logger.info(f"data: synthetic tokens (seed {seed}), {where}, global sample order")
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    if cfg.blend:
+        windows = build_blend(cfg, tokenizer, seq_len, seed, vocab_size or tokenizer.n_words)
+        return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
     docs = build_documents(cfg, tokenizer, vocab_size or tokenizer.n_words)
     if docs is not None:
         windows = PackedWindows(docs, seq_len, seed, cfg.shuffle, cfg.infinite)
@@ -355,6 +243,9 @@ def build_dataloader(
         logger.info(f"data: {docs.name}, {docs.n_docs:,} documents, {len(docs.tokens):,} "
                     f"tokens, {order}; {where}, global sample order")  # fmt: skip
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    if not isinstance(accumulation, int) and len(accumulation) > 1:
+        raise DataError("training.batch_size_schedule counts the windows read, which a stream "
+                        "cannot: preprocess the data (scripts/preprocess_data.py)")  # fmt: skip
     source = build_stream(cfg, dp_rank, dp_degree)
     logger.warning(
         f"data: {source.name} is streamed: each dp rank reads its own shard, so the data of a "
@@ -367,7 +258,8 @@ def build_dataloader(
         # num_workers=0: the dataset's state is then exactly that of the batches handed out.
         loader = StatefulDataLoader(
             PackedTextDataset(source, tokenizer, seq_len, (dp_rank, dp_degree)),
-            batch_size=local_batch_size, collate_fn=_stack,
+            batch_size=local_batch_size, collate_fn=stack_windows,
         )  # fmt: skip
     loader.state_key = f"dp{dp_rank}_of_{dp_degree}"
+    loader.accumulation = accumulation if isinstance(accumulation, int) else accumulation[0][1]
     return loader

@@ -36,12 +36,28 @@ class NonFiniteLossError(RuntimeError):
     """Loss or gradient norm became NaN/inf; the step was not applied."""
 
 
-def grad_accumulation_steps(cfg: Training, dp_degree: int) -> int:
+def grad_accumulation_steps(cfg: Training, dp_degree: int) -> list[tuple[int, int]]:
+    """[(first window, accumulation steps)]: from global_batch_size, then from each
+    batch_size_schedule entry on (its token count in windows of seq_len, rounded up)."""
     per_pass = cfg.local_batch_size * dp_degree
     global_batch = per_pass if cfg.global_batch_size == -1 else cfg.global_batch_size
-    if global_batch % per_pass:
-        raise ConfigError(
-            f"training.global_batch_size {global_batch} is not divisible by local_batch_size "
-            f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_pass}"
-        )
-    return global_batch // per_pass
+    phases = [(0, global_batch, "training.global_batch_size")]
+    for entry in cfg.batch_size_schedule:
+        fields = entry.split()
+        try:
+            tokens, size = float(fields[0]), int(fields[1])
+            assert len(fields) == 2 and tokens >= 0 and size > 0
+        except (ValueError, IndexError, AssertionError):
+            raise ConfigError(f"training.batch_size_schedule entry {entry!r} is not 'TOKENS "
+                              "GLOBAL_BATCH_SIZE' (e.g. '252e6 1024')") from None  # fmt: skip
+        if tokens < phases[-1][0] * cfg.seq_len:
+            raise ConfigError("training.batch_size_schedule entries must be in increasing "
+                              "token order")  # fmt: skip
+        phases.append((-(-int(tokens) // cfg.seq_len), size, f"batch_size_schedule {entry!r}"))
+    for _, size, key in phases:
+        if size % per_pass:
+            raise ConfigError(
+                f"{key}: global batch {size} is not divisible by local_batch_size "
+                f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_pass}"
+            )
+    return [(start, size // per_pass) for start, size, _ in phases]

@@ -10,6 +10,7 @@ step's global batch: the step's windows are the same whatever the data-parallel 
 batch size and gradient accumulation, and its state (windows consumed) resumes under any of them.
 """
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from titan.components.tokenizer import Tokenizer
+from titan.components.tokenizer import Tokenizer, build_tokenizer
 from titan.logger import logger
 
 FORMAT = "titan-tokens-v1"
@@ -43,6 +44,20 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
 
 def token_dtype(n_words: int) -> np.dtype:
     return np.dtype(np.uint16 if n_words <= 2**16 else np.uint32)
+
+
+def encode_texts(task: tuple[str, list[str]]) -> list[np.ndarray]:
+    """(tokenizer path, texts) -> each text's ids, BOS ... EOS: a worker's task in
+    scripts/preprocess_data.py (the tokenizer is built once per worker process)."""
+    path, texts = task
+    tok = _worker_tokenizer(path)
+    dtype = token_dtype(tok.n_words)
+    return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=dtype) for t in texts]
+
+
+@functools.cache
+def _worker_tokenizer(path: str) -> Tokenizer:
+    return build_tokenizer(path)
 
 
 class TokenDocuments:
@@ -205,21 +220,28 @@ class GlobalBatchLoader:
     Step s reads the global batch of windows [c, c + B), c the windows consumed before it and
     B = local_batch_size x dp_degree x accumulation; micro-batch m of dp rank r is windows
     c + (m x dp_degree + r) x local_batch_size + [0, local_batch_size). One process with local
-    batch B, or with accumulation, reads the same windows as any data-parallel layout."""
+    batch B, or with accumulation, reads the same windows as any data-parallel layout.
+    `accumulation` is a count, or [(first window, count)] for a batch size that ramps up."""
 
     state_key = "global"  # every rank saves the same state, and any layout can load it
 
     def __init__(
         self,
-        windows: PackedWindows | SyntheticWindows,
+        windows,
         local_batch_size: int,
         dp_rank: int,
         dp_degree: int,
-        accumulation: int,
+        accumulation: int | list[tuple[int, int]] = 1,
     ):
         self.windows, self.local_batch_size = windows, local_batch_size
-        self.dp_rank, self.dp_degree, self.accumulation = dp_rank, dp_degree, accumulation
-        self.consumed, self.micro = 0, 0
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
+        self.ramp = [(0, accumulation)] if isinstance(accumulation, int) else accumulation
+        self.consumed, self.micro, self._logged = 0, 0, self.ramp[0][1]
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches in the step that reads window `consumed` on."""
+        return next(n for start, n in reversed(self.ramp) if start <= self.consumed)
 
     @property
     def global_batch(self) -> int:
@@ -229,6 +251,10 @@ class GlobalBatchLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.micro == 0 and self.accumulation != self._logged:
+            self._logged = self.accumulation
+            logger.info(f"data: from window {self.consumed} on, global batch {self.global_batch} "
+                        f"({self.accumulation} micro-batches a step)")  # fmt: skip
         first = self.consumed + (self.micro * self.dp_degree + self.dp_rank) * self.local_batch_size
         rows = [self.windows[w] for w in range(first, first + self.local_batch_size)]
         self.micro += 1

@@ -47,6 +47,11 @@ class Training:
     global_batch_size: int = -1
     """Sequences per optimizer step over all ranks; -1 means local_batch_size x dp degree.
     Gradient accumulation steps = global / (local x dp degree)."""
+    batch_size_schedule: list[str] = field(default_factory=list)
+    """A global batch that grows with the tokens trained: 'TOKENS GLOBAL_BATCH_SIZE' entries,
+    e.g. ['252e6 1024', '2.87e12 2048'] (Llama 3 405B: 4M tokens a step at seq 8192, 8M after
+    252M tokens, 16M after 2.87T); before the first, global_batch_size. Each must divide by
+    local_batch_size x dp degree (more accumulation steps, same micro-batches)."""
     seq_len: int = 2048
     """Tokens per training sequence."""
     max_norm: float = 1.0
@@ -83,6 +88,13 @@ class Data:
     shuffle: bool = True
     """Put the documents in a new order each epoch, drawn from training.seed (not for streamed
     hub datasets, which are read in order)."""
+    blend: list[str] = field(default_factory=list)
+    """Mix several sources instead of dataset/path: 'WEIGHT SOURCE' entries, SOURCE 'default'
+    (the embedded corpus), a preprocess_data.py prefix or local files, e.g.
+    ['0.5 /data/general', '0.25 /data/math', '0.17 /data/code', '0.08 /data/multilingual']."""
+    blend_schedule: list[str] = field(default_factory=list)
+    """New blend weights from a token count on: 'TOKENS W1 W2 ...' entries (one weight per
+    blend source), e.g. ['2.8e12 0.2 0.4 0.3 0.1'] to anneal on other data at the end."""
 
 
 @dataclass
