@@ -45,8 +45,8 @@ class CharTokenizer:
     @staticmethod
     def texts(docs: TokenDocuments) -> list[str]:
         return [
-            "".join(map(chr, docs.tokens[a + 1 : b - 1]))
-            for a, b in zip(docs.offsets[:-1], docs.offsets[1:], strict=True)
+            "".join(map(chr, docs.tokens[a + 1 : a + n - 1]))
+            for a, n in zip(docs.starts, docs.lengths, strict=True)
         ]
 
     def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]:
@@ -378,3 +378,18 @@ def test_bad_batch_size_schedules_are_named(entries, message):
 
     with pytest.raises(ConfigError, match=message):
         grad_accumulation_steps(Training(local_batch_size=2, batch_size_schedule=entries), 2)
+
+
+def test_holdout_every_keeps_its_documents_out_of_training():
+    """data.holdout_every = 5 holds out documents 4, 9, 14, 19: one training epoch is exactly
+    the other documents (in a seeded order), and the held-out part is exactly those four."""
+    train, held = _docs(DOCS).split(5)
+    assert CharTokenizer.texts(held) == [DOCS[i] for i in (4, 9, 14, 19)]
+    windows = PackedWindows(train, 4, seed=2, shuffle=True, infinite=True)
+    per_epoch = int(train.lengths.sum())
+    stream = np.concatenate([windows[w] for w in range(per_epoch // 5)]).tolist()[:per_epoch]
+    kept = [d for i, d in enumerate(DOCS) if i % 5 != 4]
+    order = np.random.default_rng([2, 0]).permutation(len(kept))
+    enc = CharTokenizer().encode
+    assert stream == [t for i in order for t in enc(kept[i], bos=True, eos=True)]
+    assert _docs(DOCS).split(0)[1].n_docs == 0

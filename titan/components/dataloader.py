@@ -134,7 +134,13 @@ def _load_hub(cfg: Data) -> Any:
 
 
 def build_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
-    """The documents to read by index, or None for a streamed hub dataset."""
+    """The training documents to read by index (data.holdout_every's held out), or None for a
+    streamed hub dataset."""
+    docs = _all_documents(cfg, tokenizer, vocab_size)
+    return docs.split(cfg.holdout_every)[0] if docs is not None else None
+
+
+def _all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
     if cfg.path is None and cfg.dataset == "default":
         docs = load_embedded_corpus()
         return TokenDocuments.from_texts("the embedded corpus", len(docs), docs.__getitem__,
@@ -243,6 +249,9 @@ def build_dataloader(
         logger.info(f"data: {docs.name}, {docs.n_docs:,} documents, {len(docs.tokens):,} "
                     f"tokens, {order}; {where}, global sample order")  # fmt: skip
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    if cfg.holdout_every:
+        raise DataError("data.holdout_every counts documents, which a stream cannot hold "
+                        "out: preprocess the data (scripts/preprocess_data.py)")  # fmt: skip
     if not isinstance(accumulation, int) and len(accumulation) > 1:
         raise DataError("training.batch_size_schedule counts the windows read, which a stream "
                         "cannot: preprocess the data (scripts/preprocess_data.py)")  # fmt: skip

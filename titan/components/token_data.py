@@ -61,11 +61,26 @@ def _worker_tokenizer(path: str) -> Tokenizer:
 
 
 class TokenDocuments:
-    """Documents as one token array and the offsets where each starts (n_docs + 1 of them)."""
+    """Documents in one token array: document i is tokens[starts[i] : starts[i] + lengths[i]].
+    Built from offsets (n_docs + 1: where each starts, and the end)."""
 
     def __init__(self, name: str, tokens: np.ndarray, offsets: np.ndarray):
-        self.name, self.tokens, self.offsets = name, tokens, offsets
-        self.lengths = np.diff(offsets)
+        self.name, self.tokens = name, tokens
+        self.starts, self.lengths = np.asarray(offsets[:-1]), np.diff(offsets)
+
+    def split(self, every: int) -> tuple["TokenDocuments", "TokenDocuments"]:
+        """(training, held out): every `every`-th document (indices every-1, 2 every-1, ...) is
+        held out, for validation; every = 0 holds out none."""
+        held = np.zeros(self.n_docs, dtype=bool)
+        if every > 0:
+            held[every - 1 :: every] = True
+        parts = []
+        for keep, what in ((~held, self.name), (held, f"{self.name} (held out)")):
+            part = TokenDocuments.__new__(TokenDocuments)
+            part.name, part.tokens = what, self.tokens
+            part.starts, part.lengths = self.starts[keep], self.lengths[keep]
+            parts.append(part)
+        return parts[0], parts[1]
 
     @property
     def n_docs(self) -> int:
@@ -169,7 +184,7 @@ class PackedWindows:
             raise DataError(f"{docs.name} has no documents")
         self.docs, self.seq_len, self.seed = docs, seq_len, seed % 2**63
         self.shuffle, self.infinite = shuffle, infinite
-        self.epoch_tokens = int(docs.offsets[-1] - docs.offsets[0])
+        self.epoch_tokens = int(docs.lengths.sum())
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +211,7 @@ class PackedWindows:
                 )
             order, starts = self._epoch(epoch)
             i = int(np.searchsorted(starts, at, side="right")) - 1
-            doc_start = int(self.docs.offsets[order[i]]) + at - int(starts[i])
+            doc_start = int(self.docs.starts[order[i]]) + at - int(starts[i])
             take = min(n, int(starts[i + 1]) - at)
             out.append(self.docs.tokens[doc_start : doc_start + take])
             pos, n = pos + take, n - take

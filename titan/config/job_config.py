@@ -88,6 +88,9 @@ class Data:
     shuffle: bool = True
     """Put the documents in a new order each epoch, drawn from training.seed (not for streamed
     hub datasets, which are read in order)."""
+    holdout_every: int = 0
+    """Hold every N-th document of each source (indices N-1, 2N-1, ...) out of training, as the
+    validation split; 0 trains on all. Not for streamed hub datasets."""
     blend: list[str] = field(default_factory=list)
     """Mix several sources instead of dataset/path: 'WEIGHT SOURCE' entries, SOURCE 'default'
     (the embedded corpus), a preprocess_data.py prefix or local files, e.g.
