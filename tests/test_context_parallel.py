@@ -38,7 +38,6 @@ ALLTOALL = ["--parallelism.context_parallel_rotate_method", "alltoall"]
 # name: (overrides, expected layout (None: pipelined, checked by its stages), block_causal)
 TWO_RANKS = {
     "cp2": ([*CP2, *ALONE], fsdp("cp 2", cp=2), False),
-    "cp2_alltoall": ([*CP2, *ALONE, *ALLTOALL], fsdp("cp 2", cp=2), False),
     "cp2_compile": ([*CP2, *ALONE, *COMPILE], fsdp("cp 2", cp=2, compiled=True), False),
     "cp2_block_causal": ([*CP2, *ALONE, *BLOCK], fsdp("cp 2", cp=2), True),
     "cp2_block_causal_op_ac": ([*CP2, *ALONE, *BLOCK, *OP_AC],

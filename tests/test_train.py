@@ -49,7 +49,9 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 def test_global_batch_must_divide(tmp_path):
     with pytest.raises(
-        ConfigError, match="global_batch_size 10 is not divisible by local_batch_size 4"
+        ConfigError,
+        match="training.global_batch_size: global batch 10 is not divisible by local_batch_size "
+        "4 x data-parallel degree 1 = 4",
     ):
         make_trainer(
             tmp_path, "--training.local_batch_size", "4", "--training.global_batch_size", "10"
