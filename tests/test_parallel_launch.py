@@ -221,7 +221,7 @@ def test_dry_run_70b_fsdp_tp8_at_256(tmp_path):
     assert re.search(r"step: +1 +loss: \d+\.\d{6}", log)
 
 
-@pytest.mark.big_dry_run
+@pytest.mark.slow_dry_run
 def test_dry_run_8b_128k_fsdp_cp4_at_8(tmp_path):
     """The 128K long-context config's layout (FSDP 2 x CP 4, block_causal, full AC) on a short
     sequence (the dry run computes rank 0's step: 128K tokens would take hours here)."""
@@ -237,7 +237,7 @@ def test_dry_run_8b_128k_fsdp_cp4_at_8(tmp_path):
     assert re.search(r"step: +1 +loss: \d+\.\d{6}", log)
 
 
-@pytest.mark.big_dry_run
+@pytest.mark.slow_dry_run
 def test_dry_run_8b_fsdp_at_8(tmp_path):
     log = _run(
         tmp_path, str(ROOT / "train_configs" / "llama3_8b.toml"), "--training.seq_len", "16",
