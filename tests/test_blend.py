@@ -35,7 +35,7 @@ def _read(blend: BlendedWindows, n: int) -> np.ndarray:
 
 
 def test_realized_mix_matches_the_weights():
-    blend = BlendedWindows([Labelled(c) for c in range(4)], list("gmcx"), [(0, LLAMA3_MIX)], 3)
+    blend = BlendedWindows([Labelled(c) for c in range(4)], [(0, LLAMA3_MIX)], 3)
     read = _read(blend, 10_500)
     assert block_counts(LLAMA3_MIX).tolist() == [500, 250, 170, 80]
     # every block holds each source's share exactly; within a block, at most a block off
@@ -45,7 +45,7 @@ def test_realized_mix_matches_the_weights():
         assert np.abs(mix - LLAMA3_MIX).max() <= 1000 / n * 0.5 + 1e-9, (n, mix)
     for c in range(4):  # each source read window by window, none skipped or read twice
         assert read[read[:, 0] == c, 1].tolist() == list(range((read[:, 0] == c).sum()))
-    other_seed = _read(BlendedWindows([Labelled(c) for c in range(4)], list("gmcx"),
+    other_seed = _read(BlendedWindows([Labelled(c) for c in range(4)],
                                       [(0, LLAMA3_MIX)], 4), 1000)  # fmt: skip
     assert not np.array_equal(read[:1000], other_seed)
 
@@ -53,7 +53,7 @@ def test_realized_mix_matches_the_weights():
 def test_reweighting_at_a_window_continues_each_source():
     """From window 2500 on only the last source: its windows continue where they were."""
     phases = [(0, LLAMA3_MIX), (2500, [0, 0, 0, 1])]
-    read = _read(BlendedWindows([Labelled(c) for c in range(4)], list("gmcx"), phases, 0), 4000)
+    read = _read(BlendedWindows([Labelled(c) for c in range(4)], phases, 0), 4000)
     assert (read[2500:, 0] == 3).all()
     before = int((read[:2500, 0] == 3).sum())  # 2 whole blocks' 160 and part of the third's 80
     assert 160 <= before <= 240

@@ -67,10 +67,10 @@ def block_counts(weights: Sequence[float], block: int = BLOCK) -> np.ndarray:
 class BlendedWindows:
     """Window w of the mix: window i of source c, with (c, i) computed from w alone."""
 
-    def __init__(self, sources: list, names: list[str], phases: list[tuple[int, list[float]]],
-                 seed: int, block: int = BLOCK):  # fmt: skip
+    def __init__(self, sources: list, phases: list[tuple[int, list[float]]], seed: int,
+                 block: int = BLOCK):  # fmt: skip
         """sources: objects with [i] -> window; phases: [(first window, weights)] from 0 on."""
-        self.sources, self.names, self.seed, self.block = sources, names, seed % 2**63, block
+        self.sources, self.seed, self.block = sources, seed % 2**63, block
         self.seq_len = sources[0].seq_len
         self.starts = [start for start, _ in phases]
         self.counts = [block_counts(w, block) for _, w in phases]

@@ -33,6 +33,7 @@ from titan.components.token_data import (
     PackedWindows,
     SyntheticWindows,
     TokenDocuments,
+    first_window,
 )
 from titan.components.tokenizer import Tokenizer
 from titan.config.job_config import Data
@@ -172,7 +173,7 @@ def build_blend(
     blend = parse_blend(cfg.blend)
     phases = [(0, [w for w, _ in blend])]
     for tokens, weights in parse_schedule(cfg.blend_schedule, len(blend)):
-        phases.append((-(-int(tokens) // seq_len), weights))  # the first window at or past it
+        phases.append((first_window(tokens, seq_len), weights))
     sources = []
     for c, (_, name) in enumerate(blend):
         one = dataclasses.replace(cfg, dataset="default", path=None if name == "default" else name,
@@ -187,7 +188,7 @@ def build_blend(
             raise DataError(f"data.blend source {name!r}: {e}") from None
     share = ", ".join(f"{w:g} {name}" for w, name in blend)
     logger.info(f"data: blend of {share}; {len(phases) - 1} reweighting(s)")
-    return BlendedWindows(sources, [name for _, name in blend], phases, seed)
+    return BlendedWindows(sources, phases, seed)
 
 
 def build_stream(cfg: Data, dp_rank: int, dp_degree: int) -> DocumentSource:

@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from titan.components.token_data import first_window
 from titan.config import ConfigError
 from titan.config.job_config import Training
 
@@ -53,7 +54,8 @@ def grad_accumulation_steps(cfg: Training, dp_degree: int) -> list[tuple[int, in
         if tokens < phases[-1][0] * cfg.seq_len:
             raise ConfigError("training.batch_size_schedule entries must be in increasing "
                               "token order")  # fmt: skip
-        phases.append((-(-int(tokens) // cfg.seq_len), size, f"batch_size_schedule {entry!r}"))
+        start = first_window(tokens, cfg.seq_len)
+        phases.append((start, size, f"batch_size_schedule {entry!r}"))
     for _, size, key in phases:
         if size % per_pass:
             raise ConfigError(

@@ -42,6 +42,11 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
+def first_window(tokens: float, seq_len: int) -> int:
+    """The first window that starts at or past `tokens` trained (seq_len tokens a window)."""
+    return -(-int(tokens) // seq_len)
+
+
 def token_dtype(n_words: int) -> np.dtype:
     return np.dtype(np.uint16 if n_words <= 2**16 else np.uint32)
 
