@@ -247,7 +247,9 @@ def train_case(overrides: list[str], batches, stop: int | None = None) -> dict:
     layout = describe_layout(trainer)
     activations, handles = _record_activations(trainer)
     start = trainer.step  # > 0 when the Trainer resumed from a checkpoint
-    for step in range(start, len(inputs) if stop is None else stop):
+    last = len(inputs) if stop is None else stop
+    validation = []  # (step, loss, targets) of each validation ([validation] enabled)
+    for step in range(start, last):
         rows = slice(dp_rank * local, (dp_rank + 1) * local)
         micro = list(
             zip(
@@ -277,6 +279,8 @@ def train_case(overrides: list[str], batches, stop: int | None = None) -> dict:
         losses.append(loss_value)
         norms.append(norm)
         trainer.step = step + 1
+        if trainer.validator is not None and trainer.validator.due(trainer.step, last):
+            validation.append((trainer.step, *trainer.validate()))
         if trainer.checkpointer is not None:
             trainer.checkpointer.maybe_save(trainer.step, last_step=False)
     if trainer.checkpointer is not None:
@@ -284,7 +288,7 @@ def train_case(overrides: list[str], batches, stop: int | None = None) -> dict:
     params = {_clean(n): _full(p) for n, p in trainer.model.named_parameters()}
     return {
         "start": start, "losses": losses, "norms": norms, "grads": grads, "params": params,
-        "layout": layout,
+        "layout": layout, "validation": validation,
     }  # fmt: skip
 
 

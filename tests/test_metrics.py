@@ -157,6 +157,28 @@ def test_metrics_logger_mfu_with_known_peak(tmp_path):
         ml.log(2, loss=1.0, grad_norm=0.0, lr=1.0, ntokens=1, elapsed_s=0.0, data_s=0.0)
 
 
+def test_metrics_jsonl_holds_every_logged_step_and_validation(tmp_path):
+    """Rank 0 appends one JSON object per log call: a resumed run continues the same file."""
+    for start in (1, 2):  # the second logger: a run resumed at step 2
+        ml = MetricsLogger(
+            Metrics(), str(tmp_path), rank=0, device=CPU, flops_per_token=1, peak_flops=None
+        )
+        ml.log(start, loss=3.0 - start, grad_norm=0.5, lr=1e-3, ntokens=10, elapsed_s=1.0,
+               data_s=0.0)  # fmt: skip
+        ml.log_validation(start, loss=2.0, n_targets=64, elapsed_s=0.1)
+        ml.close()
+    other = MetricsLogger(Metrics(), str(tmp_path / "r1"), rank=1, device=CPU, flops_per_token=1,
+                          peak_flops=None)  # fmt: skip
+    other.log(1, loss=1.0, grad_norm=0.0, lr=1.0, ntokens=1, elapsed_s=1.0, data_s=0.0)
+    assert not (tmp_path / "r1").exists()  # rank 0 only
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss"), r.get("validation/loss")) for r in rows] == [
+        (1, 2.0, None), (1, None, 2.0), (2, 1.0, None), (2, None, 2.0)
+    ]  # fmt: skip
+    assert rows[1]["validation/perplexity"] == pytest.approx(7.389056, rel=1e-6)
+    assert rows[0]["tokens_per_s"] == 10.0 and "mfu_pct" not in rows[0]  # None is left out
+
+
 def test_should_log():
     ml = MetricsLogger(
         Metrics(log_freq=5), "unused", rank=0, device=CPU, flops_per_token=1, peak_flops=None

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan.components.checkpoint import CheckpointManager, complete_steps, load_initial_weights
+from titan.components.checkpoint import CheckpointManager, build_checkpointer
 from titan.components.dataloader import DataError, build_dataloader, document_ids
 from titan.components.dcp_io import CheckpointError
 from titan.components.loss import IGNORE_INDEX, build_loss_fn
@@ -35,26 +34,23 @@ from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: r
     set_determinism,
 )
 from titan.components.tokenizer import build_tokenizer
+from titan.components.validate import Validator, validation_windows
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_dict, to_toml
 from titan.logger import init_logger, logger
-from titan.models.llama3.build import build_model, model_args_for
+from titan.models.llama3.build import build_model, init_parallel, model_args_for
 from titan.models.llama3.hf_io import titan_state_dict_from_hf
-from titan.models.llama3.parallelize import check_supported_layout
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms import dry_run
 from titan.parallelisms.context_parallel import shard_batch
-from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import (
     clip_grad_norm_,
     comm_mode,
     dist_sum,
-    init_distributed,
     local_tensor,
 )
-from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
-from titan.parallelisms.pipeline import build_schedule, check_pipeline
+from titan.parallelisms.pipeline import build_schedule
 
 
 class Trainer:
@@ -65,7 +61,7 @@ class Trainer:
         self.dry_run = comm_mode() == "fake_backend"
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path, dry_run=self.dry_run)
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
-        self.parallel_dims, self.meshes = self._init_parallel()
+        self.parallel_dims, self.meshes = init_parallel(cfg, self.model_args, self.device)
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
@@ -89,6 +85,7 @@ class Trainer:
             dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=accumulation,
             seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
         )  # fmt: skip
+        self.validator = self._build_validator()
         self.compute_dtype = torch.float32
         if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
             self.compute_dtype = torch.bfloat16
@@ -100,8 +97,8 @@ class Trainer:
         self.grad_average_over = dims.dp * dims.cp if dims.fsdp_enabled or dims.ddp_enabled else 1
         self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_scale = 1.0  # 1 / the step's global target count (x FSDP's averaging)
-        # the plain or the pipelined forward/backward, picked once
-        self.forward_backward = self._forward_backward
+        # the plain or the pipelined forward/backward (and forward-only loss), picked once
+        self.forward_backward, self.forward_loss = self._forward_backward, self._forward_loss
         if dims.pp > 1:
             shapes = None
             if self.dry_run:  # no neighbour stage to learn shapes from: give them
@@ -116,6 +113,7 @@ class Trainer:
             self.has_first_stage = 0 in self.stage_ids
             self.has_last_stage = self.n_stages - 1 in self.stage_ids
             self.forward_backward = self._forward_backward_pipelined
+            self.forward_loss = self._forward_loss_pipelined
             if built.low_memory_dry_run:
                 logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
                 self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
@@ -133,59 +131,39 @@ class Trainer:
         """Micro-batches in the next step (training.batch_size_schedule raises it)."""
         return self.dataloader.accumulation
 
+    def _build_validator(self) -> Validator | None:
+        v, t = self.cfg.validation, self.cfg.training
+        if not v.enable or self.dry_run:
+            if v.enable:
+                logger.info("dry run: validation is off")
+            return None
+        windows, n = validation_windows(v, self.cfg.data, self.tokenizer, t.seq_len, t.seed,
+                                        self.model_args.vocab_size)  # fmt: skip
+        return Validator(v, windows, n, t.local_batch_size, self.dp_rank, self.parallel_dims.dp)
+
+    def validate(self, progress: bool = False) -> tuple[float, int]:
+        """(mean token loss, targets) of the validation data at the current weights; logged."""
+        start = time.perf_counter()
+        self.loss_scale = 1.0  # the pipeline's loss function: summed token losses
+        meshes = (self.pp_mesh, self.meshes.get("dp_cp"))
+        loss, n = self.validator.run(self.forward_loss, self.device, meshes, self.dp_mesh, progress)
+        self.metrics.log_validation(self.step, loss, n, time.perf_counter() - start)
+        return loss, n
+
     def _build_checkpointer(self) -> CheckpointManager | None:
         """Resume from the run's own checkpoint, else start from checkpoint.initial_load_path."""
         ckpt = self.cfg.checkpoint
-        manager = None
         if self.dry_run:
             if ckpt.enable or ckpt.initial_load_path or ckpt.create_seed_checkpoint:
                 logger.warning("dry run: checkpoint loading and saving are off")
             return None
-        if ckpt.create_seed_checkpoint and self.parallel_dims.world_size > 1:
-            raise ConfigError(
-                "checkpoint.create_seed_checkpoint writes the full weights from one process: "
-                "run it with NGPU=1 (any parallel degrees in the config are ignored)"
-            )
-        if ckpt.enable or ckpt.create_seed_checkpoint:
-            manager = CheckpointManager(
-                ckpt, self.cfg.job.dump_folder, model=self.model, optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler, dataloader=self.dataloader,
-            )  # fmt: skip
-        if manager is not None and not ckpt.create_seed_checkpoint:
-            # a named load_step must exist: load() lists the steps there are
-            if complete_steps(manager.folder) or ckpt.load_step != -1:
-                self.step = manager.load()
-                return manager
-        if ckpt.initial_load_path:
-            read_hf = None
-            if ckpt.initial_load_in_hf:
-                read_hf = functools.partial(titan_state_dict_from_hf, args=self.model_args)
-            load_initial_weights(self.model, ckpt.initial_load_path, read_hf)
+        read_hf = functools.partial(titan_state_dict_from_hf, args=self.model_args)
+        manager, self.step = build_checkpointer(
+            ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, read_hf,
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            dataloader=self.dataloader,
+        )  # fmt: skip
         return manager
-
-    def _init_parallel(self) -> tuple[ParallelDims, dict[str, DeviceMesh]]:
-        """The parallel layout for this world size; starts the process group and the mesh."""
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        try:
-            dims = resolve_parallel_dims(self.cfg.parallelism, world_size)
-        except ValueError as e:
-            raise ConfigError(f"[parallelism] {e}") from None
-        try:  # before any process group starts
-            check_supported_layout(dims, self.model_args, self.cfg)
-            p = self.cfg.parallelism
-            check_pipeline(
-                p, self.model_args.n_layers, self.cfg.training.local_batch_size,
-                self.cfg.compile.blocks,
-            )  # fmt: skip
-            check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, self.device.type)
-        except (NotImplementedError, ValueError) as e:
-            raise ConfigError(f"[parallelism] {e}") from None
-        init_distributed(self.device, world_size)
-        if world_size == 1:
-            return dims, {}
-        meshes = dims.build_meshes(self.device.type)
-        logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
-        return dims, meshes
 
     def _build_metrics(self, float8_flops: int) -> MetricsLogger:
         a = self.model_args
@@ -232,6 +210,14 @@ class Trainer:
             loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
 
+    def _forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's summed token loss of one micro-batch, forward only (validation)."""
+        inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels.to(self.device))
+        with torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast):
+            logits = self.model(inputs, **kwargs)
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+            return local_tensor(self.loss_fn(logits, labels))
+
     def _model_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(inputs, labels, the model's keyword inputs) of this rank: with block_causal masking
         each token's document, under context parallel this cp rank's chunks and positions."""
@@ -265,6 +251,19 @@ class Trainer:
             for loss in losses:  # the last stage's: one per pipeline micro-batch
                 loss_total += local_tensor(loss.detach())
         return self._step_loss(loss_total)
+
+    def _forward_loss_pipelined(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """_forward_loss through the schedule's forward-only pass (the last stage's loss)."""
+        inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
+        args = (inputs,) if self.has_first_stage else ()
+        target = labels.to(self.device) if self.has_last_stage else None
+        losses: list[torch.Tensor] = []
+        with (
+            torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
+            loss_parallel() if self.loss_parallel else contextlib.nullcontext(),
+        ):
+            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        return sum((local_tensor(x) for x in losses), torch.zeros((), device=self.device))
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -349,6 +348,10 @@ class Trainer:
                         elapsed_s=now - last, data_s=data_s,
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
+                if self.validator is not None and self.validator.due(self.step, t.steps):
+                    paused = time.perf_counter()
+                    self.validate()
+                    last += time.perf_counter() - paused  # not training: out of tokens/s
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
                 for tracker in (prof, snap):

@@ -37,6 +37,7 @@ from titan.components.dcp_io import (
     load_dcp_model,
     read_dcp_metadata,
 )
+from titan.config import ConfigError
 from titan.config.job_config import Checkpoint
 from titan.logger import logger
 
@@ -69,6 +70,35 @@ def load_initial_weights(
     else:
         load_dcp_model(path, model)
     logger.info(f"checkpoint: initial weights loaded from {path}")
+
+
+def build_checkpointer(
+    ckpt: Checkpoint,
+    dump_folder: str,
+    world_size: int,
+    read_hf: Callable[[str], dict[str, torch.Tensor]],
+    **parts: Any,
+) -> tuple["CheckpointManager | None", int]:
+    """(the run's manager or None, the step to start from): resume from the run's own newest
+    (or checkpoint.load_step's) checkpoint, else load checkpoint.initial_load_path's weights (a
+    Hugging Face folder through `read_hf` with initial_load_in_hf). `parts`: model, optimizer,
+    lr_scheduler and dataloader, as CheckpointManager takes them."""
+    if ckpt.create_seed_checkpoint and world_size > 1:
+        raise ConfigError(
+            "checkpoint.create_seed_checkpoint writes the full weights from one process: "
+            "run it with NGPU=1 (any parallel degrees in the config are ignored)"
+        )
+    manager = None
+    if ckpt.enable or ckpt.create_seed_checkpoint:
+        manager = CheckpointManager(ckpt, dump_folder, **parts)
+    if manager is not None and not ckpt.create_seed_checkpoint:
+        # a named load_step must exist: load() lists the steps there are
+        if complete_steps(manager.folder) or ckpt.load_step != -1:
+            return manager, manager.load()
+    if ckpt.initial_load_path:
+        hf = read_hf if ckpt.initial_load_in_hf else None
+        load_initial_weights(parts["model"], ckpt.initial_load_path, hf)
+    return manager, 0
 
 
 class CheckpointManager:

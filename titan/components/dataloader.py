@@ -137,11 +137,12 @@ def _load_hub(cfg: Data) -> Any:
 def build_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
     """The training documents to read by index (data.holdout_every's held out), or None for a
     streamed hub dataset."""
-    docs = _all_documents(cfg, tokenizer, vocab_size)
+    docs = all_documents(cfg, tokenizer, vocab_size)
     return docs.split(cfg.holdout_every)[0] if docs is not None else None
 
 
-def _all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
+def all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocuments | None:
+    """Every document of data.dataset or data.path (none held out), or None for a stream."""
     if cfg.path is None and cfg.dataset == "default":
         docs = load_embedded_corpus()
         return TokenDocuments.from_texts("the embedded corpus", len(docs), docs.__getitem__,

@@ -1,7 +1,10 @@
 """Training metrics: FLOPs per token, peak-FLOP/s table for MFU, device memory, and the
-MetricsLogger that writes the fixed metrics line plus TensorBoard and Weights & Biases.
+MetricsLogger that writes the fixed metrics line, <dump_folder>/metrics.jsonl (rank 0: one JSON
+object per logged step, what scripts/plot_metrics.py reads), TensorBoard and Weights & Biases.
 """
 
+import json
+import math
 import os
 import resource
 import sys
@@ -13,6 +16,7 @@ from titan.config.job_config import Metrics
 from titan.logger import logger
 
 _GIB = 1024**3
+METRICS_FILE = "metrics.jsonl"
 
 
 def flops_per_token(
@@ -186,6 +190,11 @@ def _host_total_bytes() -> int | None:
         return None
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), inf past the float range."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
 class MetricsLogger:
     """Turns per-interval counts into metrics, logs the fixed metrics line and, when enabled,
     writes the same scalars to TensorBoard and Weights & Biases."""
@@ -211,6 +220,10 @@ class MetricsLogger:
         self._alloc_retries = 0
         self._tb: Any = None
         self._wandb_run: Any = None
+        # rank 0's metrics.jsonl, opened at the first write and appended to (a resumed run
+        # continues its file)
+        self._jsonl_path = os.path.join(dump_folder, METRICS_FILE) if rank == 0 else None
+        self._jsonl: Any = None
         if cfg.rank_0_only and rank != 0:
             return  # only the logging rank writes TensorBoard and W&B
         if cfg.enable_tensorboard:
@@ -260,8 +273,20 @@ class MetricsLogger:
         self.memory.reset_peak()
         return metrics
 
+    def log_validation(self, step: int, loss: float, n_targets: int, elapsed_s: float) -> None:
+        """Log a validation pass after `step`: its mean token loss over `n_targets` targets."""
+        ppl = perplexity(loss)
+        logger.info(
+            f"validation: step: {step:<5d}  loss: {loss:.6f}  perplexity: {ppl:.4f}  "
+            f"targets: {n_targets:,}  time: {elapsed_s:.1f}s"
+        )
+        self._write(step, {"validation/loss": loss, "validation/perplexity": ppl})
+
     def close(self) -> None:
-        """Flush and close TensorBoard and finish the W&B run."""
+        """Flush and close metrics.jsonl and TensorBoard, and finish the W&B run."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -282,6 +307,12 @@ class MetricsLogger:
 
     def _write(self, step: int, metrics: dict[str, float | None]) -> None:
         scalars = {k: v for k, v in metrics.items() if v is not None}
+        if self._jsonl is None and self._jsonl_path is not None:
+            os.makedirs(os.path.dirname(self._jsonl_path) or ".", exist_ok=True)
+            self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115 (closed by close())
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._jsonl.flush()  # a killed run keeps what it logged
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)

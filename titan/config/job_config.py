@@ -101,6 +101,25 @@ class Data:
 
 
 @dataclass
+class Validation:
+    enable: bool = False
+    """Compute the loss on held-out data during training, logged as validation/loss and
+    validation/perplexity beside the training metrics (forward only; training is unchanged)."""
+    freq: int = 500
+    """Validate every N steps, and after the last step."""
+    steps: int = -1
+    """Batches per validation, each training.local_batch_size windows per data-parallel rank;
+    -1: every complete batch of one pass over the validation data."""
+    dataset: str = "holdout"
+    """holdout (the documents data.holdout_every holds out of training), default (the embedded
+    corpus), synthetic (random tokens, for tests), or a Hugging Face hub dataset name."""
+    path: str | None = None
+    """Local files or a scripts/preprocess_data.py prefix to validate on, instead of dataset."""
+    split: str = "validation"
+    """Split of a hub dataset."""
+
+
+@dataclass
 class Optimizer:
     name: str = "AdamW"
     """Optimizer: AdamW or Adam."""
@@ -319,6 +338,7 @@ class JobConfig:
     model: Model = field(default_factory=Model)
     training: Training = field(default_factory=Training)
     data: Data = field(default_factory=Data)
+    validation: Validation = field(default_factory=Validation)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     parallelism: Parallelism = field(default_factory=Parallelism)

@@ -1,5 +1,6 @@
 """Build Llama 3 for a run in titan's fixed order: (1) on the meta device, (2) converters,
-(3) pipeline split and parallelize, (4) allocate on the device, (5) initialize the weights."""
+(3) pipeline split and parallelize, (4) allocate on the device, (5) initialize the weights;
+and, before that, check the parallel layout and start the process group and meshes."""
 
 import dataclasses
 import os
@@ -13,9 +14,17 @@ from titan.config.job_config import JobConfig, Model
 from titan.logger import logger
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer
-from titan.models.llama3.parallelize import default_dtype, init_as_one_process, parallelize_llama
+from titan.models.llama3.parallelize import (
+    check_supported_layout,
+    default_dtype,
+    init_as_one_process,
+    parallelize_llama,
+)
 from titan.models.llama3.pipeline import pipeline_llama
-from titan.parallelisms.parallel_dims import ParallelDims
+from titan.parallelisms.data_parallel import check_cpu_offload
+from titan.parallelisms.distributed import init_distributed
+from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
+from titan.parallelisms.pipeline import check_pipeline
 
 
 def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
@@ -32,6 +41,28 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
     return dataclasses.replace(
         args, vocab_size=vocab, max_seq_len=seq_len, attn_mask_type=cfg.attn_mask_type
     )
+
+
+def init_parallel(
+    cfg: JobConfig, args: ModelArgs, device: torch.device
+) -> tuple[ParallelDims, dict[str, DeviceMesh]]:
+    """The parallel layout for this world size, checked before any process group starts; then
+    starts the process group and builds the meshes."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    p = cfg.parallelism
+    try:
+        dims = resolve_parallel_dims(p, world_size)
+        check_supported_layout(dims, args, cfg)
+        check_pipeline(p, args.n_layers, cfg.training.local_batch_size, cfg.compile.blocks)
+        check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, device.type)
+    except (NotImplementedError, ValueError) as e:
+        raise ConfigError(f"[parallelism] {e}") from None
+    init_distributed(device, world_size)
+    if world_size == 1:
+        return dims, {}
+    meshes = dims.build_meshes(device.type)
+    logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
+    return dims, meshes
 
 
 @dataclasses.dataclass

@@ -1,0 +1,124 @@
+"""Validation: a model's mean token loss and perplexity on held-out data, forward only.
+
+The validation windows are read in order, once, by global index: batch b is windows
+[b x B, (b + 1) x B), B = local_batch_size x dp degree, each dp rank taking its rows as in
+training. So the loss is the same under any layout, and every validation reads the same data.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from titan.components.dataloader import all_documents
+from titan.components.loss import IGNORE_INDEX
+from titan.components.token_data import (
+    DataError,
+    GlobalBatchLoader,
+    PackedWindows,
+    SyntheticWindows,
+)
+from titan.components.tokenizer import Tokenizer
+from titan.config.job_config import Data, Validation
+from titan.logger import logger
+from titan.parallelisms.distributed import dist_sum
+
+# (inputs, labels) of one micro-batch -> this rank's summed token loss
+ForwardLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def validation_windows(
+    v: Validation, data: Data, tokenizer: Tokenizer, seq_len: int, seed: int, vocab_size: int
+) -> tuple[PackedWindows | SyntheticWindows, int | None]:
+    """(the validation windows, how many there are: None for synthetic tokens, which never end)."""
+    if v.path is None and v.dataset == "synthetic":
+        # another seed than training's synthetic tokens: data the model has not seen
+        return SyntheticWindows(tokenizer.n_words, seq_len, seed + 1), None
+    if v.path is None and v.dataset == "holdout":
+        docs = all_documents(data, tokenizer, vocab_size).split(data.holdout_every)[1]
+    else:
+        source = dataclasses.replace(
+            data, dataset=v.dataset, path=v.path, split=v.split, holdout_every=0, blend=[],
+            blend_schedule=[], streaming=False,
+        )  # fmt: skip
+        docs = all_documents(source, tokenizer, vocab_size)
+        if docs is None:
+            raise DataError("validation data cannot be streamed: preprocess it first "
+                            "(scripts/preprocess_data.py) or give --validation.path")  # fmt: skip
+    windows = PackedWindows(docs, seq_len, seed, shuffle=False, infinite=False)
+    return windows, windows.epoch_tokens // (seq_len + 1)
+
+
+class Validator:
+    """Runs `steps` batches of validation windows through a forward-only loss."""
+
+    def __init__(
+        self,
+        v: Validation,
+        windows: PackedWindows | SyntheticWindows,
+        n_windows: int | None,
+        local_batch_size: int,
+        dp_rank: int,
+        dp_degree: int,
+    ):
+        self.freq, self.windows, self.local_batch_size = v.freq, windows, local_batch_size
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
+        global_batch = local_batch_size * dp_degree
+        complete = None if n_windows is None else n_windows // global_batch
+        if v.steps == -1 and complete is None:
+            raise DataError("synthetic validation tokens never end: set validation.steps")
+        self.steps = complete if v.steps == -1 else v.steps
+        if complete is not None and not 1 <= self.steps <= complete:
+            raise DataError(
+                f"the validation data holds {n_windows:,} windows of seq_len + 1 tokens, "
+                f"{complete} batch(es) of {global_batch} (local_batch_size x data-parallel "
+                f"degree), not validation.steps = {v.steps}: lower validation.steps or "
+                "training.local_batch_size, or validate on more data"
+            )
+        self.name = getattr(getattr(windows, "docs", None), "name", "synthetic tokens")
+        logger.info(f"validation: {self.steps} batch(es) of {global_batch} windows of {self.name}")
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether training step `step` is followed by a validation."""
+        return step % self.freq == 0 or step == last_step
+
+    def run(
+        self,
+        forward_loss: ForwardLoss,
+        device: torch.device,
+        loss_meshes: tuple = (),
+        count_mesh=None,
+        progress: bool = False,
+    ) -> tuple[float, int]:
+        """(mean token loss, number of targets) over the validation batches. forward_loss gives
+        this rank's summed loss of a micro-batch, summed over `loss_meshes` (the ranks holding
+        parts of it: pipeline stages, context-parallel and data-parallel ranks); the targets are
+        counted per data-parallel rank and summed over `count_mesh`."""
+        loader = GlobalBatchLoader(self.windows, self.local_batch_size, self.dp_rank,
+                                   self.dp_degree)  # fmt: skip
+        # on the device: NCCL reduces device tensors only
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        bar = _progress_bar(self.steps) if progress else None
+        with torch.no_grad():
+            for _ in range(self.steps):
+                inputs, labels = next(loader)
+                count += int((labels != IGNORE_INDEX).sum())
+                total += forward_loss(inputs, labels).detach().double()
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
+        for mesh in loss_meshes:
+            total = dist_sum(total, mesh)
+        n = int(
+            dist_sum(torch.tensor(count, dtype=torch.float64, device=device), count_mesh).item()
+        )
+        return (total.item() / n if n else math.nan), n
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm  # a dependency of datasets
+
+    return tqdm(total=total, desc="validation", unit="batch", mininterval=1.0)
