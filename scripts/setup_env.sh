@@ -6,7 +6,7 @@
 # torch installed first into a new .venv: pinned, because an open range pulls a multi-GB CUDA build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MODULES="torch, torchao, torchdata, tiktoken, safetensors, datasets, numpy"
+MODULES="torch, torchao, torchdata, tiktoken, safetensors, datasets, numpy, matplotlib"
 EXTRA=""
 if [ "${1:-}" = "--dev" ]; then
   MODULES="$MODULES, pytest, transformers"
