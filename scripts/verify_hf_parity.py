@@ -20,7 +20,6 @@ KL <= --max-kl, else 1. Meant for small models: it holds two fp32 copies of the 
 """
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +30,10 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.dcp_io import CheckpointError, load_dcp_model  # noqa: E402
+from titan.components.dcp_io import CheckpointError  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer  # noqa: E402
-from titan.models.llama3.hf_io import (  # noqa: E402
-    empty_model,
-    read_hf_config,
-    resolve_model_args,
-    titan_state_dict_from_hf,
-)
+from titan.models.llama3.hf_io import read_hf_config  # noqa: E402
+from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model  # noqa: E402
 from titan.models.llama3.state_dict_adapter import hf_config_dict, to_hf  # noqa: E402
 
 
@@ -69,30 +64,16 @@ def load_models(
 ) -> tuple[Transformer, torch.nn.Module]:
     """(titan, transformers) fp32 eval models: titan holds the weights of the DCP or HF folder
     `path`; transformers those of `hf_reference` when given, read by transformers alone."""
-    path = Path(path)
-    is_dcp = (path / ".metadata").is_file()
-    if not is_dcp and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is neither a titan DCP folder (.metadata) nor a transformers one (config.json)"
-        )
+    is_dcp = checkpoint_kind(path) == "dcp"
     # read first: a clear error for a reference folder without config.json
     reference_config = read_hf_config(hf_reference) if hf_reference is not None else None
-    if config_json is not None:
-        config = json.loads(Path(config_json).read_text())
-    else:
-        config = reference_config if is_dcp else read_hf_config(path)
-    args = resolve_model_args(flavor, config)
-    titan = empty_model(args)
-    titan.init_weights()  # builds the RoPE table; the weights are overwritten below
-    if is_dcp:
-        load_dcp_model(path, titan)
-    else:
-        titan.load_state_dict(titan_state_dict_from_hf(path, args))
+    args = checkpoint_args(path, flavor, config_json, reference_config)
+    titan = load_model(path, args)
     if hf_reference is not None:
         hf = _hf_from_folder(hf_reference)
     else:
         hf = _hf_from_titan(titan, args) if is_dcp else _hf_from_folder(path)
-    return titan.eval(), hf.eval()
+    return titan, hf.eval()
 
 
 @torch.no_grad()

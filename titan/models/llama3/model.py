@@ -74,6 +74,7 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
 
 
 AttentionMask = torch.Tensor | BlockMask | None  # None: causal
+KVCacheFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def attention_mask(
@@ -145,6 +146,10 @@ class Attention(nn.Module):
         # over the cp ranks (keys and values for a masked attention)
         self.ring_attention: Callable[..., torch.Tensor] | None = None
         self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+        # generation's KV cache (set by titan.components.generation): takes this call's keys and
+        # values (bs, n_kv_heads, seqlen, head_dim), after RoPE, and returns every cached one so
+        # far; the caller then passes an explicit mask, as is_causal would align it top-left
+        self.kv_cache: KVCacheFn | None = None
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None
@@ -162,6 +167,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+        if self.kv_cache is not None:  # (bs, n_kv_heads, cached + seqlen, head_dim)
+            k, v = self.kv_cache(k, v)
         if self.ring_attention is not None:
             out = self.ring_attention(q, k, v)
         else:
@@ -236,22 +243,26 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (bs, seqlen) int64 -> logits: (bs, seqlen, vocab_size). document_ids:
         (bs, seqlen), each token's document, for attn_mask_type "block_causal". positions:
         (bs, seqlen), each token's position in its window (default 0, 1, ...; context parallel
-        gives each rank parts of the window). A pipeline stage without tok_embeddings takes
-        hidden states (bs, seqlen, dim) instead, and one without output returns them."""
-        rope, mask = self.rope_cache, None
+        gives each rank parts of the window). mask: (bs, 1, seqlen, kv_len) bool, which keys
+        each query may see, instead of the causal or document mask (generation: left padding
+        and a KV cache). A pipeline stage without tok_embeddings takes hidden states
+        (bs, seqlen, dim) instead, and one without output returns them."""
+        rope = self.rope_cache
         if positions is not None:
             rope = rope[positions[0]]  # every row of a batch has the same positions
         elif tokens.shape[1] > rope.shape[0]:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {len(rope)}")
         block = self.args.attn_mask_type == "block_causal"
-        if block and document_ids is None:
-            raise ValueError("attn_mask_type 'block_causal' needs each token's document_ids")
-        if block or self.context_gather is not None:
-            mask = self._mask(document_ids if block else None, positions)
+        if mask is None:
+            if block and document_ids is None:
+                raise ValueError("attn_mask_type 'block_causal' needs each token's document_ids")
+            if block or self.context_gather is not None:
+                mask = self._mask(document_ids if block else None, positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, rope, mask)  # (bs, seqlen, dim)
