@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Print the Python interpreter that has titan's dependencies, creating ./.venv when none has them.
 #   scripts/setup_env.sh          # training dependencies
-#   scripts/setup_env.sh --dev    # plus the test tools (pytest, ruff, transformers)
+#   scripts/setup_env.sh --dev    # plus the test tools (pytest, ruff, transformers, peft)
 # TITAN_PYTHON=/path/to/python skips the search; TITAN_TORCH_SPEC (default torch==2.13.0) is the
 # torch installed first into a new .venv: pinned, because an open range pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MODULES="torch, torchao, torchdata, tiktoken, safetensors, datasets, numpy, matplotlib"
 EXTRA=""
 if [ "${1:-}" = "--dev" ]; then
-  MODULES="$MODULES, pytest, transformers"
+  MODULES="$MODULES, pytest, transformers, peft"
   EXTRA="[dev]"
 fi
 

@@ -274,7 +274,8 @@ def train_case(overrides: list[str], batches, stop: int | None = None) -> dict:
                 h.remove()
             layout["activations"] = activations
             for name, p in trainer.model.named_parameters():
-                grads[_clean(name)] = _full(p.grad)
+                if p.grad is not None:  # frozen parameters (LoRA's base) have none
+                    grads[_clean(name)] = _full(p.grad)
         loss_value, norm = trainer.optimizer_step(loss)
         losses.append(loss_value)
         norms.append(norm)

@@ -91,6 +91,16 @@ def test_non_finite_loss_stops_without_update(tmp_path):
     assert trainer.optimizer.state == {}  # the optimizer never stepped
 
 
+def test_step_without_targets_changes_nothing(tmp_path):
+    """A global batch whose labels are all ignored (finetuning data of prompts only) gives loss
+    0 and zero gradients instead of dividing by zero."""
+    trainer = make_trainer(tmp_path, "--training.seq_len", "16", "--training.local_batch_size", "2")
+    inputs = torch.randint(0, 2000, (2, 16))
+    loss = trainer.forward_backward([(inputs, torch.full_like(inputs, -100))])
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+
+
 def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):
     with pytest.raises(
         ConfigError, match="the tokenizer has 2304 tokens but the model's vocabulary is 1000"

@@ -75,7 +75,8 @@ class Trainer:
         self.model_parts, self.n_params = built.parts, built.n_params
         self.stage_ids, self.n_stages = built.stage_ids, built.n_stages
         self.model = self.model_parts[0] if dims.pp == 1 else StageUnion(self.model_parts)
-        logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters")
+        logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters, "
+                    f"{built.n_trainable:,} trainable")  # fmt: skip
         self.loss_fn = build_loss_fn(cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -182,7 +183,8 @@ class Trainer:
         pipelining give the gradient of one big batch."""
         local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
         n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
-        self.loss_scale = self.grad_average_over / n_targets
+        # a step without targets (finetuning data may hold only prompts): zero loss and gradients
+        self.loss_scale = self.grad_average_over / max(n_targets, 1.0)
 
     def _step_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
         """The step's mean token loss on every rank: each data-parallel rank (and, pipelined,

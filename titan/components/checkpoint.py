@@ -37,6 +37,7 @@ from titan.components.dcp_io import (
     load_dcp_model,
     read_dcp_metadata,
 )
+from titan.components.lora import adapter_keys, init_magnitudes
 from titan.config import ConfigError
 from titan.config.job_config import Checkpoint
 from titan.logger import logger
@@ -60,15 +61,21 @@ def load_initial_weights(
 ) -> None:
     """Start from other weights: a DCP folder (e.g. a seed checkpoint), or, given the model's
     reader of Hugging Face folders (`read_hf(path)` -> full tensors under titan's names), one
-    of those."""
+    of those. LoRA adapters are not in such base weights: they keep their init (DoRA's
+    magnitudes become the loaded weights' row norms)."""
+    adapters = adapter_keys(model)
     if read_hf is not None:
-        state = read_hf(path)
+        state = read_hf(path)  # checked: every weight of the base model is there
         keys = get_model_state_dict(model).keys()  # a pipeline rank holds some stages only
         state = {k: v.to(torch.float32) for k, v in state.items() if k in keys}
         # full tensors: each rank keeps its own shards of them
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, strict=not adapters)
+        set_model_state_dict(model, state, options=options)
     else:
-        load_dcp_model(path, model)
+        base = {k: v for k, v in model.state_dict().items() if k not in adapters}
+        load_dcp_model(path, base)  # the tensors share storage with the model's
+    if adapters:
+        init_magnitudes([model])
     logger.info(f"checkpoint: initial weights loaded from {path}")
 
 

@@ -2,10 +2,11 @@
 
 `build_dataloader` returns a loader whose state_dict() resumes exactly. Sources: the embedded
 corpus, synthetic tokens, local files (.txt gives a document per paragraph), files written by
-scripts/preprocess_data.py, or the hub. All but streamed hub datasets are read by global window
-index (titan.components.token_data): a step's data is the same under any data-parallel layout,
-and resumes under any. A stream cannot be indexed cheaply: each dp rank reads its own shard of
-it, and its position resumes only under the same data-parallel degree.
+scripts/preprocess_data.py, or the hub; data.format = chat reads chat examples
+(titan.components.chat_data) from files or the hub. All but streamed hub datasets are read by
+global window index (titan.components.token_data): a step's data is the same under any
+data-parallel layout, and resumes under any. A stream cannot be indexed cheaply: each dp rank
+reads its own shard of it, and its position resumes only under the same data-parallel degree.
 """
 
 import dataclasses
@@ -16,10 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titan.components.blend import BlendedWindows, parse_blend, parse_schedule
+from titan.components.chat_data import ChatExamples, ChatWindows
 from titan.components.stream_data import (
     DocumentSource,
     PackedTextDataset,
@@ -167,6 +170,49 @@ def all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocu
     return TokenDocuments.from_texts(name, len(dataset), text, tokenizer)
 
 
+def all_chat_examples(cfg: Data, tokenizer: Tokenizer) -> ChatExamples:
+    """Every example of data.path or data.dataset (data.format = "chat"), checked and rendered."""
+    from datasets import Dataset
+
+    name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
+    dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
+    if not isinstance(dataset, Dataset):
+        raise DataError(
+            f"{name}: chat examples are read by index, which a stream cannot be: set "
+            "--data.streaming false (downloads it) or give --data.path"
+        )
+    field = cfg.messages_field
+    if field not in dataset.column_names:
+        raise DataError(f"{name}: example 0 has no {field!r} field (columns: "
+                        f"{dataset.column_names}); name it with --data.messages_field")  # fmt: skip
+    rows = dataset.select_columns([field])
+    return ChatExamples.from_rows(name, len(rows), rows.__getitem__, field, tokenizer)
+
+
+def build_chat_windows(
+    cfg: Data, tokenizer: Tokenizer, seq_len: int, seed: int, part: str = "train"
+) -> ChatWindows:
+    """Windows of chat examples: part "train" (data.holdout_every's held out; shuffled and
+    repeated as data.shuffle and data.infinite say), "holdout" or "all" (one pass, in order)."""
+    examples = all_chat_examples(cfg, tokenizer)
+    if part != "all":
+        examples = examples.split(cfg.holdout_every)[part == "holdout"]
+    train = part == "train"
+    windows = ChatWindows(examples, seq_len, tokenizer.pad_id, seed, cfg.shuffle and train,
+                          cfg.infinite and train, cfg.packing)  # fmt: skip
+    if windows.n_truncated:
+        logger.warning(f"data: {windows.n_truncated:,} of {examples.n_docs:,} chat examples of "
+                       f"{examples.name} are longer than seq_len + 1 = {seq_len + 1} tokens: "
+                       "each keeps its first seq_len + 1")  # fmt: skip
+    ends = np.concatenate([[0], np.cumsum(examples.targets)])
+    targets = int((ends[examples.starts + examples.lengths] - ends[examples.starts]).sum())
+    how = "packed" if cfg.packing else "one a window"
+    logger.info(f"data: {examples.name}, {examples.n_docs:,} chat examples, "
+                f"{int(examples.lengths.sum()):,} tokens ({targets:,} targets), "
+                f"{windows.windows_in_epoch(0):,} windows an epoch ({how})")  # fmt: skip
+    return windows
+
+
 def build_blend(
     cfg: Data, tokenizer: Tokenizer, seq_len: int, seed: int, vocab_size: int
 ) -> BlendedWindows:
@@ -227,7 +273,7 @@ def build_dataloader(
     A dry run reads nothing: synthetic tokens."""
     if dry_run and cfg.dataset != "synthetic":
         logger.info("dry run: synthetic tokens instead of data.dataset (nothing is read)")
-        cfg = dataclasses.replace(cfg, dataset="synthetic", path=None)
+        cfg = dataclasses.replace(cfg, dataset="synthetic", path=None, format="text")
     if not 0 <= dp_rank < dp_degree:
         raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_degree={dp_degree})")
     if seq_len < 1 or local_batch_size < 1:
@@ -240,6 +286,9 @@ def build_dataloader(
             logger.warning(f"data: --data.dataset synthetic ignores --data.path {cfg.path}")
         windows = SyntheticWindows(tokenizer.n_words, seq_len, seed)
         logger.info(f"data: synthetic tokens (seed {seed}), {where}, global sample order")
+        return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
+    if cfg.format == "chat":
+        windows = build_chat_windows(cfg, tokenizer, seq_len, seed)
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
     if cfg.blend:
         windows = build_blend(cfg, tokenizer, seq_len, seed, vocab_size or tokenizer.n_words)

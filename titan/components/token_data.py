@@ -10,6 +10,7 @@ step's global batch: the step's windows are the same whatever the data-parallel 
 batch size and gradient accumulation, and its state (windows consumed) resumes under any of them.
 """
 
+import copy
 import functools
 import hashlib
 import json
@@ -81,9 +82,8 @@ class TokenDocuments:
             held[every - 1 :: every] = True
         parts = []
         for keep, what in ((~held, self.name), (held, f"{self.name} (held out)")):
-            part = TokenDocuments.__new__(TokenDocuments)
-            part.name, part.tokens = what, self.tokens
-            part.starts, part.lengths = self.starts[keep], self.lengths[keep]
+            part = copy.copy(self)  # keeps what a subclass adds (ChatExamples' targets)
+            part.name, part.starts, part.lengths = what, self.starts[keep], self.lengths[keep]
             parts.append(part)
         return parts[0], parts[1]
 
@@ -241,7 +241,9 @@ class GlobalBatchLoader:
     B = local_batch_size x dp_degree x accumulation; micro-batch m of dp rank r is windows
     c + (m x dp_degree + r) x local_batch_size + [0, local_batch_size). One process with local
     batch B, or with accumulation, reads the same windows as any data-parallel layout.
-    `accumulation` is a count, or [(first window, count)] for a batch size that ramps up."""
+    `accumulation` is a count, or [(first window, count)] for a batch size that ramps up.
+    A window is seq_len + 1 tokens, or (tokens, labels) of that length when only some tokens are
+    targets (chat_data.ChatWindows); labels are shifted like the tokens."""
 
     state_key = "global"  # every rank saves the same state, and any layout can load it
 
@@ -280,8 +282,11 @@ class GlobalBatchLoader:
         self.micro += 1
         if self.micro == self.accumulation:
             self.consumed, self.micro = self.consumed + self.global_batch, 0
-        batch = torch.from_numpy(np.stack(rows))  # (local_batch_size, seq_len + 1)
-        return batch[:, :-1], batch[:, 1:]
+        if isinstance(rows[0], tuple):  # (tokens, labels) windows: chat data trains on some tokens
+            tokens, labels = (torch.from_numpy(np.stack(part)) for part in zip(*rows, strict=True))
+        else:
+            tokens = labels = torch.from_numpy(np.stack(rows))  # (local_batch_size, seq_len + 1)
+        return tokens[:, :-1], labels[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.consumed, "micro": self.micro, "seq_len": self.windows.seq_len}

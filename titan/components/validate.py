@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from titan.components.dataloader import all_documents
+from titan.components.chat_data import ChatWindows
+from titan.components.dataloader import all_documents, build_chat_windows
 from titan.components.loss import IGNORE_INDEX
 from titan.components.token_data import (
     DataError,
@@ -30,12 +31,21 @@ ForwardLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def validation_windows(
     v: Validation, data: Data, tokenizer: Tokenizer, seq_len: int, seed: int, vocab_size: int
-) -> tuple[PackedWindows | SyntheticWindows, int | None]:
+) -> tuple[PackedWindows | SyntheticWindows | ChatWindows, int | None]:
     """(the validation windows, how many there are: None for synthetic tokens, which never end)."""
     if v.path is None and v.dataset == "synthetic":
         # another seed than training's synthetic tokens: data the model has not seen
         return SyntheticWindows(tokenizer.n_words, seq_len, seed + 1), None
-    if v.path is None and v.dataset == "holdout":
+    holdout = v.path is None and v.dataset == "holdout"
+    if data.format == "chat" and (v.path is not None or v.dataset != "default"):
+        # chat training validates on chat examples: its held-out ones, or other chat data
+        source = data if holdout else dataclasses.replace(
+            data, dataset=v.dataset, path=v.path, split=v.split, holdout_every=0, streaming=False
+        )  # fmt: skip
+        part = "holdout" if holdout else "all"
+        windows = build_chat_windows(source, tokenizer, seq_len, seed, part)
+        return windows, windows.windows_in_epoch(0)
+    if holdout:
         docs = all_documents(data, tokenizer, vocab_size).split(data.holdout_every)[1]
     else:
         source = dataclasses.replace(

@@ -35,7 +35,8 @@ class Model:
     window (documents start at the BOS token the data packer puts before each)."""
     converters: list[str] = field(default_factory=list)
     """Model converters applied before parallelizing: float8 ([quantize.linear.float8]) or mx
-    ([quantize.linear.mx]); at most one of the two."""
+    ([quantize.linear.mx]), at most one of the two; or lora ([lora]: adapters on a frozen
+    model)."""
 
 
 @dataclass
@@ -98,6 +99,14 @@ class Data:
     blend_schedule: list[str] = field(default_factory=list)
     """New blend weights from a token count on: 'TOKENS W1 W2 ...' entries (one weight per
     blend source), e.g. ['2.8e12 0.2 0.4 0.3 0.1'] to anneal on other data at the end."""
+    format: str = "text"
+    """text (documents packed back to back, every token a target) or chat (each example a list
+    of messages in Llama 3's chat template; only assistant tokens are targets)."""
+    messages_field: str = "messages"
+    """With format = chat: the column holding each example's [{role, content}, ...] list."""
+    packing: bool = True
+    """With format = chat: pack whole examples into each window (needs model.attn_mask_type =
+    block_causal); false gives one example per window, padded. Text is always packed."""
 
 
 @dataclass
@@ -333,6 +342,21 @@ class Quantize:
 
 
 @dataclass
+class Lora:
+    rank: int = 8
+    """Rank r of each adapter: A is (r, in_features), B is (out_features, r)."""
+    alpha: float = 16.0
+    """The update B A x is scaled by alpha / rank (PEFT's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training (PEFT's lora_dropout), in [0, 1)."""
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    """Linears that get adapters, by the last part of their name: wq, wk, wv, wo (attention),
+    w1, w2, w3 (feed-forward), output."""
+    use_dora: bool = False
+    """DoRA: also train a per-row magnitude m, y = m * (W + s B A) x / ||W + s B A||_row."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -348,3 +372,4 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     profiling: Profiling = field(default_factory=Profiling)
     quantize: Quantize = field(default_factory=Quantize)
+    lora: Lora = field(default_factory=Lora)

@@ -232,6 +232,7 @@ def _coerce(value: Any, hint: Any, from_string: bool) -> Any:
 _CHOICES = {
     "model.name": ("llama3",),
     "model.attn_mask_type": ("causal", "block_causal"),
+    "data.format": ("text", "chat"),
     "training.mixed_precision_param": ("bfloat16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
     "optimizer.name": ("AdamW", "Adam"),
@@ -352,9 +353,14 @@ def validate(cfg: JobConfig) -> None:
             "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
             "set compile.enable = true"
         )
-    from titan.components.quantization import check_converters  # imports titan.config
+    from titan.components.lora import check_lora  # these import titan.config
+    from titan.components.quantization import check_converters
 
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
+    check_lora(cfg.lora)
+    from titan.components.chat_data import check_chat_config  # imports titan.config
+
+    check_chat_config(cfg.data, cfg.model.attn_mask_type)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
 

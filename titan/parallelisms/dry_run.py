@@ -33,7 +33,8 @@ def zero_gradients(model: nn.Module) -> torch.Tensor:
     tp 8 x fsdp 8), more than a dry run's host has; the sizes reported do not depend on it.
     """
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:  # frozen ones (LoRA's base) have no gradient
+            p.grad = torch.zeros_like(p)
     return torch.zeros(())
 
 

@@ -1,6 +1,7 @@
 """Model converters, build step (2): float8 and MXFP8 training linears through torchao.
 
-`CONVERTERS` is the registry that `model.converters` is checked against at start-up;
+`CONVERTERS` is the registry that `model.converters` is checked against at start-up (it also
+holds "lora", whose adapters live in titan.components.lora);
 `apply_converters` runs the configured ones on the meta-device model, before it is
 parallelized or split into pipeline stages (so every stage and shard holds converted layers).
 """
@@ -12,7 +13,7 @@ from torch import nn
 
 from titan.config.job_config import Float8, Job, QuantizeLinear
 
-CONVERTERS = ("float8", "mx")
+CONVERTERS = ("float8", "mx", "lora")
 ROWWISE_RECIPES = ("rowwise", "rowwise_with_gw_hp")  # float8 recipes that scale per row
 
 
@@ -29,6 +30,12 @@ def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool
     if len(set(names)) != len(names) or {"float8", "mx"} <= set(names):
         raise ConfigError(
             f"model.converters = {names}: name each converter once, and use float8 or mx, not both"
+        )
+    if "lora" in names and {"float8", "mx"} & set(names):
+        # torchao's float8/MX linears are not LoRALinear: the adapters would replace them
+        raise ConfigError(
+            f"model.converters = {names}: lora cannot be combined with float8 or mx (adapters "
+            "on low-precision linears are not supported); train LoRA in bf16/fp32"
         )
     f8 = cfg.float8
     if "float8" in names and f8.debug_log_freq and compile_blocks:

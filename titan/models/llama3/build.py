@@ -8,6 +8,7 @@ import os
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from titan.components.lora import apply_lora, init_adapters, trainable_parameters
 from titan.components.quantization import apply_converters
 from titan.config import ConfigError
 from titan.config.job_config import JobConfig, Model
@@ -68,7 +69,8 @@ def init_parallel(
 @dataclasses.dataclass
 class BuiltModel:
     parts: list[Transformer]  # what runs: the whole model, or this rank's pipeline stages
-    n_params: int  # of the whole model (tied weights count once)
+    n_params: int  # of the whole model (tied weights count once), adapters included
+    n_trainable: int  # of those, the ones trained (LoRA: the adapters only)
     stage_ids: list[int] | None = None  # the parts' pipeline stage indices
     n_stages: int = 1
     low_memory_dry_run: bool = False  # stored in bf16: the real run's state would not fit here
@@ -100,18 +102,27 @@ def build_model(
             model = Transformer(args)
         parallelism = dataclasses.replace(cfg.parallelism, fsdp_reshard_after_forward="always")
         cfg = dataclasses.replace(cfg, parallelism=parallelism)
-    n_params = sum(p.numel() for p in model.parameters())
-    built = BuiltModel([model], n_params=n_params, low_memory_dry_run=low_memory)
+    built = BuiltModel([model], n_params=0, n_trainable=0, low_memory_dry_run=low_memory)
     try:
-        # (2) converters (float8/MX): swap linears before any transform shards or splits them
+        # (2) converters (float8/MX, LoRA): swap linears before any transform shards or splits them
         built.float8_flops = apply_converters(
             model, cfg.model.converters, cfg.quantize.linear, device, fsdp=dims.fsdp_enabled
         )
+        if "lora" in cfg.model.converters:
+            apply_lora(model, cfg.lora)
+        built.n_params = sum(p.numel() for p in model.parameters())
+        built.n_trainable = trainable_parameters(model)
         # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in order
         if dims.pp > 1:
             built.parts, built.stage_ids, built.n_stages = pipeline_llama(model, dims, meshes, cfg)
         else:
             parallelize_llama(model, dims, meshes, cfg)
+        if built.n_trainable and not any(trainable_parameters(part) for part in built.parts):
+            raise ValueError(
+                "LoRA: this rank's pipeline stages hold no adapter (lora.target_modules = "
+                f"{cfg.lora.target_modules}) and would have nothing to train: give each stage a "
+                "block (parallelism.pipeline_parallel_module_names_per_stage)"
+            )
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(str(e)) from None
     # (4) allocate on the device (this rank's shards only)
@@ -125,6 +136,8 @@ def build_model(
             # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
             for part in built.parts:
                 part.init_weights(buffer_device=device)
+        # init_weights knows no adapters: they start from the seed alone, the same in any layout
+        init_adapters(built.parts, cfg.training.seed)
     for part in built.parts:
         part.train()
     return built

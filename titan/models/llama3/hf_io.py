@@ -13,9 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from titan.components.dcp_io import CheckpointError, atomic_dir
+from titan.config.job_config import Lora
 from titan.models.llama3.args import FLAVORS, ModelArgs, RoPEScaling
 from titan.models.llama3.model import Transformer
-from titan.models.llama3.state_dict_adapter import from_hf, hf_config_dict, to_hf
+from titan.models.llama3.state_dict_adapter import (
+    HF_LINEARS,
+    from_hf,
+    hf_config_dict,
+    lora_to_peft,
+    to_hf,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -302,3 +309,39 @@ def save_hf_checkpoint(
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(tok_dir / name, tmp / name)
     return index
+
+
+def save_peft_adapter(
+    adapters: dict[str, torch.Tensor],
+    args: ModelArgs,
+    lora: Lora,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write LoRA/DoRA adapters (titan's names) as a PEFT folder, adapter_config.json and
+    adapter_model.safetensors, that `peft.PeftModel.from_pretrained(base, out_dir)` loads on
+    the transformers export of the base weights. Returns the number of tensors written."""
+    tensors = {
+        k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_to_peft(adapters, args).items()
+    }
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(HF_LINEARS[t] for t in set(lora.target_modules)),
+        "use_dora": lora.use_dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return len(tensors)

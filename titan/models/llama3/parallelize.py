@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from titan.components.lora import apply_lora_tp, is_adapter_key
 from titan.components.quantization.float8 import float8_tp_enabled, float8_tp_styles
 from titan.config.job_config import JobConfig
 from titan.models.llama3.args import ModelArgs
@@ -182,6 +183,7 @@ def parallelize_llama(
             model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=not p.disable_loss_parallel, float8=float8,
         )  # fmt: skip
+        apply_lora_tp(model)  # the TP styles shard a linear's adapters as its weight: re-place
         if p.enable_async_tensor_parallel:
             enable_async_tp(meshes["tp"], cfg.compile.enable)
         if compile_blocks and model.tok_embeddings is not None:
@@ -240,8 +242,12 @@ def init_as_one_process(parts: list[nn.Module], args: ModelArgs, device: torch.d
     full.to_empty(device=device)
     full.init_weights(buffer_device=device)
     weights = full.state_dict()
-    options = StateDictOptions(full_state_dict=True)
+    # LoRA adapters are not in `full`: lora.init_adapters fills them afterwards
+    options = StateDictOptions(full_state_dict=True, strict=False)
     for part in parts:
         keys = get_model_state_dict(part).keys()  # a pipeline stage holds some of the modules
-        set_model_state_dict(part, {k: weights[k] for k in keys}, options=options)
+        missing = [k for k in keys if k not in weights and not is_adapter_key(k)]
+        assert not missing, f"init_as_one_process: {missing} are not in the model"
+        state = {k: weights[k] for k in keys if k in weights}
+        set_model_state_dict(part, state, options=options)
         part.rope_cache = full.rope_cache  # a non-persistent buffer: not in the state dict

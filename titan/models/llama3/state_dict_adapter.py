@@ -25,6 +25,17 @@ _NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# titan linear -> the transformers module it is (PEFT's target_modules name them so)
+HF_LINEARS = {
+    "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head",
+}  # fmt: skip
+# titan's adapter parameters -> PEFT's names (after the module's name)
+_PEFT_PARAMS = {
+    "lora_a": "lora_A.weight",
+    "lora_b": "lora_B.weight",
+    "lora_magnitude": "lora_magnitude_vector",
+}
 _TO_HF = {re.compile(re.escape(k).replace(r"\{\}", r"(\d+)") + "$"): v for k, v in _NAMES.items()}
 _FROM_HF = {re.compile(re.escape(v).replace(r"\{\}", r"(\d+)") + "$"): k for k, v in _NAMES.items()}
 
@@ -75,6 +86,23 @@ def from_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, t
         out[_rename(name, _FROM_HF)] = w
     if args.tie_word_embeddings:
         out.setdefault("output.weight", out["tok_embeddings.weight"])
+    return out
+
+
+def lora_to_peft(adapters: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """titan adapter tensors (`layers.0.attention.wq.lora_b`) -> the state dict of a PEFT
+    adapter_model.safetensors (`base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight`).
+
+    transformers holds wq/wk with permuted rows P W; P (W + s B A) = P W + s (P B) A, so B and
+    DoRA's per-row magnitude are permuted like the rows, A is not."""
+    out = {}
+    for key, t in adapters.items():
+        module, param = key.rsplit(".", 1)
+        heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(module.rsplit(".", 1)[-1])
+        if heads is not None and param != "lora_a":
+            t = _meta_to_hf_rows(t.reshape(t.shape[0], -1), heads).reshape(t.shape)
+        hf_module = _rename(f"{module}.weight", _TO_HF).removesuffix(".weight")
+        out[f"base_model.model.{hf_module}.{_PEFT_PARAMS[param]}"] = t
     return out
 
 
