@@ -38,6 +38,7 @@ from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
 from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation  # noqa: E402
 from titan.logger import init_logger, logger  # noqa: E402
 from titan.models.llama3.hf_io import read_hf_config, resolve_model_args  # noqa: E402
+from titan.models.llama3.load import checkpoint_kind  # noqa: E402
 
 DEBUG_TOML = REPO_ROOT / "train_configs" / "debug_model.toml"
 
@@ -49,18 +50,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--steps", type=int, default=-1, help="batches (-1: one pass over the data)")
     p.add_argument("--json-out", type=Path, help="also write the summary here")
     return p.parse_known_args(argv)  # the rest: --section.key overrides
-
-
-def checkpoint_format(path: Path) -> str:
-    """'dcp' or 'hf', or a FileNotFoundError that says what was expected."""
-    if (path / ".metadata").is_file():
-        return "dcp"
-    if (path / "config.json").is_file():
-        return "hf"
-    raise FileNotFoundError(
-        f"{path} is neither a titan DCP checkpoint (no .metadata) nor a transformers folder (no "
-        "config.json): give outputs/checkpoint/step-N or a Hugging Face model folder"
-    )
 
 
 def eval_config(args: argparse.Namespace, overrides: list[str], fmt: str) -> JobConfig:
@@ -93,7 +82,7 @@ def eval_config(args: argparse.Namespace, overrides: list[str], fmt: str) -> Job
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
     from titan.train import Trainer  # after the arguments are checked: imports take seconds
 
-    fmt = checkpoint_format(args.checkpoint)
+    fmt = checkpoint_kind(args.checkpoint)
     cfg = eval_config(args, overrides, fmt)
     with tempfile.TemporaryDirectory() as dump:  # nothing of the run's folder is written
         cfg = dataclasses.replace(cfg, job=dataclasses.replace(cfg.job, dump_folder=dump))

@@ -92,7 +92,7 @@ def test_evaluate_gives_the_logged_validation_loss(run, tmp_path):
 
 def test_evaluate_errors(run, tmp_path):
     log = _run([sys.executable, "scripts/evaluate.py", str(tmp_path)], expect=1)
-    assert "is neither a titan DCP checkpoint (no .metadata) nor a transformers folder" in log
+    assert "is neither a titan DCP folder (.metadata) nor a transformers one (config.json)" in log
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4,

@@ -294,3 +294,58 @@ def test_dry_run_holds_gradients_and_optimizer_state_of_the_adapters_only(tmp_pa
     assert sizes["gradients"] == 6 * (800 + 2 * 584 + 832), sizes
     assert sizes["optimizer state"] == 2 * sizes["gradients"]  # AdamW's two moments
     assert sizes["parameters"] > 40 * sizes["gradients"]  # the frozen base: ~5.7M / 8
+
+
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The gradients of the second step (after the first, B is no longer zero: A has some)."""
+    x = tokens(2)
+    for _ in range(2):
+        trainer.optimizer.zero_grad()
+        loss = trainer.forward_backward([(x, x.roll(-1, dims=1))])
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                 for n, p in trainer.model.named_parameters() if p.grad is not None}  # fmt: skip
+        trainer.optimizer_step(loss)
+    return grads
+
+
+def test_dropout_with_activation_checkpointing_and_validation(tmp_path):
+    """Adapter dropout: recomputing a checkpointed block draws the same masks (the gradients
+    of no checkpointing), and validation runs without dropout and leaves training's RNG alone
+    (the same losses as without validation, the same validation loss twice)."""
+    flags = [*LORA, "--lora.dropout", "0.5", "--optimizer.lr", "1e-2"]
+    expected = _grads(make_trainer(tmp_path / "plain", *flags))
+    assert all(g.abs().max() > 0 for g in expected.values())
+    for mode in (["full"], ["selective", "--activation_checkpoint.selective_ac_option", "op"]):
+        got = _grads(make_trainer(tmp_path / mode[0], *flags, "--activation_checkpoint.mode",
+                                  *mode))  # fmt: skip
+        assert got.keys() == expected.keys()
+        for name, g in expected.items():
+            assert relative(got[name], g) < 1e-6, (mode[0], name)
+    steps = [*flags, "--training.steps", "3", "--optimizer.lr", "1e-2"]
+    plain = make_trainer(tmp_path / "no_val", *steps).train()
+    validation = ["--validation.enable", "--validation.dataset", "synthetic", "--validation.steps",
+                  "1", "--validation.freq", "1"]  # fmt: skip
+    validating = make_trainer(tmp_path / "val", *steps, *validation)
+    assert validating.train() == plain
+    assert validating.validate() == validating.validate()
+
+
+def test_a_lora_checkpoint_loads_with_its_adapters(tmp_path):
+    """initial_load_path of a LoRA run's checkpoint loads its adapters too (evaluate.py scores
+    the adapted model); a model with other adapters is told so; generation asks for a merge."""
+    from titan.components.dcp_io import CheckpointError
+    from titan.models.llama3.load import load_model
+
+    flags = ["--model.converters", "lora", "--lora.target_modules", "wq,wv", "--lora.use_dora"]
+    trained = make_trainer(tmp_path / "run", *flags, "--optimizer.lr", "1e-2", "--training.steps",
+                           "2", "--checkpoint.enable", "--checkpoint.interval", "2")  # fmt: skip
+    trained.train()
+    ckpt = str(tmp_path / "run" / "checkpoint" / "step-2")
+    loaded = make_trainer(tmp_path / "load", *flags, "--checkpoint.initial_load_path", ckpt)
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert any(m.lora_b.any() for m in lora_modules(loaded.model))  # trained, not fresh
+    with pytest.raises(CheckpointError, match="adapters for 24 of this model's 86 adapter"):
+        make_trainer(tmp_path / "other", *LORA, "--checkpoint.initial_load_path", ckpt)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters: merge them into the weights"):
+        load_model(ckpt, FLAVORS["debugmodel"])

@@ -93,12 +93,17 @@ def test_non_finite_loss_stops_without_update(tmp_path):
 
 def test_step_without_targets_changes_nothing(tmp_path):
     """A global batch whose labels are all ignored (finetuning data of prompts only) gives loss
-    0 and zero gradients instead of dividing by zero."""
+    0 and zero gradients instead of dividing by zero, and no update."""
     trainer = make_trainer(tmp_path, "--training.seq_len", "16", "--training.local_batch_size", "2")
     inputs = torch.randint(0, 2000, (2, 16))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     loss = trainer.forward_backward([(inputs, torch.full_like(inputs, -100))])
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+    # no update either: Adam's moments and weight decay would move the weights
+    trainer.optimizer_step(loss)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):

@@ -34,7 +34,7 @@ from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: r
     set_determinism,
 )
 from titan.components.tokenizer import build_tokenizer
-from titan.components.validate import Validator, validation_windows
+from titan.components.validate import build_validator
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_dict, to_toml
@@ -86,7 +86,17 @@ class Trainer:
             dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=accumulation,
             seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
         )  # fmt: skip
-        self.validator = self._build_validator()
+        self.validator = None  # a dry run does not validate
+        if not self.dry_run:
+            self.validator = build_validator(
+                cfg.validation,
+                cfg.data,
+                t,
+                self.tokenizer,
+                self.model_args.vocab_size,
+                self.dp_rank,
+                dims.dp,
+            )
         self.compute_dtype = torch.float32
         if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
             self.compute_dtype = torch.bfloat16
@@ -98,26 +108,11 @@ class Trainer:
         self.grad_average_over = dims.dp * dims.cp if dims.fsdp_enabled or dims.ddp_enabled else 1
         self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_scale = 1.0  # 1 / the step's global target count (x FSDP's averaging)
+        self.n_targets = 1.0  # the step's global target count
         # the plain or the pipelined forward/backward (and forward-only loss), picked once
         self.forward_backward, self.forward_loss = self._forward_backward, self._forward_loss
         if dims.pp > 1:
-            shapes = None
-            if self.dry_run:  # no neighbour stage to learn shapes from: give them
-                shapes = static_stage_shapes(
-                    self.model_parts, cfg, self.meshes["tp"] if dims.tp > 1 else None,
-                    self.loss_parallel,
-                )  # fmt: skip
-            self.schedule = build_schedule(
-                self.model_parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device,
-                cfg.parallelism, t.local_batch_size, self._pipeline_loss, shapes,
-            )  # fmt: skip
-            self.has_first_stage = 0 in self.stage_ids
-            self.has_last_stage = self.n_stages - 1 in self.stage_ids
-            self.forward_backward = self._forward_backward_pipelined
-            self.forward_loss = self._forward_loss_pipelined
-            if built.low_memory_dry_run:
-                logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
-                self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
+            self._build_pipeline(built.low_memory_dry_run)
         self.metrics = self._build_metrics(built.float8_flops)
         self.float8 = cfg.quantize.linear.float8 if "float8" in cfg.model.converters else None
         # per-layer float8 cast statistics every debug_log_freq steps, or None
@@ -127,27 +122,40 @@ class Trainer:
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
 
+    def _build_pipeline(self, low_memory_dry_run: bool) -> None:
+        """This rank's pipeline schedule, and the pipelined forward/backward and forward loss."""
+        cfg, dims = self.cfg, self.parallel_dims
+        shapes = None
+        if self.dry_run:  # no neighbour stage to learn shapes from: give them
+            shapes = static_stage_shapes(
+                self.model_parts, cfg, self.meshes["tp"] if dims.tp > 1 else None,
+                self.loss_parallel,
+            )  # fmt: skip
+        self.schedule = build_schedule(
+            self.model_parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device,
+            cfg.parallelism, cfg.training.local_batch_size, self._pipeline_loss, shapes,
+        )  # fmt: skip
+        self.has_first_stage = 0 in self.stage_ids
+        self.has_last_stage = self.n_stages - 1 in self.stage_ids
+        self.forward_backward = self._forward_backward_pipelined
+        self.forward_loss = self._forward_loss_pipelined
+        if low_memory_dry_run:
+            logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
+            self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
+
     @property
     def grad_accum_steps(self) -> int:
         """Micro-batches in the next step (training.batch_size_schedule raises it)."""
         return self.dataloader.accumulation
-
-    def _build_validator(self) -> Validator | None:
-        v, t = self.cfg.validation, self.cfg.training
-        if not v.enable or self.dry_run:
-            if v.enable:
-                logger.info("dry run: validation is off")
-            return None
-        windows, n = validation_windows(v, self.cfg.data, self.tokenizer, t.seq_len, t.seed,
-                                        self.model_args.vocab_size)  # fmt: skip
-        return Validator(v, windows, n, t.local_batch_size, self.dp_rank, self.parallel_dims.dp)
 
     def validate(self, progress: bool = False) -> tuple[float, int]:
         """(mean token loss, targets) of the validation data at the current weights; logged."""
         start = time.perf_counter()
         self.loss_scale = 1.0  # the pipeline's loss function: summed token losses
         meshes = (self.pp_mesh, self.meshes.get("dp_cp"))
-        loss, n = self.validator.run(self.forward_loss, self.device, meshes, self.dp_mesh, progress)
+        loss, n = self.validator.run(
+            self.forward_loss, self.model_parts, self.device, meshes, self.dp_mesh, progress
+        )
         self.metrics.log_validation(self.step, loss, n, time.perf_counter() - start)
         return loss, n
 
@@ -182,9 +190,9 @@ class Trainer:
         micro-batches, all data-parallel ranks), so that accumulation, data parallel and
         pipelining give the gradient of one big batch."""
         local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
+        self.n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
         # a step without targets (finetuning data may hold only prompts): zero loss and gradients
-        self.loss_scale = self.grad_average_over / max(n_targets, 1.0)
+        self.loss_scale = self.grad_average_over / max(self.n_targets, 1.0)
 
     def _step_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
         """The step's mean token loss on every rank: each data-parallel rank (and, pipelined,
@@ -292,7 +300,10 @@ class Trainer:
                 f"step {self.step}: loss {loss_value}, grad norm {grad_norm}; the update was not "
                 "applied. Lower optimizer.lr, raise lr_scheduler.warmup_steps, or check the data"
             )
-        self.optimizer.step()
+        if self.n_targets or self.dry_run:
+            self.optimizer.step()
+        else:  # Adam's moments and weight decay would still move the weights: no update
+            logger.warning(f"step {self.step}: no target tokens in the global batch; not applied")
         self.lr_scheduler.step()
         if self.float8 is not None:  # FSDP's float8 all-gather: every weight's scale at once
             precompute_float8_scales(self.model_parts, self.float8)

@@ -76,8 +76,8 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[l
     """(token ids, which are targets) of `<|begin_of_text|>` then, per message,
     `<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`; the targets are each
     assistant message's content and its <|eot_id|>. Content that spells a special token stays
-    text (the tokenizer's default); surrounding whitespace is stripped, as Meta's and Hugging
-    Face's Llama 3 templates do."""
+    text (the tokenizer's default); surrounding whitespace is stripped, as Meta's original
+    llama3 repository and Hugging Face's template do (llama-models' chat_format does not)."""
     special = tokenizer.special_tokens
     start, end = special["<|start_header_id|>"], special["<|end_header_id|>"]
     # "\n\n" is encoded apart from the content: a generation prompt ends with it alone

@@ -61,9 +61,11 @@ def load_initial_weights(
 ) -> None:
     """Start from other weights: a DCP folder (e.g. a seed checkpoint), or, given the model's
     reader of Hugging Face folders (`read_hf(path)` -> full tensors under titan's names), one
-    of those. LoRA adapters are not in such base weights: they keep their init (DoRA's
-    magnitudes become the loaded weights' row norms)."""
+    of those. LoRA adapters load from a DCP folder that holds them (a LoRA run's checkpoint);
+    base weights without them leave them at their init (DoRA's magnitudes become the loaded
+    weights' row norms)."""
     adapters = adapter_keys(model)
+    found: set[str] = set()  # adapters the folder holds
     if read_hf is not None:
         state = read_hf(path)  # checked: every weight of the base model is there
         keys = get_model_state_dict(model).keys()  # a pipeline rank holds some stages only
@@ -72,9 +74,16 @@ def load_initial_weights(
         options = StateDictOptions(full_state_dict=True, strict=not adapters)
         set_model_state_dict(model, state, options=options)
     else:
-        base = {k: v for k, v in model.state_dict().items() if k not in adapters}
-        load_dcp_model(path, base)  # the tensors share storage with the model's
-    if adapters:
+        stored = read_dcp_metadata(Path(path)).state_dict_metadata
+        found = adapters & stored.keys()
+        if found and found != adapters:
+            raise CheckpointError(
+                f"{path} holds LoRA adapters for {len(found)} of this model's {len(adapters)} "
+                "adapter tensors: set [lora] target_modules and use_dora as the run that saved it"
+            )
+        wanted = {k: v for k, v in model.state_dict().items() if k not in adapters - found}
+        load_dcp_model(path, wanted, stored)  # the tensors share storage with the model's
+    if adapters and not found:
         init_magnitudes([model])
     logger.info(f"checkpoint: initial weights loaded from {path}")
 

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from titan.components.chat_data import ChatWindows
 from titan.components.dataloader import all_documents, build_chat_windows
@@ -21,7 +23,7 @@ from titan.components.token_data import (
     SyntheticWindows,
 )
 from titan.components.tokenizer import Tokenizer
-from titan.config.job_config import Data, Validation
+from titan.config.job_config import Data, Training, Validation
 from titan.logger import logger
 from titan.parallelisms.distributed import dist_sum
 
@@ -52,10 +54,7 @@ def validation_windows(
             data, dataset=v.dataset, path=v.path, split=v.split, holdout_every=0, blend=[],
             blend_schedule=[], streaming=False,
         )  # fmt: skip
-        docs = all_documents(source, tokenizer, vocab_size)
-        if docs is None:
-            raise DataError("validation data cannot be streamed: preprocess it first "
-                            "(scripts/preprocess_data.py) or give --validation.path")  # fmt: skip
+        docs = all_documents(source, tokenizer, vocab_size)  # a hub dataset: downloaded
     windows = PackedWindows(docs, seq_len, seed, shuffle=False, infinite=False)
     return windows, windows.epoch_tokens // (seq_len + 1)
 
@@ -96,15 +95,34 @@ class Validator:
     def run(
         self,
         forward_loss: ForwardLoss,
+        model_parts: list[nn.Module],
         device: torch.device,
-        loss_meshes: tuple = (),
-        count_mesh=None,
+        loss_meshes: tuple[DeviceMesh | None, ...] = (),
+        count_mesh: DeviceMesh | None = None,
         progress: bool = False,
     ) -> tuple[float, int]:
-        """(mean token loss, number of targets) over the validation batches. forward_loss gives
-        this rank's summed loss of a micro-batch, summed over `loss_meshes` (the ranks holding
-        parts of it: pipeline stages, context-parallel and data-parallel ranks); the targets are
-        counted per data-parallel rank and summed over `count_mesh`."""
+        """(mean token loss, number of targets) over the validation batches, the model parts
+        in eval mode. forward_loss gives this rank's summed loss of a micro-batch, summed over
+        `loss_meshes` (the ranks holding parts of it: pipeline stages, context-parallel and
+        data-parallel ranks); the targets are counted per data-parallel rank and summed over
+        `count_mesh`."""
+        for part in model_parts:  # no dropout (LoRA's): a fixed loss, training's RNG untouched
+            part.eval()
+        try:
+            total, count = self._sum_losses(forward_loss, device, progress)
+        finally:
+            for part in model_parts:
+                part.train()
+        for mesh in loss_meshes:
+            total = dist_sum(total, mesh)
+        count_t = torch.tensor(count, dtype=torch.float64, device=device)
+        n = int(dist_sum(count_t, count_mesh).item())
+        return (total.item() / n if n else math.nan), n
+
+    def _sum_losses(
+        self, forward_loss: ForwardLoss, device: torch.device, progress: bool
+    ) -> tuple[torch.Tensor, int]:
+        """(this rank's summed loss, its target count) over the validation batches."""
         loader = GlobalBatchLoader(self.windows, self.local_batch_size, self.dp_rank,
                                    self.dp_degree)  # fmt: skip
         # on the device: NCCL reduces device tensors only
@@ -120,12 +138,20 @@ class Validator:
                     bar.update()
         if bar is not None:
             bar.close()
-        for mesh in loss_meshes:
-            total = dist_sum(total, mesh)
-        n = int(
-            dist_sum(torch.tensor(count, dtype=torch.float64, device=device), count_mesh).item()
-        )
-        return (total.item() / n if n else math.nan), n
+        return total, count
+
+
+def build_validator(
+    v: Validation, data: Data, training: Training, tokenizer: Tokenizer, vocab_size: int,
+    dp_rank: int, dp_degree: int,
+) -> Validator | None:  # fmt: skip
+    """The run's validation ([validation] with training's seq_len, seed and local batch), or
+    None when it is off."""
+    if not v.enable:
+        return None
+    t = training
+    windows, n = validation_windows(v, data, tokenizer, t.seq_len, t.seed, vocab_size)
+    return Validator(v, windows, n, t.local_batch_size, dp_rank, dp_degree)
 
 
 def _progress_bar(total: int):

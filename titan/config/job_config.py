@@ -121,7 +121,8 @@ class Validation:
     -1: every complete batch of one pass over the validation data."""
     dataset: str = "holdout"
     """holdout (the documents data.holdout_every holds out of training), default (the embedded
-    corpus), synthetic (random tokens, for tests), or a Hugging Face hub dataset name."""
+    corpus), synthetic (random tokens, for tests), or a Hugging Face hub dataset name (downloaded
+    whole, not streamed)."""
     path: str | None = None
     """Local files or a scripts/preprocess_data.py prefix to validate on, instead of dataset."""
     split: str = "validation"

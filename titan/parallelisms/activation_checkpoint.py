@@ -39,8 +39,11 @@ def _op_policy():
 def _wrap(block: nn.Module, op_level: bool) -> nn.Module:
     context_fn = _op_policy if op_level else None
     kwargs = {"context_fn": context_fn} if context_fn else {}
-    # preserve_rng_state=False: the blocks have no dropout, so recompute needs no RNG replay
-    return checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+    # Llama 3 has no dropout, so recompute needs no RNG replay, unless a converter added one
+    # (LoRA's dropout: a float probability on its layers): recompute must draw the same masks
+    random = any(isinstance(getattr(m, "dropout", None), float) and m.dropout > 0
+                 for m in block.modules())  # fmt: skip
+    return checkpoint_wrapper(block, preserve_rng_state=random, **kwargs)
 
 
 def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:

@@ -10,7 +10,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.components.dcp_io import load_dcp_model
+from titan.components.dcp_io import CheckpointError, load_dcp_model, read_dcp_metadata
+from titan.components.lora import is_adapter_key
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.hf_io import read_hf_config, resolve_model_args, titan_state_dict_from_hf
 from titan.models.llama3.model import Transformer
@@ -77,7 +78,14 @@ def load_model(
         warnings.filterwarnings("ignore", message="DTensor random operators")
         model.init_weights(buffer_device=torch.device(device))
     if kind == "dcp":
-        load_dcp_model(path, model)  # reads only this rank's shards of DTensor parameters
+        stored = read_dcp_metadata(path).state_dict_metadata
+        if any(is_adapter_key(k) for k in stored):  # the base alone would be silently wrong
+            raise CheckpointError(
+                f"{path} holds LoRA adapters: merge them into the weights first "
+                f"(python scripts/convert_to_hf.py {path} OUT_DIR --merge-lora ...), then use "
+                "OUT_DIR"
+            )
+        load_dcp_model(path, model, stored)  # reads only this rank's shards of DTensors
     else:
         state = {k: v.to(dtype) for k, v in titan_state_dict_from_hf(path, args).items()}
         # full tensors: under TP each rank keeps its own shards of them
