@@ -148,6 +148,7 @@ def test_two_rank_context_parallel_matches_one_process(batches, references):
     _check(TWO_RANKS, 2, batches, references)
 
 
+@pytest.mark.heavy
 def test_four_rank_context_parallel_matches_one_process(batches, references):
     _check(FOUR_RANKS, 4, batches, references)
 

@@ -48,6 +48,7 @@ def test_fsdp_on_preprocessed_data_logs_the_losses_of_one_process(tmp_path, prep
     assert got == pytest.approx(reference, abs=1e-4, rel=0)
 
 
+@pytest.mark.heavy
 def test_resume_at_another_data_parallel_degree(tmp_path):
     """Saved at step 3 of 6 under FSDP 2, resumed at dp 1 (local batch 4) and at dp 4 (local
     batch 1): the uninterrupted one-process run's losses, the data position included."""

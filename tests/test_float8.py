@@ -58,6 +58,7 @@ def fp32_run(text_batches) -> dict:
     return run_single(TRAIN, text_batches)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_trains_close_to_fp32(recipe, text_batches, fp32_run):
     got = run_single([*TRAIN, *RECIPES[recipe]], text_batches)

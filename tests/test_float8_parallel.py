@@ -39,6 +39,9 @@ from titan.models.llama3.hf_io import titan_state_dict_from_hf
 from titan.models.llama3.parallelize import check_supported_layout
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
 
+# long runs of several float8 layouts: CI's second step (`./run_tests.sh -m heavy`)
+pytestmark = pytest.mark.heavy
+
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 32
 LOSS_TOL = NORM_TOL = 1e-4  # see above
 FLIP_TOL = 2e-3  # a gradient changed by a float8 rounding flip, relative L2

@@ -258,6 +258,7 @@ def _worker(torchrun: int, local_rank: int) -> int:
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under torchrun {torchrun}")
 
 
+@pytest.mark.heavy
 def test_killed_rank_restarts_and_resumes(tmp_path):
     """MAX_RESTARTS=1, FSDP over 2 processes: SIGKILL rank 1 after step 3; torchrun restarts both
     ranks, they resume from the newest checkpoint and log the uninterrupted run's losses."""

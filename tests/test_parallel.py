@@ -120,6 +120,7 @@ def test_four_rank_layouts_match_one_process(batches, reference):
     check_cases(FOUR_RANKS, 4, batches, reference)
 
 
+@pytest.mark.heavy
 def test_compiled_layouts_match_one_process(batches, reference):
     # Includes TP x compile, where the embedding's pending-collective output would lose its
     # gradient entering a compiled block without titan's guard (see tensor_parallel.py).
@@ -172,6 +173,7 @@ def test_comparison_catches_a_one_percent_error(reference):
             assert_matches("broken", broken, reference)
 
 
+@pytest.mark.heavy
 def test_resume_chain_across_layouts(tmp_path):
     """One run, resumed after every step under another layout: FSDP 2 -> TP 2 -> DDP 2 -> PP 2
     (Interleaved1F1B, 3 stages per rank) -> one process -> FSDP 2 x TP 2 -> HSDP 2x2 -> FSDP 4
@@ -230,6 +232,7 @@ def test_resume_chain_across_layouts(tmp_path):
         torch.testing.assert_close(converted[key], param, atol=TOL, rtol=0, msg=key)
 
 
+@pytest.mark.heavy
 def test_seed_and_hf_weights_start_every_layout_alike(tmp_path, batches):
     """Weights written by one process (seed 7), as a seed checkpoint and as a Hugging Face
     folder, give FSDP 2, TP 2 and PP 2 runs (seed 0) the one-process seed-7 run's losses."""

@@ -139,6 +139,7 @@ def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
     check_cases(cases, 4, batches, reference)
 
 
+@pytest.mark.heavy
 def test_pipeline_in_3d_and_with_hsdp(batches, reference):
     """Eight ranks: PP 2 x FSDP 2 x TP 2, and PP 2 x HSDP 2x2 (a micro-batch per rank)."""
     hsdp_mesh = ("dp_replicate", "dp_shard")

@@ -58,6 +58,7 @@ def test_global_batch_must_divide(tmp_path):
         )
 
 
+@pytest.mark.heavy
 def test_loss_falls_on_embedded_corpus(tmp_path):
     trainer = make_trainer(
         tmp_path, "--training.steps", "50", "--training.seq_len", "128", "--data.shuffle", "false",
