@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
+from titan.components.chat_data import chat_prompt  # noqa: E402
 from titan.components.dcp_io import CheckpointError  # noqa: E402
 from titan.components.generation import Generation, Sampling, check_length, generate  # noqa: E402
 from titan.components.runtime import pick_device  # noqa: E402
@@ -44,11 +45,6 @@ from titan.models.llama3.parallelize import check_tp_degree  # noqa: E402
 from titan.parallelisms.distributed import init_distributed  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Llama 3's instruct template: the special tokens, and the text between them ({} is the prompt)
-CHAT_TEMPLATE = [
-    "<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n{}",
-    "<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n",
-]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,18 +78,12 @@ def tokenizer_path(args: argparse.Namespace) -> str:
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
-    """BOS + text, or the instruct template around it. Only the template's special tokens are
-    special: text that spells one stays plain text."""
+    """BOS + text, or a user message in the instruct template, rendered as finetuning renders
+    it (titan.components.chat_data), then the assistant's header. Only the template's special
+    tokens are special: text that spells one stays plain text."""
     if not chat:
         return tokenizer.encode(text, bos=True, eos=False)
-    ids = []
-    for piece in CHAT_TEMPLATE:
-        special = tokenizer.special_tokens.get(piece)
-        if special is not None:
-            ids.append(special)
-        else:
-            ids += tokenizer.encode(piece.format(text), bos=False, eos=False)
-    return ids
+    return chat_prompt([{"role": "user", "content": text}], tokenizer)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

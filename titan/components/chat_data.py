@@ -94,6 +94,16 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[l
     return ids, targets
 
 
+def chat_prompt(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """The token ids that ask for the next assistant message (generation's --chat): the messages
+    rendered as in training (render_chat), then the assistant's header."""
+    special = tokenizer.special_tokens
+    role = tokenizer.encode("assistant", bos=False, eos=False)
+    newlines = tokenizer.encode("\n\n", bos=False, eos=False)
+    header = [special["<|start_header_id|>"], *role, special["<|end_header_id|>"], *newlines]
+    return render_chat(messages, tokenizer)[0] + header
+
+
 class ChatExamples(TokenDocuments):
     """Rendered examples in one token array (as TokenDocuments' documents), plus `targets`: a
     bool per token, true where the token is trained on."""
