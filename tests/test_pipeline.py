@@ -57,6 +57,7 @@ def reference(batches) -> dict:
     return run_single(["--training.local_batch_size", str(GLOBAL_BATCH)], batches)
 
 
+@pytest.mark.heavy
 def test_every_schedule_matches_one_process(batches, reference, tmp_path):
     csv = tmp_path / "split_backward.csv"
     csv.write_text("\n".join(SPLIT_BACKWARD_CSV) + "\n")
@@ -100,6 +101,7 @@ def test_every_schedule_matches_one_process(batches, reference, tmp_path):
     check_cases(cases, 2, batches, reference)
 
 
+@pytest.mark.heavy
 def test_pipeline_composes_with_fsdp_and_tp(batches, reference):
     fsdp_pp = dict(layout="pp 2 x dp_shard 2", stages=ONE)
     cases = {
