@@ -37,8 +37,7 @@ from titan.components.metrics import perplexity  # noqa: E402
 from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
 from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation  # noqa: E402
 from titan.logger import init_logger, logger  # noqa: E402
-from titan.models.llama3.hf_io import read_hf_config, resolve_model_args  # noqa: E402
-from titan.models.llama3.load import checkpoint_kind  # noqa: E402
+from titan.models.llama3.load import checkpoint_args, checkpoint_kind  # noqa: E402
 
 DEBUG_TOML = REPO_ROOT / "train_configs" / "debug_model.toml"
 
@@ -62,7 +61,7 @@ def eval_config(args: argparse.Namespace, overrides: list[str], fmt: str) -> Job
     cfg = load_config(["--job.config_file", str(toml), *overrides])
     if fmt == "hf":  # config.json must be the flavor's architecture
         try:
-            resolve_model_args(cfg.model.flavor, read_hf_config(args.checkpoint))
+            checkpoint_args(args.checkpoint, cfg.model.flavor)
         except ValueError as e:
             raise ConfigError(f"{e}\n(pass the matching --model.flavor)") from None
     d = cfg.data
