@@ -9,9 +9,11 @@ import dataclasses
 import functools
 import gc
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ from titan.parallelisms.distributed import (
     dist_sum,
     local_tensor,
 )
+from titan.parallelisms.dry_run import unset_fake_temporarily
 from titan.parallelisms.pipeline import build_schedule
 
 
@@ -62,6 +65,8 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path, dry_run=self.dry_run)
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.parallel_dims, self.meshes = init_parallel(cfg, self.model_args, self.device)
+        if self.dry_run:  # traced eagerly: compile's kernels are not built
+            self.cfg = cfg = dry_run.traceable(cfg)
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
@@ -98,7 +103,8 @@ class Trainer:
                 dims.dp,
             )
         self.compute_dtype = torch.float32
-        if self.device.type == "cuda" and t.mixed_precision_param == "bfloat16":
+        gpu = self.device.type == "cuda" or self.dry_run  # a dry run traces the GPU run
+        if gpu and t.mixed_precision_param == "bfloat16":
             self.compute_dtype = torch.bfloat16
         # FSDP casts parameters itself (bf16 gathers, fp32 reduce); other layouts use autocast.
         self.use_autocast = self.compute_dtype != torch.float32 and not dims.fsdp_enabled
@@ -112,7 +118,7 @@ class Trainer:
         # the plain or the pipelined forward/backward (and forward-only loss), picked once
         self.forward_backward, self.forward_loss = self._forward_backward, self._forward_loss
         if dims.pp > 1:
-            self._build_pipeline(built.low_memory_dry_run)
+            self._build_pipeline()
         self.metrics = self._build_metrics(built.float8_flops)
         self.float8 = cfg.quantize.linear.float8 if "float8" in cfg.model.converters else None
         # per-layer float8 cast statistics every debug_log_freq steps, or None
@@ -122,7 +128,7 @@ class Trainer:
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
 
-    def _build_pipeline(self, low_memory_dry_run: bool) -> None:
+    def _build_pipeline(self) -> None:
         """This rank's pipeline schedule, and the pipelined forward/backward and forward loss."""
         cfg, dims = self.cfg, self.parallel_dims
         shapes = None
@@ -139,9 +145,6 @@ class Trainer:
         self.has_last_stage = self.n_stages - 1 in self.stage_ids
         self.forward_backward = self._forward_backward_pipelined
         self.forward_loss = self._forward_loss_pipelined
-        if low_memory_dry_run:
-            logger.info("dry run: stages built, schedule not run (zero gradients; see README)")
-            self.forward_backward = lambda _microbatches: dry_run.zero_gradients(self.model)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -189,8 +192,9 @@ class Trainer:
         """Divide each micro-batch's summed loss by the global count of target tokens (all
         micro-batches, all data-parallel ranks), so that accumulation, data parallel and
         pipelining give the gradient of one big batch."""
-        local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        self.n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
+        with unset_fake_temporarily():  # real counts of real labels, in a dry run too
+            local_targets = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+            self.n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
         # a step without targets (finetuning data may hold only prompts): zero loss and gradients
         self.loss_scale = self.grad_average_over / max(self.n_targets, 1.0)
 
@@ -293,22 +297,19 @@ class Trainer:
         grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, self.pp_mesh)
         loss_value = loss.item()
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        # a dry run's values are meaningless (fake collectives deliver no data)
-        if not finite and not self.dry_run:
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"step {self.step}: loss {loss_value}, grad norm {grad_norm}; the update was not "
                 "applied. Lower optimizer.lr, raise lr_scheduler.warmup_steps, or check the data"
             )
-        if self.n_targets or self.dry_run:
+        if self.n_targets:
             self.optimizer.step()
         else:  # Adam's moments and weight decay would still move the weights: no update
             logger.warning(f"step {self.step}: no target tokens in the global batch; not applied")
         self.lr_scheduler.step()
         if self.float8 is not None:  # FSDP's float8 all-gather: every weight's scale at once
             precompute_float8_scales(self.model_parts, self.float8)
-        if self.dry_run:
-            self.sizes = dry_run.local_sizes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm
 
@@ -325,7 +326,7 @@ class Trainer:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
         logger.info(
-            f"training {1 if self.dry_run else t.steps} steps: {self.grad_accum_steps} micro-"
+            f"training {t.steps} steps: {self.grad_accum_steps} micro-"
             f"batch(es) of {t.local_batch_size} x {t.seq_len} tokens per step on {self.device}, "
             f"compute {self.compute_dtype}, {self.model_args.attn_mask_type} attention"
         )
@@ -340,8 +341,7 @@ class Trainer:
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as snap,
         ):
-            last_step = 1 if self.dry_run else t.steps  # a dry run takes one step
-            while self.step < last_step:
+            while self.step < t.steps:
                 self.step += 1
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
@@ -378,6 +378,39 @@ class Trainer:
         return losses
 
 
+def dry_run_main(cfg: JobConfig) -> int:
+    """Trace one step of each rank dry_run.traced_ranks names (forked processes, as many at a
+    time as there are cores) and report its peak memory; 1 when one does not fit."""
+    start = time.perf_counter()
+    ranks = dry_run.traced_ranks(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if len(ranks) == 1:
+        results = [_trace_rank(cfg, *ranks[0])]
+    else:  # a fresh process per rank: torch's meshes outlive their process group
+        workers = min(len(ranks), os.cpu_count() or 1)
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+            args = ([cfg] * len(ranks), [r for r, _ in ranks], [label for _, label in ranks])
+            results = list(pool.map(_trace_rank, *args))
+    estimates = [e for e, _ in results]
+    text, fits = dry_run.report(estimates, cfg.dry_run.memory_gib, results[0][1])
+    out = Path(cfg.job.dump_folder) / "dry_run.json"
+    dry_run.write_json(str(out), estimates, cfg.dry_run.memory_gib, fits)
+    logger.info(f"{text}\n  dry run took {time.perf_counter() - start:.1f} s")
+    return 0 if fits else 1
+
+
+def _trace_rank(cfg: JobConfig, rank: int, label: str) -> tuple[dry_run.MemoryEstimate, str]:
+    """(the traced step's memory estimate, the report's header) of this process acting as rank."""
+    os.environ["RANK"] = str(rank)
+    trainer = Trainer(cfg)
+    estimate = dry_run.trace_step(trainer, rank, label)
+    dims = trainer.parallel_dims
+    header = (f"dry run of {cfg.model.flavor} on {dims.world_size} ranks ({dims.describe()}): "
+              f"{trainer.n_params:,} parameters; the GPU run's dtypes, eager")  # fmt: skip
+    dist.destroy_process_group()
+    return estimate, header
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -399,15 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.checkpoint.create_seed_checkpoint:
             # one process, whatever the config's layout: the seed is the full, unsharded model
             cfg = dataclasses.replace(cfg, parallelism=Parallelism())
+        if comm_mode() == "fake_backend":
+            return dry_run_main(cfg)
         trainer = Trainer(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)
             return 0
         trainer.train()
-        if trainer.dry_run:
-            dims = trainer.parallel_dims
-            sizes, n_params = trainer.sizes, trainer.n_params
-            logger.info(dry_run.report(sizes, dims.world_size, dims.describe(), n_params))
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         logger.error(str(e))
         return 1

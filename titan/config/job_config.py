@@ -358,6 +358,16 @@ class Lora:
 
 
 @dataclass
+class DryRun:
+    memory_gib: float = 80.0
+    """A dry run (COMM_MODE=fake_backend) reports whether each traced rank's peak fits in this
+    much device memory (GiB; H100 80, H200 141) and exits with status 1 when one does not."""
+    ranks: list[int] = field(default_factory=list)
+    """Ranks a dry run traces (forked, as many at a time as there are cores); empty: rank 0,
+    and with pipeline parallel also the first rank of the last pipeline stage."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -374,3 +384,4 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     quantize: Quantize = field(default_factory=Quantize)
     lora: Lora = field(default_factory=Lora)
+    dry_run: DryRun = field(default_factory=DryRun)

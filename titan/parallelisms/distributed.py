@@ -5,7 +5,6 @@ processes torchrun started; "fake_backend" runs one process that acts as rank 0 
 with collectives that move no data, to build and step a sharded model without the other ranks.
 """
 
-import math
 import os
 from datetime import timedelta
 
@@ -44,7 +43,8 @@ def init_distributed(device: torch.device, world_size: int, timeout_s: int = 600
         # Importing registers the "fake" backend; its collectives return without moving data.
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        rank = int(os.environ.get("RANK", 0))  # the rank this process acts as
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         return
     # NCCL for CUDA tensors; gloo for the CPU tensors some state (e.g. RNG, async saves) uses.
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
@@ -89,7 +89,15 @@ def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
 def clip_grad_norm_(
     params: list[torch.nn.Parameter], max_norm: float, extra_mesh: DeviceMesh | None = None
 ) -> float:
-    """Global L2 norm of all gradients on any mesh; scales them down to max_norm (if > 0).
+    """Global L2 norm of all gradients on any mesh; scales them down to max_norm (if > 0)."""
+    return clip_grad_norm_tensor_(params, max_norm, extra_mesh).item()
+
+
+def clip_grad_norm_tensor_(
+    params: list[torch.nn.Parameter], max_norm: float, extra_mesh: DeviceMesh | None = None
+) -> torch.Tensor:
+    """clip_grad_norm_ without reading the norm on the host (a float64 tensor): clipping needs
+    no device-to-host sync, and a dry run's fake tensors have no value to read.
 
     Each gradient contributes the squares of its local piece; pieces of a sharded gradient are
     summed over the mesh dimensions it is sharded on and never over replicated ones, so a
@@ -116,11 +124,11 @@ def clip_grad_norm_(
         total_sq = total_sq.to(sq.device, sq.dtype) + sq
     if extra_mesh is not None and extra_mesh.size() > 1:
         dist.all_reduce(total_sq, group=extra_mesh.get_group())
-    norm = math.sqrt(total_sq.item())
-    if max_norm > 0 and math.isfinite(norm):
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            # scale the local pieces in place: every DTensor shares its storage with them
-            for locals_ in groups.values():
-                torch._foreach_mul_(locals_, coef)
+    norm = total_sq.sqrt()
+    if max_norm > 0:
+        # below 1 when the norm is above max_norm; 1 (no change) otherwise or when not finite
+        coef = torch.where(norm.isfinite(), (max_norm / (norm + 1e-6)).clamp(max=1.0), 1.0)
+        # scale the local pieces in place: every DTensor shares its storage with them
+        for locals_ in groups.values():
+            torch._foreach_mul_(locals_, coef.to(locals_[0].device))
     return norm

@@ -12,10 +12,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from titan.components.quantization import ROWWISE_RECIPES, linear_names
 from titan.config.job_config import Float8
 from titan.logger import logger
+from titan.parallelisms.distributed import comm_mode
 
 
 def has_float8_tensor_cores(device: torch.device) -> bool:
-    """float8 matmuls (torch._scaled_mm) need CUDA compute capability 8.9 (Ada, Hopper) or newer."""
+    """float8 matmuls (torch._scaled_mm) need CUDA compute capability 8.9 (Ada, Hopper) or newer.
+    A dry run traces the GPU run's float8 matmuls (on fake tensors, which any device can)."""
+    if comm_mode() == "fake_backend":
+        return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 

@@ -17,11 +17,11 @@ from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.parallelize import (
     check_supported_layout,
-    default_dtype,
     init_as_one_process,
     parallelize_llama,
 )
 from titan.models.llama3.pipeline import pipeline_llama
+from titan.parallelisms import dry_run as dry_run_trace
 from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import init_distributed
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
@@ -73,7 +73,6 @@ class BuiltModel:
     n_trainable: int  # of those, the ones trained (LoRA: the adapters only)
     stage_ids: list[int] | None = None  # the parts' pipeline stage indices
     n_stages: int = 1
-    low_memory_dry_run: bool = False  # stored in bf16: the real run's state would not fit here
     float8_flops: int = 0  # per token, in matmuls on float8 (or MX) tensor cores
 
 
@@ -89,20 +88,7 @@ def build_model(
     # (1) the model on the meta device: no memory, no init cost
     with torch.device("meta"):
         model = Transformer(args)
-    low_memory = dry_run and device.type == "cpu" and not _fits_in_fp32(model, dims)
-    if low_memory:
-        # Fake collectives make a dry run's values meaningless: store bf16, half the memory
-        # (sizes are still reported for the real run's fp32 state), and gather one block at a
-        # time (a pipelined run on GPUs keeps its stages' blocks gathered through the step).
-        logger.info(
-            "dry run: fp32 state would not fit in half this machine's memory: bf16, and FSDP "
-            "reshards every block after forward"
-        )
-        with torch.device("meta"), default_dtype(torch.bfloat16):
-            model = Transformer(args)
-        parallelism = dataclasses.replace(cfg.parallelism, fsdp_reshard_after_forward="always")
-        cfg = dataclasses.replace(cfg, parallelism=parallelism)
-    built = BuiltModel([model], n_params=0, n_trainable=0, low_memory_dry_run=low_memory)
+    built = BuiltModel([model], n_params=0, n_trainable=0)
     try:
         # (2) converters (float8/MX, LoRA): swap linears before any transform shards or splits them
         built.float8_flops = apply_converters(
@@ -125,12 +111,19 @@ def build_model(
             )
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(str(e)) from None
+    if dry_run:  # fake tensors: shapes and dtypes, no memory; the values are never read
+        with dry_run_trace.fake_mode():
+            for part in built.parts:
+                part.to_empty(device=device)
+                part.init_buffers(buffer_device=device)
+                part.train()
+        return built
     # (4) allocate on the device (this rank's shards only)
     for part in built.parts:
         part.to_empty(device=device)
     # (5) initialize the weights (seeded, so every run with this seed starts identically)
     with torch.no_grad():
-        if meshes and device.type == "cpu" and not dry_run:
+        if meshes and device.type == "cpu":
             init_as_one_process(built.parts, args, device)
         else:
             # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
@@ -141,12 +134,3 @@ def build_model(
     for part in built.parts:
         part.train()
     return built
-
-
-def _fits_in_fp32(model: torch.nn.Module, dims: ParallelDims) -> bool:
-    """Whether rank 0's fp32 weights, gradients and AdamW moments (16 bytes per parameter)
-    fit in half of this machine's memory."""
-    # every rank but the replicas holds a different slice of the parameters
-    local = sum(p.numel() for p in model.parameters()) / (dims.world_size // dims.dp_replicate)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 16 * local < ram / 2

@@ -290,13 +290,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         return self
 
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialize every parameter and rebuild the RoPE cache (after to_empty() from meta)."""
+    def init_buffers(self, buffer_device: torch.device | None = None) -> None:
+        """Rebuild the RoPE cache, a buffer derived from args (after to_empty() from meta)."""
         args = self.args
         with torch.device(buffer_device or self.rope_cache.device):
             self.rope_cache = rope_cache(
                 args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling
             )
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialize every parameter and rebuild the RoPE cache (after to_empty() from meta)."""
+        args = self.args
+        self.init_buffers(buffer_device)
         for layer in self.layers.values():
             layer.init_weights()
         if self.norm is not None:

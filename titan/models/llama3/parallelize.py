@@ -35,6 +35,7 @@ from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
 from titan.parallelisms.context_parallel import apply_cp, check_cp
 from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
+from titan.parallelisms.distributed import comm_mode
 from titan.parallelisms.parallel_dims import ParallelDims
 from titan.parallelisms.tensor_parallel import (
     detach_async_collective_output,
@@ -85,6 +86,7 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
         )
     p, t = cfg.parallelism, cfg.training
     on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    on_cuda = on_cuda or comm_mode() == "fake_backend"  # a dry run checks the GPU run
     cuda_dtype = getattr(torch, t.mixed_precision_param) if on_cuda else None
     check_cp(
         dims.cp, dims.tp, p.enable_sequence_parallel, t.seq_len, args.attn_mask_type,
@@ -195,10 +197,10 @@ def parallelize_llama(
     if dims.fsdp_enabled:
         # HSDP: shard within each replica, all-reduce gradients across replicas
         fsdp_mesh = meshes["hsdp"] if dims.dp_replicate > 1 else meshes["dp_shard_cp"]
-        on_gpu = fsdp_mesh.device_type == "cuda"
+        # a dry run traces the GPU run: bf16 gathers
+        on_gpu = fsdp_mesh.device_type == "cuda" or comm_mode() == "fake_backend"
         param_dtype = torch.float32
-        stored_bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())  # a dry run's
-        if (on_gpu and cfg.training.mixed_precision_param == "bfloat16") or stored_bf16:
+        if on_gpu and cfg.training.mixed_precision_param == "bfloat16":
             param_dtype = torch.bfloat16
         reshard = p.fsdp_reshard_after_forward
         if dims.pp > 1 and reshard == "default":
