@@ -66,6 +66,7 @@ class Trainer:
         self.model_args = model_args_for(cfg.model, t.seq_len, self.tokenizer.n_words)
         self.parallel_dims, self.meshes = init_parallel(cfg, self.model_args, self.device)
         if self.dry_run:  # traced eagerly: compile's kernels are not built
+            self.compile_as_written = cfg.compile
             self.cfg = cfg = dry_run.traceable(cfg)
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -235,12 +236,13 @@ class Trainer:
     def _model_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
         """(inputs, labels, the model's keyword inputs) of this rank: with block_causal masking
         each token's document, under context parallel this cp rank's chunks and positions."""
-        kwargs = {}
-        if self.model_args.attn_mask_type == "block_causal":
-            kwargs["document_ids"] = document_ids(inputs, self.tokenizer.bos_id)
-        if self.cp_mesh is None:
-            return inputs, labels, kwargs
-        return shard_batch(inputs, labels, kwargs, self.cp_mesh)
+        with unset_fake_temporarily():  # real token ids in a dry run too: chunks read them
+            kwargs = {}
+            if self.model_args.attn_mask_type == "block_causal":
+                kwargs["document_ids"] = document_ids(inputs, self.tokenizer.bos_id)
+            if self.cp_mesh is None:
+                return inputs, labels, kwargs
+            return shard_batch(inputs, labels, kwargs, self.cp_mesh)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, labels) * self.loss_scale

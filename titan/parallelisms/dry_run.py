@@ -394,6 +394,21 @@ def traced_ranks(cfg: JobConfig, world_size: int) -> list[tuple[int, str]]:
     return [(0, "pp rank 0"), ((pp - 1) * (world_size // pp), f"pp rank {pp - 1}")]
 
 
+def _notes(trainer) -> list[str]:
+    """What the eager trace holds that the configured (compiled) run would not."""
+    compiled = trainer.compile_as_written
+    if not (compiled.enable and "loss" in compiled.components):
+        return []
+    cfg, dims = trainer.cfg, trainer.parallel_dims
+    batch = cfg.training.local_batch_size
+    if dims.pp > 1:
+        batch = cfg.parallelism.pipeline_parallel_microbatch_size
+    vocab = trainer.model_args.vocab_size // (dims.tp if trainer.loss_parallel else 1)
+    log_probs = batch * cfg.training.seq_len // dims.cp * vocab * 4
+    return [f"the eager loss holds fp32 log-probabilities, {log_probs / GIB:.2f} GiB a micro-batch "
+            "at the peak; the compiled loss (compile.components) does not"]  # fmt: skip
+
+
 def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
     """Trace one training step of `trainer` (a titan.train.Trainer built in a dry run) after a
     first step made the optimizer state, as every step after the first runs."""
@@ -414,7 +429,7 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak = {k: v for k, v in tracer.peak.items() if k != DENSE_MASKS}
-    notes = []
+    notes = _notes(trainer)
     if trainer.cfg.activation_checkpoint.mode == "memory_budget":
         notes.append("activation_checkpoint.mode = 'memory_budget' acts through compile: traced "
                      "without checkpointing (an upper bound)")  # fmt: skip
