@@ -10,6 +10,8 @@ data-parallel rank's local batch is cut into micro-batches of
 """
 
 import csv
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,7 +267,7 @@ def build_schedule(
         csv_schedule = read_csv_schedule(cfg.pipeline_parallel_schedule_csv)
         fmt = "compute_comms" if csv_schedule.has_comms else "compute_only"
         schedule._load_csv(cfg.pipeline_parallel_schedule_csv, format=fmt)
-        return schedule
+        return _losses_only(schedule)
     cls = get_schedule_class(cfg.pipeline_parallel_schedule)
     if issubclass(cls, PipelineScheduleSingle):
         schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
@@ -274,6 +276,14 @@ def build_schedule(
         schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
     if static_shapes is not None:
         _skip_shape_vote(schedule)
+    return _losses_only(schedule)
+
+
+def _losses_only(schedule):
+    """The schedule's step() keeps no outputs: the last stage would otherwise hold every
+    micro-batch's logits until the step ends, and titan reads only the losses."""
+    if "return_outputs" in inspect.signature(schedule.step).parameters:  # torch >= 2.9
+        schedule.step = functools.partial(schedule.step, return_outputs=False)
     return schedule
 
 
