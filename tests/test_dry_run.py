@@ -14,7 +14,7 @@ import torch
 
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
-from titan.parallelisms.dry_run import MemoryTracer, static_state
+from titan.parallelisms.memory_tracer import MemoryTracer, static_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
@@ -136,3 +136,12 @@ def test_a_config_that_does_not_fit_says_by_how_much(tmp_path):
 def test_traced_ranks_must_exist(tmp_path):
     log, _ = _dry_run(tmp_path, "--dry_run.ranks", "9", rc=1)
     assert "dry_run.ranks = [9]: ranks are 0..7" in log
+
+
+def test_ddp_is_refused_with_what_to_trace_instead(tmp_path):
+    args = ["--parallelism.data_parallel_replicate_degree", "2"]
+    log, _ = _dry_run(
+        tmp_path, *args, "--parallelism.data_parallel_shard_degree", "1", ngpu=2, rc=1
+    )
+    assert "a dry run cannot trace DDP (data_parallel_replicate_degree > 1 with " in log
+    assert "dry-run an FSDP or HSDP layout instead" in log

@@ -9,11 +9,9 @@ import dataclasses
 import functools
 import gc
 import math
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,7 +65,7 @@ class Trainer:
         self.parallel_dims, self.meshes = init_parallel(cfg, self.model_args, self.device)
         if self.dry_run:  # traced eagerly: compile's kernels are not built
             self.compile_as_written = cfg.compile
-            self.cfg = cfg = dry_run.traceable(cfg)
+            self.cfg = cfg = dry_run.traceable(cfg, self.parallel_dims.ddp_enabled)
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
@@ -380,39 +378,6 @@ class Trainer:
         return losses
 
 
-def dry_run_main(cfg: JobConfig) -> int:
-    """Trace one step of each rank dry_run.traced_ranks names (forked processes, as many at a
-    time as there are cores) and report its peak memory; 1 when one does not fit."""
-    start = time.perf_counter()
-    ranks = dry_run.traced_ranks(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    if len(ranks) == 1:
-        results = [_trace_rank(cfg, *ranks[0])]
-    else:  # a fresh process per rank: torch's meshes outlive their process group
-        workers = min(len(ranks), os.cpu_count() or 1)
-        fork = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
-            args = ([cfg] * len(ranks), [r for r, _ in ranks], [label for _, label in ranks])
-            results = list(pool.map(_trace_rank, *args))
-    estimates = [e for e, _ in results]
-    text, fits = dry_run.report(estimates, cfg.dry_run.memory_gib, results[0][1])
-    out = Path(cfg.job.dump_folder) / "dry_run.json"
-    dry_run.write_json(str(out), estimates, cfg.dry_run.memory_gib, fits)
-    logger.info(f"{text}\n  dry run took {time.perf_counter() - start:.1f} s")
-    return 0 if fits else 1
-
-
-def _trace_rank(cfg: JobConfig, rank: int, label: str) -> tuple[dry_run.MemoryEstimate, str]:
-    """(the traced step's memory estimate, the report's header) of this process acting as rank."""
-    os.environ["RANK"] = str(rank)
-    trainer = Trainer(cfg)
-    estimate = dry_run.trace_step(trainer, rank, label)
-    dims = trainer.parallel_dims
-    header = (f"dry run of {cfg.model.flavor} on {dims.world_size} ranks ({dims.describe()}): "
-              f"{trainer.n_params:,} parameters; the GPU run's dtypes, eager")  # fmt: skip
-    dist.destroy_process_group()
-    return estimate, header
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -435,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             # one process, whatever the config's layout: the seed is the full, unsharded model
             cfg = dataclasses.replace(cfg, parallelism=Parallelism())
         if comm_mode() == "fake_backend":
-            return dry_run_main(cfg)
+            return dry_run.main(cfg, Trainer)
         trainer = Trainer(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)

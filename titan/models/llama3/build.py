@@ -21,9 +21,9 @@ from titan.models.llama3.parallelize import (
     parallelize_llama,
 )
 from titan.models.llama3.pipeline import pipeline_llama
-from titan.parallelisms import dry_run as dry_run_trace
 from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import init_distributed
+from titan.parallelisms.memory_tracer import fake_mode
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline
 
@@ -112,7 +112,7 @@ def build_model(
     except (ValueError, NotImplementedError) as e:
         raise ConfigError(str(e)) from None
     if dry_run:  # fake tensors: shapes and dtypes, no memory; the values are never read
-        with dry_run_trace.fake_mode():
+        with fake_mode():
             for part in built.parts:
                 part.to_empty(device=device)
                 part.init_buffers(buffer_device=device)

@@ -1,0 +1,398 @@
+"""Analytic per-rank peak memory of a titan GPU run (bf16 compute through FSDP's mixed precision,
+fp32 master weights, gradients and AdamW moments) for a parallel layout: the dry run's parts
+(titan.parallelisms.dry_run) at the point of the step's schedule where they peak."""
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+from titan.components.model_sizes import (
+    Stage,
+    float8_linears,
+    linear_sizes,
+    module_params,
+    rank_stage_ids,
+    rank_stages,
+    sac_saved_linears,
+    stage_params,
+    untied,
+)
+from titan.components.schedule_memory import (
+    PARTS,
+    StageBytes,
+    peak_points,
+    point_parts,
+    point_total,
+)
+from titan.config.job_config import Parallelism
+from titan.models.llama3.args import ModelArgs
+
+GIB = 1024**3
+AC_MODES = ("none", "full", "selective")
+DDP_BUCKET_BYTES = 100 * 2**20  # apply_ddp's bucket_cap_mb
+
+LEAVES_OUT = (
+    "Not counted: the CUDA context and NCCL's buffers (~1-2 GiB per GPU); the caching allocator's "
+    "fragmentation and cached free blocks (often 5-15 % on top); torch.compile's changes to the "
+    "blocks (modelled eager, as the dry run traces them; fused blocks need not keep RMSNorm's fp32 "
+    "upcasts; compiled_loss covers the loss); flash attention's and cuBLAS's workspaces; "
+    "float8's scales; the data loader's tensors. Checked against titan's dry run (a traced step): "
+    "within a few percent for the shipped configs and the debug model's layouts."
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout in titan's terms ([parallelism] degrees and pipeline settings)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    pp_schedule: str = "1F1B"
+    microbatch_size: int = 1  # pipeline_parallel_microbatch_size
+    layers_per_stage: int | None = None  # pipeline_parallel_layers_per_stage
+    sequence_parallel: bool = True
+    loss_parallel: bool = True  # with tp > 1: not parallelism.disable_loss_parallel
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def fsdp_degree(self) -> int:
+        """Ranks each parameter is sharded over (FSDP shards over dp_shard x cp; 1: no FSDP)."""
+        return self.dp_shard * self.cp
+
+    def parallelism(self, base: Parallelism | None = None) -> Parallelism:
+        """titan's [parallelism] section for this layout."""
+        return dataclasses.replace(
+            base or Parallelism(),
+            data_parallel_replicate_degree=self.dp_replicate,
+            data_parallel_shard_degree=self.dp_shard,
+            tensor_parallel_degree=self.tp,
+            pipeline_parallel_degree=self.pp,
+            context_parallel_degree=self.cp,
+            pipeline_parallel_schedule=self.pp_schedule,
+            pipeline_parallel_microbatch_size=self.microbatch_size,
+            pipeline_parallel_layers_per_stage=self.layers_per_stage,
+            enable_sequence_parallel=self.sequence_parallel,
+            disable_loss_parallel=not self.loss_parallel,
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on one pipeline rank at its peak, by part: the dry run's parts (its trace's
+    `peak` in dry_run.json), at the moment of the step the model finds the peak at."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int  # what forward left for backward (the eager loss's log-probs included)
+    backward_temporaries: int  # the loss's gradients, a block's recompute, weight gradients
+    gathered_parameters: int  # FSDP's gathered weights (no FSDP: autocast's bf16 copies)
+    communication_buffers: int  # pipeline receive buffers, reduce-scatter and TP/CP gathers
+    buffers: int  # the RoPE table
+    pp_rank: int = 0  # the pipeline rank these figures are for
+    moment: str = ""  # when in the step the peak is, e.g. "end of stage 0's backward"
+    leaves_out: str = LEAVES_OUT
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, p) for p in PARTS)
+
+    @property
+    def dominant(self) -> str:
+        """The largest part's name."""
+        return max(PARTS, key=lambda p: getattr(self, p))
+
+
+# ---- activations ---------------------------------------------------------------------------
+
+
+def block_activation_bytes(
+    args: ModelArgs,
+    tp: int,
+    sequence_parallel: bool,
+    ac_mode: str,
+    float8_layers: frozenset[str] = frozenset(),
+    autocast: bool = False,
+) -> tuple[float, float]:
+    """(bytes one block keeps for backward per token, bytes it keeps with no AC per token).
+
+    No AC, bf16 weights (FSDP's mixed precision): each RMSNorm saves its fp32 upcast (4 dim),
+    the rsqrt (4) and the bf16 normalized input of `* weight` (2 dim); wq/wk/wv and w1/w3 save
+    their (TP: all-gathered) input (2 dim each); flash attention saves the rotated q, k, v, its
+    output (shared with wo's input) and the fp32 logsumexp per head; SwiGLU saves w1's and
+    w3's outputs, silu's output and the product. autocast (fp32 weights, no FSDP): the residual
+    stream is fp32 (the block input and its midpoint, 4 dim each), each norm saves the rsqrt
+    and its fp32 output, and each of wq, wk, wv, w1 and w3 saves its own bf16 cast of its input.
+    Sequence parallel shards what lies between the matmuls by tp. Full AC: the block input.
+    Selective op (titan's policy): the block input, attention's output and logsumexp, and every
+    second aten.mm output (float8 linears run torch._scaled_mm, which the policy does not save).
+    """
+    d, hd, t = args.dim, args.head_dim, tp
+    s = tp if sequence_parallel and tp > 1 else 1
+    h, kv, ffn = args.n_heads / t, args.n_kv_heads / t, args.ffn_hidden_dim / t
+    if autocast:
+        norms = (2 * (4 * d + 4) + 2 * 4 * d) / s  # and the fp32 residual stream
+        inputs = 5 * 2 * d
+    else:
+        norms = 2 * (4 * d + 4 + 2 * d) / s
+        inputs = 2 * (2 * d)  # attention's and the FFN's matmul input, whole sequence
+    attention = 2 * (h + 2 * kv) * hd + 2 * h * hd + 4 * h
+    none = norms + inputs + attention + 4 * 2 * ffn
+    block_input = (4 if autocast else 2) * d / s
+    if ac_mode == "none":
+        return none, none
+    if ac_mode == "full":
+        return block_input, none
+    outputs = {"wq": h * hd, "wk": kv * hd, "wv": kv * hd, "wo": d, "w1": ffn, "w3": ffn, "w2": d}
+    saved_mm = sum(2 * outputs[n] for n in sac_saved_linears(float8_layers))
+    return block_input + 2 * h * hd + 4 * h + saved_mm, none
+
+
+# ---- the estimate --------------------------------------------------------------------------
+
+
+def estimate_memory(
+    args: ModelArgs,
+    layout: Layout,
+    seq_len: int,
+    local_batch_size: int,
+    ac_mode: str = "none",
+    float8: bool = False,
+    ac_option: str = "op",
+    float8_all_gather: bool = True,
+    compiled_loss: bool = False,
+    grad_accumulation: int = 1,
+    pp_rank: int | None = None,
+) -> MemoryEstimate:
+    """Peak bytes of a training step on pipeline rank `pp_rank`, or (None) on the one that
+    peaks highest among the first, the last and the one with the most blocks (pp 1: the only
+    one). ac_mode: none, full or selective (ac_option "op", or "N": every N-th block, full);
+    float8: titan's float8 converter (default settings); float8_all_gather: FSDP gathers the
+    float8 linears' weights in float8 (quantize.linear.float8.enable_fsdp_float8_all_gather);
+    compiled_loss: compile.components includes "loss" (the dry run traces the eager loss);
+    grad_accumulation: micro-batch steps of local_batch_size per optimizer step."""
+    if ac_mode not in AC_MODES:
+        raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
+    ranks = rank_stages(args.n_layers, layout.pp, layout.pp_schedule, layout.layers_per_stage)
+    step = _Step(
+        args, layout, seq_len, local_batch_size, ac_mode, ac_option, float8,
+        float8 and float8_all_gather, compiled_loss, grad_accumulation,
+    )  # fmt: skip
+    if pp_rank is not None:
+        return step.rank(pp_rank, ranks[pp_rank])
+    blocks = [sum(st.blocks for st in stages) for stages in ranks]
+    peaks = {0, layout.pp - 1, blocks.index(max(blocks))}
+    return max((step.rank(r, ranks[r]) for r in sorted(peaks)), key=lambda e: e.total)
+
+
+def state_bytes(args: ModelArgs, layout: Layout) -> int:
+    """fp32 weights and AdamW's two fp32 moments of pipeline rank 0's shards: a lower bound on
+    estimate_memory, for ruling layouts out quickly."""
+    ranks = rank_stages(args.n_layers, layout.pp, layout.pp_schedule, layout.layers_per_stage)
+    return 12 * stage_params(args, list(ranks[0]), layout.tp, layout.fsdp_degree)
+
+
+@dataclass
+class _Step:
+    """One training step's settings; its methods give one pipeline rank's terms."""
+
+    args: ModelArgs
+    layout: Layout
+    seq_len: int
+    local_batch_size: int
+    ac_mode: str
+    ac_option: str
+    float8: bool
+    float8_all_gather: bool = False
+    compiled_loss: bool = False
+    grad_accumulation: int = 1
+
+    @property
+    def n_micro(self) -> int:
+        """Pipeline micro-batches per local batch (1 without pipeline parallel)."""
+        return self.local_batch_size // self.layout.microbatch_size if self.layout.pp > 1 else 1
+
+    @property
+    def tokens(self) -> float:
+        """Tokens one rank runs through its blocks at once: a micro-batch (pp) or the local
+        batch, of seq_len / cp tokens each."""
+        seqs = self.layout.microbatch_size if self.layout.pp > 1 else self.local_batch_size
+        return seqs * self.seq_len / self.layout.cp
+
+    @property
+    def sp(self) -> int:
+        """The factor sequence parallel shards activations between blocks by."""
+        lay = self.layout
+        return lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+
+    @functools.cached_property
+    def per_token(self) -> tuple[float, float]:
+        """block_activation_bytes for this step: (kept per token, kept with no AC)."""
+        a, lay = self.args, self.layout
+        f8 = float8_linears(a) if self.float8 else frozenset()
+        autocast = lay.fsdp_degree == 1
+        return block_activation_bytes(a, lay.tp, lay.sequence_parallel, self.ac_mode, f8, autocast)
+
+    @property
+    def edge(self) -> float:
+        """Bytes of one micro-batch's activation between blocks and stages: bf16, fp32 with
+        autocast (no FSDP: the residual stream stays fp32)."""
+        width = 2 if self.layout.fsdp_degree > 1 else 4
+        return self.tokens * width * self.args.dim / self.sp
+
+    @property
+    def vocab(self) -> float:
+        """Logits per token on a rank (loss parallel keeps them sharded over tp)."""
+        lay = self.layout
+        return self.args.vocab_size / (lay.tp if lay.loss_parallel else 1)
+
+    def rank(self, pp_rank: int, stages: tuple[Stage, ...]) -> MemoryEstimate:
+        """The rank's peak over the points of its step (schedule_memory.peak_points): its
+        static state (fp32 weights and AdamW's two fp32 moments of its shards) plus, at each
+        point, the micro-batches in flight, gradients, gathered weights and transients."""
+        lay = self.layout
+        local = stage_params(self.args, list(stages), lay.tp, lay.fsdp_degree)
+        held = rank_stage_ids(self.args.n_layers, lay.pp, lay.pp_schedule, lay.layers_per_stage)
+        terms = [self.stage(st) for st in stages]
+        n_micro = self.n_micro if lay.pp > 1 else min(self.grad_accumulation, 2)
+        points = peak_points(lay.pp_schedule, lay.pp, pp_rank, n_micro, held[pp_rank])
+        prior = lay.pp > 1 and self.grad_accumulation > 1  # earlier schedule steps' gradients
+        where = max(points, key=lambda p: point_total(p, terms, prior))
+        best = point_parts(where, terms, prior)
+        best["parameters"] += 4 * local
+        best["optimizer_state"] += 8 * local
+        best["buffers"] += self.seq_len * self.args.head_dim * 4  # RoPE's cos and sin, fp32
+        moment = f"{where.moment} of stage {held[pp_rank][where.stage]}'s backward"
+        return MemoryEstimate(
+            **{k: round(v) for k, v in best.items()}, pp_rank=pp_rank, moment=moment
+        )
+
+    def stage(self, st: Stage) -> StageBytes:
+        """One stage's terms (schedule_memory.StageBytes)."""
+        a, lay, tokens = self.args, self.layout, self.tokens
+        first, last = "tok_embeddings" in st.extras, "output" in st.extras
+        out = StageBytes(micro_batch=self.saved(st), in_block=self.block_backward)
+        if lay.pp > 1:
+            # torch's stage allocates a receive buffer per micro-batch for its input (all but
+            # the first stage) and its output's gradient (all but the last), kept all step
+            out.persistent = ((not first) + (not last)) * self.n_micro * self.edge
+        self.weights(st, out)
+        if last:
+            logits = tokens * self.vocab
+            if self.compiled_loss:  # inductor's backward writes the bf16 gradient directly
+                out.at_start = {"backward_temporaries": 2 * logits}
+            else:  # nll_loss's and log_softmax's fp32 gradients (loss parallel: 3 of them)
+                n = 3 if lay.tp > 1 and lay.loss_parallel else 2
+                out.at_start = {"backward_temporaries": 4 * n * logits}
+        if first:  # the embedding's bf16 weight gradient (TP too: the whole vocabulary's)
+            out.at_end = {"backward_temporaries": 2 * a.vocab_size * a.dim}
+            if lay.pp == 1 and lay.fsdp_degree > 1:  # the root's fp32 reduce-scatter input
+                extras = untied(a, ["tok_embeddings", "norm", "output"])
+                root = sum(module_params(a, n, lay.tp) for n in extras)
+                out.at_end["communication_buffers"] = 4 * root
+        return out
+
+    def saved(self, st: Stage) -> float:
+        """Bytes one micro-batch leaves on the stage for its backward: the blocks' saved
+        tensors and FSDP's bf16 copy of the RoPE table per block, the stage's output (pp),
+        and on the last stage the final norm's and the output layer's inputs and the loss's:
+        eager, fp32 log-probs (loss.py upcasts); compiled, bf16 logits and two fp32 per token;
+        pipelined, the stage's output (the bf16 logits) until backward."""
+        a, lay, tokens, s = self.args, self.layout, self.tokens, self.sp
+        autocast = lay.fsdp_degree == 1
+        kept, none = self.per_token
+        if self.ac_mode == "selective" and self.ac_option != "op":
+            every = int(self.ac_option)  # apply_ac wraps blocks 0, N, 2N, ... of each stage
+            wrapped = math.ceil(st.blocks / every)
+            block_input = (4 if autocast else 2) * a.dim / s
+            per_token = wrapped * block_input + (st.blocks - wrapped) * none
+        else:
+            per_token = st.blocks * kept
+        out = tokens * per_token
+        if lay.fsdp_degree > 1:  # FSDP casts the fp32 table to bf16 as each block's input
+            rope = self.seq_len / lay.cp * a.head_dim
+            out += st.blocks * rope * (2 if self.ac_mode != "none" else 4)
+        first, last = "tok_embeddings" in st.extras, "output" in st.extras
+        if lay.pp > 1 and not first and self.ac_mode != "none":
+            out -= self.edge  # the first block's saved input is the stage's receive buffer
+        if lay.pp > 1 and not last:
+            out += self.edge  # the stage's output, kept for its backward
+        if last:  # the final norm's saves (autocast: and its fp32 input), the output's input
+            out += tokens * ((8 if autocast else 6) * a.dim + 4) / s + tokens * 2 * a.dim
+            logits = tokens * self.vocab
+            if self.compiled_loss:
+                out += 2 * logits + 8 * tokens
+            else:
+                out += 4 * logits + (2 * logits if lay.pp > 1 else 0)
+        return out
+
+    def weights(self, st: Stage, out: StageBytes) -> None:
+        """The stage's gathered weights and gradients. FSDP: bf16 (float8) gathers; pipelined,
+        all of the stage's blocks stay gathered (reshard_after_forward "never") and, with the
+        schedule's gradient sync off until the last micro-batch, gradients accumulate
+        unsharded in fp32 (the embedding's over the whole vocabulary under TP: a Partial
+        gradient); else the root and the last block, gradients reduce-scattered per block.
+        No FSDP: autocast's bf16 copies of the weights, fp32 gradients."""
+        a, lay = self.args, self.layout
+        extras = untied(a, list(st.extras))
+        if lay.fsdp_degree == 1:  # autocast's cached bf16 casts (not of the embedding)
+            local = stage_params(a, [st], lay.tp)
+            out.accumulating = out.synced = 4 * local
+            embedding = "tok_embeddings" in extras and not a.tie_word_embeddings
+            out.gathered = 2 * (local - embedding * module_params(a, "tok_embeddings", lay.tp))
+            return
+        root = sum(2 * module_params(a, n, lay.tp) for n in extras)
+        blocks = st.blocks if lay.pp > 1 else min(1, st.blocks)
+        out.gathered = blocks * self.gathered_block + root
+        out.synced = 4 * stage_params(a, [st], lay.tp, lay.fsdp_degree)
+        out.accumulating = 4 * stage_params(a, [st], lay.tp)
+        if "tok_embeddings" in extras and lay.tp > 1:
+            out.accumulating += 4 * (lay.tp - 1) * module_params(a, "tok_embeddings", lay.tp)
+
+    @functools.cached_property
+    def block_backward(self) -> dict[str, float]:
+        """One block's backward: its recomputed activations (AC), its activation gradients,
+        its bf16 weight gradients (FSDP: and their fp32 reduce-scatter input, and the next
+        block's gathered weights), TP's gathered activation and CP's gathered keys/values."""
+        a, lay, tokens, s = self.args, self.layout, self.tokens, self.sp
+        kept, none = self.per_token
+        whole = self.ac_mode == "full" or self.ac_option != "op"  # selective "N": full blocks
+        recompute = 0.0 if self.ac_mode == "none" else none if whole else none - kept
+        # checkpointing frees each recomputed tensor once backward used it: the FFN's three
+        # gradients come when part of the recompute is gone
+        ffn_grads = 3 * 2 * a.ffn_hidden_dim / lay.tp
+        per_token = max(recompute, ffn_grads) + 2 * 2 * a.dim / s
+        block = module_params(a, "layers.0", lay.tp)
+        out = {"backward_temporaries": tokens * per_token + 2 * block}
+        comm = 0.0
+        if lay.fsdp_degree > 1 and lay.pp == 1:
+            out["gathered_parameters"] = self.gathered_block
+            comm += 4 * block
+        elif lay.fsdp_degree == 1 and lay.dp_replicate > 1:
+            comm += 2 * DDP_BUCKET_BYTES
+        if lay.tp > 1:
+            comm += tokens * a.dim * 2 / s * lay.tp  # one sequence-parallel activation, gathered
+        if lay.cp > 1:  # all cp ranks' keys and values of one block (allgather rotation)
+            comm += tokens * lay.cp * 2 * (a.n_kv_heads / lay.tp) * a.head_dim * 2
+        out["communication_buffers"] = comm
+        return out
+
+    @functools.cached_property
+    def gathered_block(self) -> float:
+        """One block's unsharded weights as FSDP gathers them: bf16, float8 linears in float8
+        with the float8 all-gather."""
+        a, tp = self.args, self.layout.tp
+        f8 = float8_linears(a) if self.float8_all_gather else frozenset()
+        total = sum((1 if n in f8 else 2) * size / tp for n, size in linear_sizes(a).items())
+        return total + 2 * 2 * a.dim  # the two norms, replicated over tp
