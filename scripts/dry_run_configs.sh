@@ -14,11 +14,11 @@ for config in "${configs[@]}"; do
   name=$(basename "$config" .toml)
   ngpu=$(head -5 "$config" | grep -o 'NGPU=[0-9]*' | head -1 | cut -d= -f2)
   ngpu=${ngpu:-1}
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   COMM_MODE=fake_backend NGPU=$ngpu CONFIG_FILE=$config "$ROOT/run_train.sh" \
     --job.dump_folder "$OUT/$name" > "$OUT/$name.log" 2>&1
   rc=$?
-  seconds=$(echo "$(date +%s.%N) - $start" | bc)
+  seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
   result=$(grep -E "^  (fits|DOES NOT FIT)" "$OUT/$name.log" | sed 's/^  //')
   if [ $rc -ne 0 ]; then
     failed=1
