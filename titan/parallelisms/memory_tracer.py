@@ -8,7 +8,6 @@ import weakref
 from collections import Counter
 
 import torch
-import torch.distributed._tools.fake_collectives  # noqa: F401 (collectives on fake tensors)
 from torch import nn
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -44,6 +43,9 @@ def fake_mode() -> FakeTensorMode | contextlib.nullcontext:
     if os.environ.get("TITAN_DRY_RUN_REAL") == "1":
         return contextlib.nullcontext()
     if _FAKE_MODE is None:
+        # registers fake-tensor kernels for the c10d collectives (imported only by dry runs)
+        import torch.distributed._tools.fake_collectives  # noqa: F401
+
         # real inputs (token batches, seeds) become fake where they meet fake ones
         _FAKE_MODE = FakeTensorMode(allow_non_fake_inputs=True)
     return _FAKE_MODE
@@ -183,12 +185,14 @@ class MemoryTracer(TorchDispatchMode):
             finally:
                 tracer.propagating -= 1
 
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
+        if _ORIGINAL_PROPAGATE is not None:
+            ShardingPropagator._propagate_tensor_meta_non_cached = propagate
         return super().__enter__()
 
     def __exit__(self, *args):
         torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE
-        ShardingPropagator._propagate_tensor_meta_non_cached = _ORIGINAL_PROPAGATE
+        if _ORIGINAL_PROPAGATE is not None:
+            ShardingPropagator._propagate_tensor_meta_non_cached = _ORIGINAL_PROPAGATE
         return super().__exit__(*args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -225,7 +229,8 @@ class MemoryTracer(TorchDispatchMode):
 
 _ORIGINAL_RESIZE = torch.UntypedStorage.resize_
 # DTensor infers its outputs' global shapes by running each op on fake global-shape tensors
-_ORIGINAL_PROPAGATE = ShardingPropagator._propagate_tensor_meta_non_cached
+# (a torch internal: without it, the placeholders count and the tracer's tests fail)
+_ORIGINAL_PROPAGATE = getattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", None)
 
 
 def _fsdp_params(model: nn.Module) -> list:
