@@ -2,40 +2,20 @@
 allocates, its activations are what autograd saves, the stored sizes are exact counts, and a
 config that does not fit, or bad traced ranks, stop with one line."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dry_run_harness import dry_run
 
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
 from titan.parallelisms.memory_tracer import MemoryTracer, static_state
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
 EMBEDDING, BLOCK = 2304 * 256, 754_176  # debugmodel: 2 x embedding + norm + 6 blocks
 TOTAL = 5_704_960
-
-
-def _dry_run(tmp_path, *args: str, ngpu: int = 8, rc: int = 0, **env) -> tuple[str, dict]:
-    """(log, dry_run.json) of a dry run of the debug model at `ngpu` ranks."""
-    env = {**os.environ, "TITAN_PYTHON": sys.executable, "CONFIG_FILE": DEBUG_TOML, **env}
-    env |= {"COMM_MODE": "fake_backend", "NGPU": str(ngpu)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [str(ROOT / "run_train.sh"), f"--job.dump_folder={tmp_path}", "--training.device=cpu"]
-    out = subprocess.run(
-        [*cmd, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
-    log = out.stdout + out.stderr
-    assert out.returncode == rc, log[-4000:]
-    path = tmp_path / "dry_run.json"
-    return log, json.loads(path.read_text()) if path.exists() else {}
 
 
 def test_trace_allocates_what_the_real_step_allocates(tmp_path):
@@ -43,8 +23,8 @@ def test_trace_allocates_what_the_real_step_allocates(tmp_path):
     process group: FSDP 4 x TP 2, bf16 FSDP gathers, no AC): every part at the peak and every
     stored size agree to the byte."""
     args = ("--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "128")
-    _, fake = _dry_run(tmp_path / "fake", *args)
-    _, real = _dry_run(tmp_path / "real", *args, TITAN_DRY_RUN_REAL="1")
+    _, fake = dry_run(tmp_path / "fake", *args)
+    _, real = dry_run(tmp_path / "real", *args, TITAN_DRY_RUN_REAL="1")
     (fake,), (real,) = fake["ranks"], real["ranks"]
     assert fake["peak"] == real["peak"]
     assert fake["held"] == real["held"]
@@ -86,7 +66,7 @@ def _held_elements(estimate: dict) -> dict[str, float]:
 def test_fsdp_tp_sizes_are_exact_counts(tmp_path):
     """FSDP 4 x TP 2 at 8: rank 0 stores an eighth of the model (FSDP pads rows to 4), its
     gradients as much, and AdamW's two moments twice that."""
-    log, out = _dry_run(
+    log, out = dry_run(
         tmp_path, "--training.seq_len", "32", "--parallelism.tensor_parallel_degree", "2"
     )
     assert "parallel layout: dp_shard 4 x tp 2 over 8 ranks" in log
@@ -105,7 +85,7 @@ def test_fsdp_tp_sizes_are_exact_counts(tmp_path):
 def test_pipeline_traces_the_first_and_last_pipeline_rank(tmp_path, schedule):
     """PP 2 x FSDP 2 x TP 2: both pipeline ranks run the schedule on fake tensors; each holds
     its stages' parameters split 4 ways (with ZBV rank 0 holds the first and the last stage)."""
-    log, out = _dry_run(
+    log, out = dry_run(
         tmp_path, "--training.seq_len", "32", "--training.local_batch_size", "4",
         "--parallelism.pipeline_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2",
         "--parallelism.pipeline_parallel_schedule", schedule,
@@ -127,21 +107,19 @@ def test_pipeline_traces_the_first_and_last_pipeline_rank(tmp_path, schedule):
 
 
 def test_a_config_that_does_not_fit_says_by_how_much(tmp_path):
-    log, out = _dry_run(tmp_path, "--dry_run.memory_gib", "0.01", rc=1)
+    log, out = dry_run(tmp_path, "--dry_run.memory_gib", "0.01", rc=1)
     peak = out["ranks"][0]["total"] / 2**30
     line = f"DOES NOT FIT: rank 0 peaks at {peak:.2f} GiB, {peak - 0.01:.2f} GiB over the 0.01 GiB"
     assert line in log and out["fits"] is False
 
 
 def test_traced_ranks_must_exist(tmp_path):
-    log, _ = _dry_run(tmp_path, "--dry_run.ranks", "9", rc=1)
+    log, _ = dry_run(tmp_path, "--dry_run.ranks", "9", rc=1)
     assert "dry_run.ranks = [9]: ranks are 0..7" in log
 
 
 def test_ddp_is_refused_with_what_to_trace_instead(tmp_path):
     args = ["--parallelism.data_parallel_replicate_degree", "2"]
-    log, _ = _dry_run(
-        tmp_path, *args, "--parallelism.data_parallel_shard_degree", "1", ngpu=2, rc=1
-    )
+    log, _ = dry_run(tmp_path, *args, "--parallelism.data_parallel_shard_degree", "1", ngpu=2, rc=1)
     assert "a dry run cannot trace DDP (data_parallel_replicate_degree > 1 with " in log
     assert "dry-run an FSDP or HSDP layout instead" in log

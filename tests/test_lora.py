@@ -2,15 +2,12 @@
 load with the adapter model's logits, FSDP/TP/PP parity with one process and a frozen base, exact
 resume, loading base weights, config errors, the start-up parameter counts and dry-run sizes."""
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dry_run_harness import dry_run
 from parallel_harness import (
     assert_matches,
     load_script,
@@ -274,19 +271,9 @@ def test_start_up_log_reports_trainable_and_total_parameters(tmp_path):
 
 def test_dry_run_holds_gradients_and_optimizer_state_of_the_adapters_only(tmp_path):
     """A fake-backend dry run (rank 0 of 8, dp_shard 4 x tp 2) with DoRA on wq, wk, wv, wo."""
-    env = {**os.environ, "TITAN_PYTHON": sys.executable, "CONFIG_FILE": DEBUG_TOML}
-    env |= {"COMM_MODE": "fake_backend", "NGPU": "8"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
     args = ["--training.seq_len", "32", "--parallelism.tensor_parallel_degree", "2"]
-    args += ["--model.converters", "lora", "--lora.use_dora", f"--job.dump_folder={tmp_path}"]
-    run = subprocess.run(
-        [str(ROOT / "run_train.sh"), "--training.device=cpu", *args],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-3000:]
-    (rank0,) = json.loads((tmp_path / "dry_run.json").read_text())["ranks"]
+    _, out = dry_run(tmp_path, *args, "--model.converters", "lora", "--lora.use_dora")
+    (rank0,) = out["ranks"]
     sizes = {name: n / 4 for name, n in rank0["held"].items()}  # fp32 elements
     # rank 0's adapters per block (tp shards, then FSDP shards dim 0 by 4): wq A 8/4 x 256, B
     # 256/2/4 x 8, m 256/2/4 = 800; wk, wv 512 + 64 + 8 = 584 each; wo A 8/4 x 256/2, B 256/4 x 8,

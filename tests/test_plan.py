@@ -7,14 +7,13 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dry_run_harness import dry_run
 
 from titan.components import memory_model as mm
 from titan.components.loss import cross_entropy_sum
@@ -183,21 +182,6 @@ def test_memory_matches_the_shipped_configs_traced_peaks(name, gpus):
         assert config_estimate(cfg, gpus, pp_rank).total == pytest.approx(traced, rel=0.05)
 
 
-def _dry_run(tmp_path: Path, *args: str, ngpu: int = 8) -> dict:
-    """dry_run.json of a traced step of the debug model at `ngpu` ranks, run as
-    tests/test_dry_run.py runs one (run_train.sh, COMM_MODE=fake_backend)."""
-    env = {**os.environ, "TITAN_PYTHON": sys.executable, "CONFIG_FILE": str(DEBUG_TOML)}
-    env |= {"COMM_MODE": "fake_backend", "NGPU": str(ngpu)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [str(ROOT / "run_train.sh"), f"--job.dump_folder={tmp_path}", "--training.device=cpu"]
-    out = subprocess.run(
-        [*cmd, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return json.loads((tmp_path / "dry_run.json").read_text())
-
-
 @pytest.mark.parametrize(
     "layout",
     [("--parallelism.tensor_parallel_degree", "2"),  # FSDP 4 x TP 2, no AC
@@ -209,7 +193,7 @@ def test_memory_matches_the_traced_step_of_the_debug_model(tmp_path, layout):
     traced peak, seq_len 256, local batch 4 (4 pipeline micro-batches). Stated: 10 %. (With
     PP, the unsharded fp32 gradients FSDP accumulates are about a third of the peak.)"""
     args = ("--training.seq_len", "256", "--training.local_batch_size", "4", *layout)
-    traced = _dry_run(tmp_path, *args)["ranks"]
+    traced = dry_run(tmp_path, *args)[1]["ranks"]
     cfg = load_config(list(args), config_file=str(DEBUG_TOML))
     pp = cfg.parallelism.pipeline_parallel_degree
     assert len(traced) == pp

@@ -35,7 +35,7 @@ from titan.parallelisms.memory_tracer import (
 @dataclass
 class MemoryEstimate:
     rank: int
-    label: str  # e.g. "pp stage 0" or "rank 0"
+    label: str  # "rank 0", or "pp rank 0" and "pp rank 7" for the pipeline's ends
     peak: dict[str, int]  # bytes of each part at the peak (PARTS)
     dense_masks: int = 0  # bytes of dense masks live at the peak (not in the peak)
     # bytes this rank stores once the gradients are complete (before the optimizer step):
@@ -67,7 +67,6 @@ def write_json(path: str, estimates: list[MemoryEstimate], memory_gib: float, fi
 def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> tuple[str, bool]:
     """The report's lines, and whether every traced rank fits in memory_gib."""
     lines = [header]
-    fits = True
     for e in estimates:
         lines.append(f"  {e.label} (rank {e.rank}; traced in {e.trace_s:.1f} s): peak "
                      f"{e.total / GIB:.2f} GiB")  # fmt: skip
@@ -80,8 +79,8 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
         lines.extend(f"    note: {n}" for n in e.notes)
     worst = max(estimates, key=lambda e: e.total)
     over = worst.total / GIB - memory_gib
-    if over > 0:
-        fits = False
+    fits = over <= 0
+    if not fits:
         lines.append(
             f"  DOES NOT FIT: {worst.label} peaks at {worst.total / GIB:.2f} GiB, {over:.2f} GiB "
             f"over the {memory_gib:g} GiB device (dry_run.memory_gib): shard more (FSDP, TP, "
