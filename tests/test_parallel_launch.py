@@ -95,6 +95,9 @@ def one_process(tmp_path_factory):
         ("2", "tp 2", 1, ["--parallelism.tensor_parallel_degree", "2"]),
         ("4", "dp_shard 2 x tp 2", 2, ["--parallelism.tensor_parallel_degree", "2"]),
         ("2", "pp 2", 1, PP2),
+        # micro-batches of 2 rows: views of the windows, strided unlike their shape inference's
+        ("2", "pp 2", 1, [*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe",
+                          "--parallelism.pipeline_parallel_microbatch_size", "2"]),
         ("2", "pp 2", 1, [*PP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                           "--parallelism.pipeline_parallel_module_names_per_stage",
                           "tok_embeddings layers.0,layers.1 layers.2,layers.3 layers.4,"
@@ -107,8 +110,8 @@ def one_process(tmp_path_factory):
                           "--parallelism.data_parallel_shard_degree", "1",
                           "--model.attn_mask_type", "block_causal"]),
     ],
-    ids=["dp_shard2", "dp_replicate2", "tp2", "dp_shard2_tp2", "pp2_1f1b", "pp2_interleaved",
-         "cp2", "cp2_block_causal"],
+    ids=["dp_shard2", "dp_replicate2", "tp2", "dp_shard2_tp2", "pp2_1f1b", "pp2_gpipe",
+         "pp2_interleaved", "cp2", "cp2_block_causal"],
 )  # fmt: skip
 def test_run_train_sh_multi_process(tmp_path, one_process, ngpu, layout, dp, args):
     log = _run(tmp_path, DEBUG_TOML, *LAUNCH_ARGS, *args, NGPU=ngpu)

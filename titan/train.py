@@ -242,6 +242,16 @@ class Trainer:
                 return inputs, labels, kwargs
             return shard_batch(inputs, labels, kwargs, self.cp_mesh)
 
+    def _stage_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """(the first stage's args, the last stage's target, keyword inputs) for the schedule.
+        The token ids are made contiguous: they are views of (seq_len + 1)-token windows, and
+        torch 2.11's stages check each micro-batch's strides against the first's shape
+        inference, which gives contiguous ones."""
+        inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
+        args = (inputs.contiguous(),) if self.has_first_stage else ()
+        target = labels.to(self.device) if self.has_last_stage else None
+        return args, target, kwargs
+
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, labels) * self.loss_scale
 
@@ -253,9 +263,7 @@ class Trainer:
         self._set_loss_scale(microbatches)
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
-            args = (inputs,) if self.has_first_stage else ()
-            target = labels.to(self.device) if self.has_last_stage else None
+            args, target, kwargs = self._stage_inputs(inputs, labels)
             losses: list[torch.Tensor] = []  # the schedule clears it: one list per step()
             with (
                 torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
@@ -268,9 +276,7 @@ class Trainer:
 
     def _forward_loss_pipelined(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """_forward_loss through the schedule's forward-only pass (the last stage's loss)."""
-        inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
-        args = (inputs,) if self.has_first_stage else ()
-        target = labels.to(self.device) if self.has_last_stage else None
+        args, target, kwargs = self._stage_inputs(inputs, labels)
         losses: list[torch.Tensor] = []
         with (
             torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
