@@ -9,6 +9,7 @@ import torch
 from parallel_harness import DEBUG_TOML, run_single
 from torch import nn
 
+from titan.compat import mx_training_unsupported
 from titan.components.dataloader import build_dataloader
 from titan.components.metrics import MetricsLogger, mixed_precision_peak, peak_flops
 from titan.components.quantization import apply_converters
@@ -101,12 +102,31 @@ def test_filter_fqns_keep_layers_in_high_precision():
         n for n in kinds if n.startswith("layers.1.")
     }
     assert set(kinds.values()) == {"high", "float8"}
+
+
+@pytest.mark.skipif(bool(mx_training_unsupported()), reason="torchao's MX needs torch 2.12+")
+def test_mx_filter_fqns_keep_layers_in_high_precision():
+    cfg = QuantizeLinear()
     cfg.mx.filter_fqns = ["output", "feed_forward"]
     model = _meta_model("debugmodel")
     apply_converters(model, ["mx"], cfg, torch.device("cpu"), fsdp=False)
     assert {n for n, k in _precision(model).items() if k == "mx"} == {
         f"layers.{i}.attention.{w}" for i in range(6) for w in ("wq", "wk", "wv", "wo")
     }
+
+
+def test_mx_on_a_torch_without_it_stops_start_up(monkeypatch):
+    """Where torch lacks what torchao's MX training tensor dispatches to (torch 2.11), start-up
+    names the version needed instead of torchao's assertion at the first conversion."""
+    from torch.distributed.tensor import _ops
+
+    monkeypatch.delattr(_ops, "scaled_mm_single_dim_strategy", raising=False)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--model.converters", "mx"])
+    message = str(e.value)
+    assert message.startswith("model.converters = ['mx']: torchao's MXFP8 training needs torch "
+                              "2.12 or newer (installed: ")  # fmt: skip
+    assert message.endswith("): upgrade, or use the float8 converter") and "\n" not in message
 
 
 def test_size_filter_keeps_small_linears_in_high_precision():

@@ -15,19 +15,14 @@ each). Two attentions:
 """
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
 
+from titan.compat import all_gather_autograd
 from titan.logger import logger
 
 aten = torch.ops.aten
-
-# torch 2.13 renamed the differentiable all-gather (the old name warns there, is all 2.11 has)
-_all_gather_autograd = (
-    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-)
 
 
 def check_cp(
@@ -120,7 +115,7 @@ def gather_sequence(mesh: DeviceMesh):
 
     def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
         moved = x.movedim(dim, 0).contiguous()
-        full = _all_gather_autograd(moved, gather_dim=0, group=mesh)
+        full = all_gather_autograd(moved, gather_dim=0, group=mesh)
         return full.movedim(0, dim)
 
     return gather

@@ -29,6 +29,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
+from titan.compat import decide_static_shapes_on_fake_backend, stage_metadata
 from titan.config.job_config import Parallelism
 
 
@@ -254,7 +255,7 @@ def build_schedule(
     # static_shapes: each stage's example inputs/outputs, so that no shapes are exchanged
     shapes = static_shapes or [{} for _ in parts]
     stages = [
-        PipelineStage(part, stage_id, n_stages, device, group=group, **kw)
+        PipelineStage(part, stage_id, n_stages, device, group=group, **stage_metadata(kw))
         for part, stage_id, kw in zip(parts, stage_ids, shapes, strict=True)
     ]
     # The loss function returns sum / global target count already: no scaling by micro-batches.
@@ -263,7 +264,7 @@ def build_schedule(
             stages, n_microbatches, loss_fn=loss_fn, scale_grads=False
         )
         if static_shapes is not None:
-            _skip_shape_vote(schedule)
+            decide_static_shapes_on_fake_backend(schedule)
         csv_schedule = read_csv_schedule(cfg.pipeline_parallel_schedule_csv)
         fmt = "compute_comms" if csv_schedule.has_comms else "compute_only"
         schedule._load_csv(cfg.pipeline_parallel_schedule_csv, format=fmt)
@@ -275,7 +276,7 @@ def build_schedule(
         assert issubclass(cls, PipelineScheduleMulti)
         schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
     if static_shapes is not None:
-        _skip_shape_vote(schedule)
+        decide_static_shapes_on_fake_backend(schedule)
     return _losses_only(schedule)
 
 
@@ -285,19 +286,3 @@ def _losses_only(schedule):
     if "return_outputs" in inspect.signature(schedule.step).parameters:  # torch >= 2.9
         schedule.step = functools.partial(schedule.step, return_outputs=False)
     return schedule
-
-
-def _skip_shape_vote(schedule) -> None:
-    """Use the given static shapes without asking the other stages first.
-
-    torch (2.13) lets the stages vote over point-to-point messages on whether all of them were
-    given static shapes; a dry run's fake collectives deliver zeros, which read as "no". Here
-    every stage was given them, so the answer is known: static.
-    """
-    from torch.distributed.pipelining._utils import InferenceMode
-
-    def static(stages, has_backward, p2p_done):
-        for stage in stages:
-            stage._inference_mode = InferenceMode.STATIC
-
-    schedule._warmup_p2p = static

@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from titan.compat import mx_training_unsupported
 from titan.config.job_config import Float8, Job, QuantizeLinear
 
 CONVERTERS = ("float8", "mx", "lora")
@@ -36,6 +37,11 @@ def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool
         raise ConfigError(
             f"model.converters = {names}: lora cannot be combined with float8 or mx (adapters "
             "on low-precision linears are not supported); train LoRA in bf16/fp32"
+        )
+    if "mx" in names and (why := mx_training_unsupported()):
+        raise ConfigError(
+            f"model.converters = {names}: torchao's MXFP8 training {why}: upgrade, or use the "
+            "float8 converter"
         )
     f8 = cfg.float8
     if "float8" in names and f8.debug_log_freq and compile_blocks:

@@ -183,7 +183,7 @@ class Float8Stats:
 
     # a graph break under torch.compile: the stats are Python side effects, and tracing them
     # would specialize the compiled block on the step number
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def _forward_hook(
         self, name: str, module: Float8Linear, args: tuple, output: torch.Tensor
     ) -> None:

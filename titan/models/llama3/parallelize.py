@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from titan.compat import compiled_ring_attention_unsupported
 from titan.components.lora import apply_lora_tp, is_adapter_key
 from titan.components.quantization.float8 import float8_tp_enabled, float8_tp_styles
 from titan.config.job_config import JobConfig
@@ -84,6 +85,13 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "lose their MX matmuls once TP shards them; use the float8 converter with TP, or "
             "tensor_parallel_degree = 1"
         )
+    if dims.cp > 1 and compile_blocks and args.attn_mask_type == "causal":
+        if why := compiled_ring_attention_unsupported():
+            raise ValueError(
+                f"context parallel with causal attention in compiled blocks {why}: torch 2.11's "
+                "compile loses the ring attention's gradient; upgrade torch, use "
+                "model.attn_mask_type = 'block_causal', or compile only the loss"
+            )
     p, t = cfg.parallelism, cfg.training
     on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     on_cuda = on_cuda or comm_mode() == "fake_backend"  # a dry run checks the GPU run
