@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 import transformers
+from torch import nn
 
+from titan.compat import torch_at_least
 from titan.models.llama3 import FLAVORS, ModelArgs, RoPEScaling, Transformer
-from titan.models.llama3.model import apply_rope, rope_cache
+from titan.models.llama3.model import apply_rope, rope_cache, trunc_normal_
 from titan.models.llama3.state_dict_adapter import from_hf, hf_config_dict, to_hf
 
 # Parameter counts of Meta's / Hugging Face's published checkpoints.
@@ -74,6 +76,23 @@ def test_init_is_seeded_and_finite():
         if "norm" not in name:
             assert not torch.equal(pa, pc), name
     assert torch.equal(a.layers["0"].attention_norm.weight, torch.ones(args.dim))
+
+
+def test_truncated_normal_draws_the_same_on_every_torch():
+    """titan's truncated normal draws what torch 2.13+'s nn.init.trunc_normal_ draws (normal
+    values, those out of bounds drawn again), so a seed starts the same weights on every torch
+    titan supports: torch 2.11's own init samples by the inverse CDF and gives other values.
+    The values below are torch 2.13's; bounds of one std make a third of the draws repeat."""
+    torch.manual_seed(0)
+    w = torch.empty(4, 1000)
+    trunc_normal_(w, std=1.0, a=-1.0, b=1.0)
+    assert w.abs().max() <= 1.0
+    assert w[0, :4].tolist() == [0.6394069194793701, 0.956139326095581, -0.2505785822868347,
+                                 -0.4338788092136383]  # fmt: skip
+    assert w.sum().item() == pytest.approx(-40.5012092590332, abs=1e-4)
+    if torch_at_least("2.13"):
+        torch.manual_seed(0)
+        assert torch.equal(w, nn.init.trunc_normal_(torch.empty(4, 1000), std=1.0, a=-1.0, b=1.0))
 
 
 def _reference_frequencies(head_dim: int, theta: float, s: RoPEScaling) -> list[float]:
