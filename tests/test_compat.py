@@ -33,8 +33,8 @@ def _private_names(root: Path) -> dict[str, set[str]]:
                     names = [".".join([inner.id, *reversed(parts)])]
             for name in names:
                 parts = name.split(".")
-                if parts[0] not in ("torch", "torchao") or parts[1:2] == ["ops"]:  # aten ops: public
-                    continue
+                if parts[0] not in ("torch", "torchao") or parts[1:2] == ["ops"]:
+                    continue  # not torch's, or an aten op (public operators)
                 private = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
                 if private is not None and not parts[private].startswith("__"):
                     found.setdefault(".".join(parts[: private + 1]), set()).add(path.name)
