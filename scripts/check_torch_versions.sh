@@ -8,8 +8,9 @@
 #   scripts/check_torch_versions.sh 2.12.1 2.13.0    # others
 # Each environment (TITAN_VENVS, default ./.venvs/torch-<version>) is made once and reused.
 # torch comes from the package index as published (on Linux, the CUDA build with its CUDA
-# libraries, about 3 GB a version; they run on CPU). pip's configured constraints are ignored for
-# torch (PIP_CONSTRAINT=/dev/null) so that a machine capping torch can still check a newer one.
+# libraries, about 3 GB a version, 5 GB installed; they run on CPU; pip keeps no cache of them).
+# pip's configured constraints are ignored (PIP_CONSTRAINT=/dev/null) so that a machine capping
+# torch can still check a newer one.
 # Exits 1 if any version fails; the last lines say per version: tests, time, result.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +26,7 @@ installed_torch() { "$1" -c "import torch; print(torch.__version__.split('+')[0]
 
 check_version() {  # version -> 0 when the environment installs and the tests pass
   local version=$1 env="$VENVS/torch-$1" log="$VENVS/torch-$1.log"
-  local pip=("$env/bin/python" -m pip install --quiet --disable-pip-version-check)
+  local pip=("$env/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
   : >"$log"
   [ -x "$env/bin/python" ] || python3 -m venv "$env" || return 1
   if [ "$(installed_torch "$env/bin/python")" != "$version" ]; then
