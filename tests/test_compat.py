@@ -3,14 +3,29 @@ titan/compat.py and exists on the installed versions, and the version-dependent 
 behave as each version needs (scripts/check_torch_versions.sh runs this on 2.11, 2.14.1, 2.15)."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from titan.compat import PRIVATE_APIS, resolve, torch_at_least
+from titan.compat import PRIVATE_APIS, torch_at_least
 
 TITAN = Path(__file__).resolve().parents[1] / "titan"
+
+
+def resolve(name: str):
+    """The object a dotted path names, importing modules along it."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(name)
 
 
 def _private_names(root: Path) -> dict[str, set[str]]:

@@ -17,7 +17,7 @@ from torch.distributed.pipelining import PipelineStage
 
 @dataclass(frozen=True)
 class PrivateApi:
-    name: str  # dotted path, resolvable by resolve()
+    name: str  # dotted path: modules, then attributes
     used_in: str  # the titan module that uses it, and for what
     since: str = ""  # the first torch that has it, where titan does without it on older ones
     before: str = ""  # the first torch without it, where titan does without it from then on
@@ -101,22 +101,6 @@ PRIVATE_APIS = (
         "torchao.prototype.moe_training.tensor.MXFP8TrainingWeightWrapperTensor", "mx (prototype)"
     ),
 )
-
-
-def resolve(name: str):
-    """The object a dotted path names, importing modules along it."""
-    import importlib
-
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(name)
 
 
 # --- context parallel: the differentiable all-gather -------------------------------------------
