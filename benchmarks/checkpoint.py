@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from titan.components.checkpoint import CheckpointManager
-from titan.components.optimizer import build_optimizer
+from titan.checkpoint.checkpointer import CheckpointManager
 from titan.config.job_config import Checkpoint, Optimizer
 from titan.models.llama3 import FLAVORS, Transformer
+from titan.trainer.optimizer import build_optimizer
 
 
 class _NoData:

@@ -30,9 +30,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from titan.components.dataloader import build_dataloader, document_ids  # noqa: E402
-from titan.components.tokenizer import build_tokenizer  # noqa: E402
 from titan.config import load_config  # noqa: E402
+from titan.data.dataloader import build_dataloader, document_ids  # noqa: E402
+from titan.data.tokenizer import build_tokenizer  # noqa: E402
 from titan.parallelisms.context_parallel import chunk_order, document_chunks  # noqa: E402
 from titan.train import Trainer  # noqa: E402
 

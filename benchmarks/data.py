@@ -24,10 +24,10 @@ import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from titan.components.dataloader import build_dataloader, load_embedded_corpus  # noqa: E402
-from titan.components.stream_data import PackedTextDataset, _StreamSource  # noqa: E402
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
 from titan.config.job_config import Data  # noqa: E402
+from titan.data.dataloader import build_dataloader, load_embedded_corpus  # noqa: E402
+from titan.data.streaming import PackedTextDataset, _StreamSource  # noqa: E402
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import preprocess_data  # noqa: E402

@@ -5,7 +5,7 @@
         [--batch-sizes 1 16] [--prompt-len 128] [--new-tokens 128] [--dtype bfloat16] [--repeats 3]
 
 Random weights and random prompt ids of one length (no padding), greedy, no stop token: every
-row makes --new-tokens tokens through titan.components.generation.generate (KV cache, eager).
+row makes --new-tokens tokens through titan.models.llama3.generation.generate (KV cache, eager).
 Each batch size runs once untimed (allocations, kernel choice), then --repeats times; the best
 run is reported. Prefill tokens/s: rows x prompt_len / prefill time. Decode tokens/s: rows x
 (new_tokens - 1) / decode time (each decode step makes one token per row; sampling included).
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from titan.components.generation import Generation, Sampling, generate  # noqa: E402
 from titan.models.llama3 import FLAVORS, Transformer  # noqa: E402
+from titan.models.llama3.generation import Generation, Sampling, generate  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -23,7 +23,7 @@ import regex
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.tokenizer import LLAMA3_PATTERN, Tokenizer  # noqa: E402
+from titan.data.tokenizer import LLAMA3_PATTERN, Tokenizer  # noqa: E402
 
 Pair = tuple[int, int]
 

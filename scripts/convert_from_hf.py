@@ -18,7 +18,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.dcp_io import CheckpointError, save_dcp_model  # noqa: E402
+from titan.checkpoint.dcp_io import CheckpointError, save_dcp_model  # noqa: E402
 from titan.models.llama3 import FLAVORS  # noqa: E402
 from titan.models.llama3.hf_io import (  # noqa: E402
     read_hf_config,

@@ -33,14 +33,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.dcp_io import CheckpointError, load_dcp_model, read_dcp_metadata  # noqa: E402
-from titan.components.lora import (  # noqa: E402
+from titan.checkpoint.dcp_io import CheckpointError, load_dcp_model, read_dcp_metadata  # noqa: E402
+from titan.config import load_config  # noqa: E402
+from titan.config.job_config import Lora  # noqa: E402
+from titan.converters.lora import (  # noqa: E402
     apply_lora,
     is_adapter_key,
     merged_state_dict,
 )
-from titan.config import load_config  # noqa: E402
-from titan.config.job_config import Lora  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs  # noqa: E402
 from titan.models.llama3.hf_io import (  # noqa: E402
     empty_model,

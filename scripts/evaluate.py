@@ -31,13 +31,13 @@ import torch.distributed as dist
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.dataloader import DataError  # noqa: E402
-from titan.components.dcp_io import CheckpointError  # noqa: E402
-from titan.components.metrics import perplexity  # noqa: E402
+from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
 from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
 from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation  # noqa: E402
+from titan.data.dataloader import DataError  # noqa: E402
 from titan.logger import init_logger, logger  # noqa: E402
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind  # noqa: E402
+from titan.trainer.metrics import perplexity  # noqa: E402
 
 DEBUG_TOML = REPO_ROOT / "train_configs" / "debug_model.toml"
 

@@ -33,16 +33,16 @@ from torch.distributed.device_mesh import init_device_mesh
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.chat_data import chat_prompt  # noqa: E402
-from titan.components.dcp_io import CheckpointError  # noqa: E402
-from titan.components.generation import Generation, Sampling, check_length, generate  # noqa: E402
-from titan.components.runtime import pick_device  # noqa: E402
-from titan.components.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer  # noqa: E402
+from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
+from titan.data.chat import chat_prompt  # noqa: E402
+from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer  # noqa: E402
 from titan.logger import init_logger, logger  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs  # noqa: E402
+from titan.models.llama3.generation import Generation, Sampling, check_length, generate  # noqa: E402
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model  # noqa: E402
 from titan.models.llama3.parallelize import check_tp_degree  # noqa: E402
 from titan.parallelisms.distributed import init_distributed  # noqa: E402
+from titan.trainer.runtime import pick_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -79,7 +79,7 @@ def tokenizer_path(args: argparse.Namespace) -> str:
 
 def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
     """BOS + text, or a user message in the instruct template, rendered as finetuning renders
-    it (titan.components.chat_data), then the assistant's header. Only the template's special
+    it (titan.data.chat), then the assistant's header. Only the template's special
     tokens are special: text that spells one stays plain text."""
     if not chat:
         return tokenizer.encode(text, bos=True, eos=False)

@@ -10,12 +10,12 @@ ranked by estimated tokens/s per GPU, the best ones printed as TOML to paste int
     python scripts/plan.py ... --verify 3       # trace the best 3 rows' steps (~10-90 s a row)
     python scripts/plan.py --explain            # the throughput model and what memory leaves out
 
-Memory is titan.components.memory_model's analytic estimate per GPU (the peak pipeline rank;
-2 GiB kept for the CUDA context and NCCL), time titan.components.throughput_model's stated
+Memory is titan.planning.memory_model's analytic estimate per GPU (the peak pipeline rank;
+2 GiB kept for the CUDA context and NCCL), time titan.planning.throughput_model's stated
 model. --why takes comma-separated key=value pins: tp, cp, pp, dp_replicate, schedule,
 local_batch_size, ac (none, selective, full), float8 (true/false). --verify K dry-runs the best
 K rows for real (COMM_MODE=fake_backend: titan traces the row's step on fake tensors, see
-titan/parallelisms/dry_run.py), each merged into --base-config or the first shipped config of
+titan/trainer/dry_run.py), each merged into --base-config or the first shipped config of
 the flavor, and prints each traced peak beside its estimate.
 """
 
@@ -35,8 +35,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.memory_model import GIB, LEAVES_OUT  # noqa: E402
-from titan.components.plan_config import (  # noqa: E402
+from titan.planning.memory_model import GIB, LEAVES_OUT  # noqa: E402
+from titan.planning.plan_config import (  # noqa: E402
     Plan,
     Request,
     accept,
@@ -45,7 +45,7 @@ from titan.components.plan_config import (  # noqa: E402
     toml_block,
     toml_tables,
 )
-from titan.components.planner import (  # noqa: E402
+from titan.planning.planner import (  # noqa: E402
     candidates,
     describe,
     memory_of,
@@ -53,7 +53,7 @@ from titan.components.planner import (  # noqa: E402
     plan,
     time_of,
 )
-from titan.components.throughput_model import GPUS, THROUGHPUT_MODEL  # noqa: E402
+from titan.planning.throughput_model import GPUS, THROUGHPUT_MODEL  # noqa: E402
 
 # the largest part's name in the memory column
 SHORT = {"optimizer_state": "optimizer", "backward_temporaries": "bw temps",

@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # no display here; the figure is only written to a file
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"  # titan.components.metrics.METRICS_FILE, without importing torch
+METRICS_FILE = "metrics.jsonl"  # titan.trainer.metrics.METRICS_FILE, without importing torch
 DEFAULT_METRICS = ("loss", "validation/loss", "tokens_per_s")
 # A series this short (validation every few hundred steps, a single point) gets markers, since a
 # line alone would hide isolated points.

@@ -26,16 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from titan.components.dataloader import _load_hub, _load_local  # noqa: E402
-from titan.components.stream_data import document_text  # noqa: E402
-from titan.components.token_data import (  # noqa: E402
+from titan.config.job_config import Data  # noqa: E402
+from titan.data.dataloader import _load_hub, _load_local  # noqa: E402
+from titan.data.streaming import document_text  # noqa: E402
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
+from titan.data.tokens import (  # noqa: E402
     FORMAT,
     encode_texts,
     token_dtype,
     tokenizer_identity,
 )
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
-from titan.config.job_config import Data  # noqa: E402
 
 CHUNK = 256  # documents per task handed to a worker
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.components.dcp_io import CheckpointError  # noqa: E402
+from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer  # noqa: E402
 from titan.models.llama3.hf_io import read_hf_config  # noqa: E402
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model  # noqa: E402
@@ -101,7 +101,7 @@ def greedy_decode(
 
 def prompt_tokens(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
     if args.text is not None:
-        from titan.components.tokenizer import build_tokenizer
+        from titan.data.tokenizer import build_tokenizer
 
         ids = build_tokenizer(args.tokenizer).encode(args.text, bos=True, eos=False)
         if max(ids) >= vocab_size:

@@ -33,9 +33,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from titan.components.loss import IGNORE_INDEX
 from titan.config import load_config
 from titan.train import Trainer
+from titan.trainer.loss import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
@@ -192,7 +192,7 @@ def _linear_precision(trainer: Trainer) -> dict[str, str]:
     from torchao.float8.float8_linear import Float8Linear
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
-    from titan.components.quantization.mx import is_mx_linear
+    from titan.converters.mx import is_mx_linear
 
     kinds = {}
     for part in trainer.model_parts:

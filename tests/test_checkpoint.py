@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from titan.components.checkpoint import complete_steps
-from titan.components.dcp_io import CheckpointError
+from titan.checkpoint.checkpointer import complete_steps
+from titan.checkpoint.dcp_io import CheckpointError
 from titan.config import load_config
 from titan.models.llama3.hf_io import save_hf_checkpoint
 from titan.train import Trainer, main

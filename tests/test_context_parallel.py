@@ -16,8 +16,8 @@ from parallel_harness import (
 from test_document_mask import BLOCK, BOS, _packed_batches
 
 from titan.compat import compiled_ring_attention_unsupported
-from titan.components.dataloader import document_ids
 from titan.config import load_config
+from titan.data.dataloader import document_ids
 from titan.models.llama3.build import model_args_for
 from titan.models.llama3.parallelize import check_supported_layout
 from titan.parallelisms.context_parallel import (

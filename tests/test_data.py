@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from titan.components.dataloader import (
+from titan.config.job_config import Data
+from titan.data.dataloader import (
     DataError,
     build_dataloader,
     build_documents,
     build_stream,
     load_embedded_corpus,
 )
-from titan.components.token_data import PackedWindows, TokenDocuments
-from titan.components.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
-from titan.config.job_config import Data
+from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
+from titan.data.tokens import PackedWindows, TokenDocuments
 
 DOCS = [f"document {i}: " + "words " * (i % 7) for i in range(23)]
 
@@ -330,8 +330,8 @@ def test_batch_size_ramp_reads_more_windows_per_step(tmp_path: Path):
     of 32, rounded up to the next step: window 4). The steps' windows are the same for one
     process and for dp 2, the accumulation doubles at the ramp, and a state saved just before
     it resumes into the bigger batch."""
-    from titan.components.runtime import grad_accumulation_steps
     from titan.config.job_config import Training
+    from titan.trainer.runtime import grad_accumulation_steps
 
     tok = build_tokenizer(SHIPPED_TOKENIZER)
 
@@ -372,9 +372,9 @@ def test_batch_size_ramp_reads_more_windows_per_step(tmp_path: Path):
                 r"_size 2 x data-parallel degree 2 = 4"),
 ])  # fmt: skip
 def test_bad_batch_size_schedules_are_named(entries, message):
-    from titan.components.runtime import grad_accumulation_steps
     from titan.config import ConfigError
     from titan.config.job_config import Training
+    from titan.trainer.runtime import grad_accumulation_steps
 
     with pytest.raises(ConfigError, match=message):
         grad_accumulation_steps(Training(local_batch_size=2, batch_size_schedule=entries), 2)

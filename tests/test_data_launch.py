@@ -12,7 +12,7 @@ import pytest
 from parallel_harness import load_script
 from test_parallel_launch import DEBUG_TOML, _run
 
-from titan.components.dataloader import load_embedded_corpus
+from titan.data.dataloader import load_embedded_corpus
 
 ARGS = ["--training.seq_len", "64", "--metrics.log_freq", "1", "--lr_scheduler.warmup_steps", "1"]
 ONE = ["--training.local_batch_size", "4"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from parallel_harness import assert_matches, make_batches, run_layouts, run_single
 
-from titan.components.dataloader import document_ids
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
+from titan.data.dataloader import document_ids
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer, attention, attention_mask
 

@@ -11,7 +11,7 @@ from dry_run_harness import dry_run
 
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
-from titan.parallelisms.memory_tracer import MemoryTracer, static_state
+from titan.trainer.memory_tracer import MemoryTracer, static_state
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDING, BLOCK = 2304 * 256, 754_176  # debugmodel: 2 x embedding + norm + 6 blocks

@@ -10,17 +10,17 @@ from parallel_harness import DEBUG_TOML, run_single
 from torch import nn
 
 from titan.compat import mx_training_unsupported
-from titan.components.dataloader import build_dataloader
-from titan.components.metrics import MetricsLogger, mixed_precision_peak, peak_flops
-from titan.components.quantization import apply_converters
-from titan.components.quantization.float8 import float8_linear_config
-from titan.components.quantization.mx import is_mx_linear
-from titan.components.tokenizer import build_tokenizer
 from titan.config import ConfigError, load_config
 from titan.config.job_config import Float8, Metrics, QuantizeLinear
+from titan.converters import apply_converters
+from titan.converters.float8 import float8_linear_config
+from titan.converters.mx import is_mx_linear
+from titan.data.dataloader import build_dataloader
+from titan.data.tokenizer import build_tokenizer
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
 from titan.train import Trainer
+from titan.trainer.metrics import MetricsLogger, mixed_precision_peak, peak_flops
 
 STEPS, BATCH, SEQ_LEN = 20, 8, 64
 # 20 steps of the debug model on the embedded corpus (the loss falls 8.19 -> 7.87). Measured

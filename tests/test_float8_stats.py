@@ -21,12 +21,12 @@ from torchao.float8.config import CastConfig, ScalingType
 from torchao.float8.float8_linear import Float8Linear
 from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
 
-from titan.components.loss import cross_entropy_sum
-from titan.components.quantization.float8_stats import OPERANDS, Float8Stats
 from titan.config.job_config import ActivationCheckpoint
+from titan.converters.float8_stats import OPERANDS, Float8Stats
 from titan.logger import logger
 from titan.models.llama3 import FLAVORS, Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac
+from titan.trainer.loss import cross_entropy_sum
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # The formats: largest finite value (e4m3fn 1.75 * 2^8; e5m2 1.75 * 2^15), the midpoint between it

@@ -20,15 +20,15 @@ import transformers
 from parallel_harness import load_script
 from test_hf_interop import TINY
 
-from titan.components.dcp_io import load_dcp_model
-from titan.components.generation import (
+from titan.checkpoint.dcp_io import load_dcp_model
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
+from titan.models.llama3.generation import (
     Sampling,
     filter_logits,
     generate,
     prefill_mask,
     sample,
 )
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.models.llama3.hf_io import empty_model
 from titan.models.llama3.load import checkpoint_args, load_model
 
@@ -185,7 +185,7 @@ def test_chat_template_and_tokenizer_choice(ckpt, tmp_path):
     script, tok = load_script("generate"), build_tokenizer(SHIPPED_TOKENIZER)
 
     # Meta's llama3 ChatFormat: "\n\n" encoded apart from the stripped content, as finetuning
-    # renders it (titan.components.chat_data)
+    # renders it (titan.data.chat)
     def enc(text: str) -> list[int]:
         return tok.encode(text, bos=False, eos=False, allowed_special="all")
 

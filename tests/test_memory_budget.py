@@ -11,9 +11,9 @@ import torch
 import torch._functorch.config as functorch_config
 from torch.autograd.graph import saved_tensors_hooks
 
-from titan.components.loss import cross_entropy_sum
 from titan.config import load_config
 from titan.train import Trainer
+from titan.trainer.loss import cross_entropy_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")

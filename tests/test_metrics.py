@@ -1,5 +1,5 @@
-"""Tests for titan.components.metrics (FLOPs, peak table, MetricsLogger, TB/W&B) and
-titan.components.profiling (traces, memory snapshots, config checks)."""
+"""Tests for titan.trainer.metrics (FLOPs, peak table, MetricsLogger, TB/W&B) and
+titan.trainer.profiling (traces, memory snapshots, config checks)."""
 
 import collections
 import glob
@@ -17,15 +17,15 @@ import torch
 import wandb
 from wandb.proto import wandb_internal_pb2
 
-from titan.components.metrics import (
+from titan.config.job_config import Metrics, Profiling
+from titan.logger import logger
+from titan.trainer.metrics import (
     DeviceMemoryMonitor,
     MetricsLogger,
     flops_per_token,
     peak_flops,
 )
-from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from titan.config.job_config import Metrics, Profiling
-from titan.logger import logger
+from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 
 CPU = torch.device("cpu")
 

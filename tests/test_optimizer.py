@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from titan.components.optimizer import build_lr_scheduler, build_optimizer, lr_factor
 from titan.config.job_config import LRScheduler, Optimizer
+from titan.trainer.optimizer import build_lr_scheduler, build_optimizer, lr_factor
 
 
 def schedule(steps: int, **kw) -> list[float]:

@@ -15,10 +15,17 @@ import pytest
 import torch
 from dry_run_harness import dry_run
 
-from titan.components import memory_model as mm
-from titan.components.loss import cross_entropy_sum
-from titan.components.memory_model import GIB, Layout, estimate_memory
-from titan.components.model_sizes import (
+from titan.config import load_config
+from titan.models.llama3.args import FLAVORS, ModelArgs
+from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
+from titan.models.llama3.parallelize import check_supported_layout, check_tp_degree
+from titan.models.llama3.pipeline import stage_module
+from titan.parallelisms import activation_checkpoint as ac_module
+from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.parallelisms.pipeline import check_pipeline, num_stages
+from titan.planning import memory_model as mm
+from titan.planning.memory_model import GIB, Layout, estimate_memory
+from titan.planning.model_sizes import (
     LINEAR_ORDER,
     block_flops,
     output_flops,
@@ -28,7 +35,7 @@ from titan.components.model_sizes import (
     sac_saved_linears,
     stage_params,
 )
-from titan.components.plan_config import (
+from titan.planning.plan_config import (
     Candidate,
     Plan,
     Request,
@@ -38,22 +45,15 @@ from titan.components.plan_config import (
     toml_block,
     toml_tables,
 )
-from titan.components.planner import evaluate, plan
-from titan.components.runtime import grad_accumulation_steps
-from titan.components.throughput_model import (
+from titan.planning.planner import evaluate, plan
+from titan.planning.throughput_model import (
     GPUS,
     bubble_fraction,
     estimate_step,
     flops_per_token,
 )
-from titan.config import load_config
-from titan.models.llama3.args import FLAVORS, ModelArgs
-from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
-from titan.models.llama3.parallelize import check_supported_layout, check_tp_degree
-from titan.models.llama3.pipeline import stage_module
-from titan.parallelisms import activation_checkpoint as ac_module
-from titan.parallelisms.parallel_dims import resolve_parallel_dims
-from titan.parallelisms.pipeline import check_pipeline, num_stages
+from titan.trainer.loss import cross_entropy_sum
+from titan.trainer.runtime import grad_accumulation_steps
 
 if sys.version_info >= (3, 11):
     import tomllib

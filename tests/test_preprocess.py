@@ -10,10 +10,10 @@ import pytest
 import torch
 from parallel_harness import load_script
 
-from titan.components.dataloader import build_dataloader, load_embedded_corpus
-from titan.components.token_data import DataError
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.config.job_config import Data
+from titan.data.dataloader import build_dataloader, load_embedded_corpus
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
+from titan.data.tokens import DataError
 
 preprocess = load_script("preprocess_data")
 CORPUS = list(load_embedded_corpus()[:40])

@@ -17,16 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan.components.chat_data import ChatExamples, ChatWindows, render_chat
-from titan.components.dataloader import DataError, build_dataloader, document_ids
-from titan.components.loss import IGNORE_INDEX
-from titan.components.token_data import GlobalBatchLoader
-from titan.components.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
-from titan.components.validate import validation_windows
 from titan.config import ConfigError, load_config
 from titan.config.job_config import Data, Validation
+from titan.data.chat import ChatExamples, ChatWindows, render_chat
+from titan.data.dataloader import DataError, build_dataloader, document_ids
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
+from titan.data.tokens import GlobalBatchLoader
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
+from titan.trainer.loss import IGNORE_INDEX
+from titan.trainer.validate import validation_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")

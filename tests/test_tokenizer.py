@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from llama_models.llama3 import tokenizer as llama3_tokenizer
 
-from titan.components.tokenizer import (
+from titan.data.tokenizer import (
     REPO_ROOT,
     SHIPPED_TOKENIZER,
     Tokenizer,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from parallel_harness import COUNTING_BACKEND, compiled_graph_runs
 
-from titan.components.loss import cross_entropy_sum
 from titan.config.job_config import ActivationCheckpoint, Compile
 from titan.models.llama3 import FLAVORS, Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
+from titan.trainer.loss import cross_entropy_sum
 
 ARGS = dataclasses.replace(FLAVORS["debugmodel"], n_layers=4, max_seq_len=64)
 

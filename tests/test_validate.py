@@ -6,11 +6,11 @@ import pytest
 import torch
 from parallel_harness import assert_matches, make_batches, run_layouts, run_single
 
-from titan.components.token_data import DataError, PackedWindows, TokenDocuments
-from titan.components.tokenizer import build_tokenizer
-from titan.components.validate import Validator
 from titan.config import ConfigError, load_config
 from titan.config.job_config import Validation
+from titan.data.tokenizer import build_tokenizer
+from titan.data.tokens import DataError, PackedWindows, TokenDocuments
+from titan.trainer.validate import Validator
 
 # validation on the embedded corpus's held-out documents (real text: documents span windows)
 VAL = ["--data.dataset", "default", "--data.holdout_every", "20", "--validation.enable", "true",

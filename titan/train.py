@@ -18,31 +18,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan.components.checkpoint import CheckpointManager, build_checkpointer
-from titan.components.dataloader import DataError, build_dataloader, document_ids
-from titan.components.dcp_io import CheckpointError
-from titan.components.loss import IGNORE_INDEX, build_loss_fn
-from titan.components.metrics import MetricsLogger, model_flops
-from titan.components.optimizer import build_lr_scheduler, build_optimizer
-from titan.components.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from titan.components.quantization import build_float8_stats
-from titan.components.quantization.float8 import precompute_float8_scales
-from titan.components.runtime import (  # noqa: F401 (grad_accumulation_steps: re-exported)
-    NonFiniteLossError,
-    grad_accumulation_steps,
-    pick_device,
-    set_determinism,
-)
-from titan.components.tokenizer import build_tokenizer
-from titan.components.validate import build_validator
+from titan.checkpoint.checkpointer import CheckpointManager, build_checkpointer
+from titan.checkpoint.dcp_io import CheckpointError
 from titan.config import ConfigError, JobConfig, load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_dict, to_toml
+from titan.converters import build_float8_stats
+from titan.converters.float8 import precompute_float8_scales
+from titan.data.dataloader import DataError, build_dataloader, document_ids
+from titan.data.tokenizer import build_tokenizer
 from titan.logger import init_logger, logger
 from titan.models.llama3.build import build_model, init_parallel, model_args_for
 from titan.models.llama3.hf_io import titan_state_dict_from_hf
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
-from titan.parallelisms import dry_run
 from titan.parallelisms.context_parallel import shard_batch
 from titan.parallelisms.distributed import (
     clip_grad_norm_,
@@ -50,8 +38,20 @@ from titan.parallelisms.distributed import (
     dist_sum,
     local_tensor,
 )
-from titan.parallelisms.dry_run import unset_fake_temporarily
 from titan.parallelisms.pipeline import build_schedule
+from titan.trainer import dry_run
+from titan.trainer.dry_run import unset_fake_temporarily
+from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
+from titan.trainer.metrics import MetricsLogger, model_flops
+from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
+from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
+from titan.trainer.runtime import (  # noqa: F401 (grad_accumulation_steps: re-exported)
+    NonFiniteLossError,
+    grad_accumulation_steps,
+    pick_device,
+    set_determinism,
+)
+from titan.trainer.validate import build_validator
 
 
 class Trainer:

@@ -353,12 +353,12 @@ def validate(cfg: JobConfig) -> None:
             "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
             "set compile.enable = true"
         )
-    from titan.components.lora import check_lora  # these import titan.config
-    from titan.components.quantization import check_converters
+    from titan.converters import check_converters
+    from titan.converters.lora import check_lora  # these import titan.config
 
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     check_lora(cfg.lora)
-    from titan.components.chat_data import check_chat_config  # imports titan.config
+    from titan.data.chat import check_chat_config  # imports titan.config
 
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     if not set(cfg.compile.components) <= {"model", "loss"}:

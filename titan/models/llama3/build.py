@@ -8,10 +8,10 @@ import os
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.components.lora import apply_lora, init_adapters, trainable_parameters
-from titan.components.quantization import apply_converters
 from titan.config import ConfigError
 from titan.config.job_config import JobConfig, Model
+from titan.converters import apply_converters
+from titan.converters.lora import apply_lora, init_adapters, trainable_parameters
 from titan.logger import logger
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer
@@ -23,9 +23,9 @@ from titan.models.llama3.parallelize import (
 from titan.models.llama3.pipeline import pipeline_llama
 from titan.parallelisms.data_parallel import check_cpu_offload
 from titan.parallelisms.distributed import init_distributed
-from titan.parallelisms.memory_tracer import fake_mode
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline
+from titan.trainer.memory_tracer import fake_mode
 
 
 def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:

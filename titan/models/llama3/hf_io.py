@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from titan.components.dcp_io import CheckpointError, atomic_dir
+from titan.checkpoint.dcp_io import CheckpointError, atomic_dir
 from titan.config.job_config import Lora
 from titan.models.llama3.args import FLAVORS, ModelArgs, RoPEScaling
 from titan.models.llama3.model import Transformer
@@ -216,7 +216,7 @@ def _tokenizer_bos_eos(tokenizer_dir: Path) -> tuple[int, int] | None:
     """bos/eos ids from a tiktoken tokenizer.model (read by titan's Tokenizer) or tokenizer.json."""
     for name in ("tokenizer.model", "original/tokenizer.model"):
         if (tokenizer_dir / name).is_file():
-            from titan.components.tokenizer import Tokenizer  # tiktoken: only needed here
+            from titan.data.tokenizer import Tokenizer  # tiktoken: only needed here
 
             tok = Tokenizer(tokenizer_dir / name)
             return tok.bos_id, tok.eos_id

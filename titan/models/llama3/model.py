@@ -163,7 +163,7 @@ class Attention(nn.Module):
         # over the cp ranks (keys and values for a masked attention)
         self.ring_attention: Callable[..., torch.Tensor] | None = None
         self.context_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-        # generation's KV cache (set by titan.components.generation): takes this call's keys and
+        # generation's KV cache (set by titan.models.llama3.generation): takes this call's keys and
         # values (bs, n_kv_heads, seqlen, head_dim), after RoPE, and returns every cached one so
         # far; the caller then passes an explicit mask, as is_causal would align it top-left
         self.kv_cache: KVCacheFn | None = None

@@ -27,9 +27,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan.compat import compiled_ring_attention_unsupported
-from titan.components.lora import apply_lora_tp, is_adapter_key
-from titan.components.quantization.float8 import float8_tp_enabled, float8_tp_styles
 from titan.config.job_config import JobConfig
+from titan.converters.float8 import float8_tp_enabled, float8_tp_styles
+from titan.converters.lora import apply_lora_tp, is_adapter_key
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.model import Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac

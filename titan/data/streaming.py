@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from titan.components.token_data import DataError
-from titan.components.tokenizer import Tokenizer
+from titan.data.tokenizer import Tokenizer
+from titan.data.tokens import DataError
 from titan.logger import logger
 
 

@@ -9,14 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from titan.components.memory_model import GIB, Layout, MemoryEstimate, estimate_memory
-from titan.components.runtime import grad_accumulation_steps
-from titan.components.throughput_model import GPU, StepTime
 from titan.config.job_config import JobConfig
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.parallelize import check_supported_layout
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline
+from titan.planning.memory_model import GIB, Layout, MemoryEstimate, estimate_memory
+from titan.planning.throughput_model import GPU, StepTime
+from titan.trainer.runtime import grad_accumulation_steps
 
 
 def parse_tokens(text: str) -> int:

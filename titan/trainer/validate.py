@@ -13,19 +13,19 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.components.chat_data import ChatWindows
-from titan.components.dataloader import all_documents, build_chat_windows
-from titan.components.loss import IGNORE_INDEX
-from titan.components.token_data import (
+from titan.config.job_config import Data, Training, Validation
+from titan.data.chat import ChatWindows
+from titan.data.dataloader import all_documents, build_chat_windows
+from titan.data.tokenizer import Tokenizer
+from titan.data.tokens import (
     DataError,
     GlobalBatchLoader,
     PackedWindows,
     SyntheticWindows,
 )
-from titan.components.tokenizer import Tokenizer
-from titan.config.job_config import Data, Training, Validation
 from titan.logger import logger
 from titan.parallelisms.distributed import dist_sum
+from titan.trainer.loss import IGNORE_INDEX
 
 # (inputs, labels) of one micro-batch -> this rank's summed token loss
 ForwardLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from titan.components.token_data import first_window
 from titan.config import ConfigError
 from titan.config.job_config import Training
+from titan.data.tokens import first_window
 
 
 def pick_device(name: str) -> torch.device:

@@ -4,8 +4,8 @@ elements. Real kernels need CUDA SM 10.0 (Blackwell); elsewhere the matmuls are 
 import torch
 from torch import nn
 
-from titan.components.quantization import linear_names
 from titan.config.job_config import MX
+from titan.converters import linear_names
 from titan.logger import logger
 
 BLOCK = 32  # elements per MX scale

@@ -6,9 +6,9 @@ import functools
 import math
 from dataclasses import dataclass
 
-from titan.components.memory_model import DDP_BUCKET_BYTES, Layout
-from titan.components.metrics import model_flops, peak_flops
-from titan.components.model_sizes import (
+from titan.models.llama3.args import ModelArgs
+from titan.planning.memory_model import DDP_BUCKET_BYTES, Layout
+from titan.planning.model_sizes import (
     LINEAR_ORDER,
     Stage,
     float8_linears,
@@ -20,7 +20,7 @@ from titan.components.model_sizes import (
     sac_saved_linears,
     untied,
 )
-from titan.models.llama3.args import ModelArgs
+from titan.trainer.metrics import model_flops, peak_flops
 
 # Achieved fraction of the dense bf16 peak on titan's FLOP count (recompute included), with
 # compiled blocks. References: torchao's float8 README (Llama3-8B, 8 H100, FSDP, seq 8192,
@@ -61,7 +61,7 @@ class GPU:
 
 GPUS = {
     # H100 SXM5 datasheet: 80 GB HBM3, NVLink 4 at 900 GB/s (both directions); DGX H100: one
-    # ConnectX-7 400 Gb/s InfiniBand port (50 GB/s) per GPU. Peaks: titan.components.metrics.
+    # ConnectX-7 400 Gb/s InfiniBand port (50 GB/s) per GPU. Peaks: titan.trainer.metrics.
     "h100": GPU("h100", "NVIDIA H100 80GB HBM3", 80, 450, 50, True),
     # H200 SXM datasheet: 141 GB HBM3e, the H100's NVLink 4; HGX H200: ConnectX-7 400 Gb/s.
     "h200": GPU("h200", "NVIDIA H200", 141, 450, 50, True),
@@ -76,7 +76,7 @@ GPUS = {
 ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
 THROUGHPUT_MODEL = f"""\
-Throughput model (titan.components.throughput_model), per optimizer step:
+Throughput model (titan.planning.throughput_model), per optimizer step:
 - Compute: each rank's FLOPs by titan's count (metrics.model_flops: 6 per parameter per
   token plus 12 x layers x heads x head_dim x seq_len for attention, output layer included;
   tp and cp split a rank's FLOPs evenly), plus recompute (full AC: every block's forward

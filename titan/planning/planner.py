@@ -9,16 +9,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from titan.components.memory_model import (
+from titan.planning.memory_model import (
     GIB,
     Layout,
     MemoryEstimate,
     estimate_memory,
     state_bytes,
 )
-from titan.components.model_sizes import float8_linears
-from titan.components.plan_config import Candidate, Plan, Request, accept
-from titan.components.throughput_model import StepTime, estimate_step
+from titan.planning.model_sizes import float8_linears
+from titan.planning.plan_config import Candidate, Plan, Request, accept
+from titan.planning.throughput_model import StepTime, estimate_step
 
 TP_DEGREES = (1, 2, 4, 8)  # tensor parallel stays inside a node
 CP_DEGREES = (1, 2, 4, 8, 16, 32)

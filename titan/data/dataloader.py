@@ -3,8 +3,8 @@
 `build_dataloader` returns a loader whose state_dict() resumes exactly. Sources: the embedded
 corpus, synthetic tokens, local files (.txt gives a document per paragraph), files written by
 scripts/preprocess_data.py, or the hub; data.format = chat reads chat examples
-(titan.components.chat_data) from files or the hub. All but streamed hub datasets are read by
-global window index (titan.components.token_data): a step's data is the same under any
+(titan.data.chat) from files or the hub. All but streamed hub datasets are read by
+global window index (titan.data.tokens): a step's data is the same under any
 data-parallel layout, and resumes under any. A stream cannot be indexed cheaply: each dp rank
 reads its own shard of it, and its position resumes only under the same data-parallel degree.
 """
@@ -21,16 +21,18 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titan.components.blend import BlendedWindows, parse_blend, parse_schedule
-from titan.components.chat_data import ChatExamples, ChatWindows
-from titan.components.stream_data import (
+from titan.config.job_config import Data
+from titan.data.blend import BlendedWindows, parse_blend, parse_schedule
+from titan.data.chat import ChatExamples, ChatWindows
+from titan.data.streaming import (
     DocumentSource,
     PackedTextDataset,
     _StreamSource,
     document_text,
     stack_windows,
 )
-from titan.components.token_data import (
+from titan.data.tokenizer import Tokenizer
+from titan.data.tokens import (
     DataError,
     GlobalBatchLoader,
     PackedWindows,
@@ -38,8 +40,6 @@ from titan.components.token_data import (
     TokenDocuments,
     first_window,
 )
-from titan.components.tokenizer import Tokenizer
-from titan.config.job_config import Data
 from titan.logger import logger
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "assets" / "default_corpus.jsonl.gz"

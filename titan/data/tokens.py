@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from titan.components.tokenizer import Tokenizer, build_tokenizer
+from titan.data.tokenizer import Tokenizer, build_tokenizer
 from titan.logger import logger
 
 FORMAT = "titan-tokens-v1"

@@ -148,7 +148,7 @@ def _float8_linears(dim: int, n_heads: int, n_kv_heads: int, ffn: int) -> frozen
     import torch
     from torch import nn
 
-    from titan.components.quantization.float8 import module_filter
+    from titan.converters.float8 import module_filter
 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # CUDA kernel libraries absent on CPU
     keep = module_filter(Float8())  # titan's filter with the default recipe and thresholds

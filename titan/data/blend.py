@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from titan.components.token_data import DataError
+from titan.data.tokens import DataError
 
 BLOCK = 1000
 

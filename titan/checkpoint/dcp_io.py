@@ -1,7 +1,7 @@
 """titan's DCP model folders, and the checks every checkpoint load goes through.
 
 A model-only DCP folder holds `model.state_dict()` flat, under titan's names
-(`layers.0.attention.wq.weight`); a training checkpoint (components/checkpoint.py) adds
+(`layers.0.attention.wq.weight`); a training checkpoint (checkpoint/checkpointer.py) adds
 optimizer, lr_scheduler, dataloader and train_state beside them, so either loads as a model.
 """
 

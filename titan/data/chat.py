@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from titan.components.loss import IGNORE_INDEX
-from titan.components.token_data import DataError, TokenDocuments, token_dtype
-from titan.components.tokenizer import Tokenizer
 from titan.config.job_config import Data
+from titan.data.tokenizer import Tokenizer
+from titan.data.tokens import DataError, TokenDocuments, token_dtype
 from titan.logger import logger
+from titan.trainer.loss import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 

@@ -1,7 +1,7 @@
 """Model converters, build step (2): float8 and MXFP8 training linears through torchao.
 
 `CONVERTERS` is the registry that `model.converters` is checked against at start-up (it also
-holds "lora", whose adapters live in titan.components.lora);
+holds "lora", whose adapters live in titan.converters.lora);
 `apply_converters` runs the configured ones on the meta-device model, before it is
 parallelized or split into pipeline stages (so every stage and shard holds converted layers).
 """
@@ -65,11 +65,11 @@ def apply_converters(
         # torchao's import warns about each CUDA kernel library a CPU build of torch cannot load
         logging.getLogger("torchao").setLevel(logging.ERROR)
     if "float8" in names:
-        from titan.components.quantization.float8 import apply_float8
+        from titan.converters.float8 import apply_float8
 
         return apply_float8(model, cfg.float8, device, fsdp)
     if "mx" in names:
-        from titan.components.quantization.mx import apply_mx
+        from titan.converters.mx import apply_mx
 
         return apply_mx(model, cfg.mx, device)
     return 0
@@ -85,6 +85,6 @@ def build_float8_stats(parts: list[nn.Module], cfg: Float8 | None, job: Job, ran
     (float8_stats.Float8Stats), or None when float8 or its statistics are off."""
     if cfg is None or not cfg.debug_log_freq:
         return None
-    from titan.components.quantization.float8_stats import Float8Stats
+    from titan.converters.float8_stats import Float8Stats
 
     return Float8Stats(parts, cfg.debug_log_freq, job.dump_folder, rank)

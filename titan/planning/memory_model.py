@@ -1,13 +1,15 @@
 """Analytic per-rank peak memory of a titan GPU run (bf16 compute through FSDP's mixed precision,
 fp32 master weights, gradients and AdamW moments) for a parallel layout: the dry run's parts
-(titan.parallelisms.dry_run) at the point of the step's schedule where they peak."""
+(titan.trainer.dry_run) at the point of the step's schedule where they peak."""
 
 import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
-from titan.components.model_sizes import (
+from titan.config.job_config import Parallelism
+from titan.models.llama3.args import ModelArgs
+from titan.planning.model_sizes import (
     Stage,
     float8_linears,
     linear_sizes,
@@ -18,15 +20,13 @@ from titan.components.model_sizes import (
     stage_params,
     untied,
 )
-from titan.components.schedule_memory import (
+from titan.planning.schedule_memory import (
     PARTS,
     StageBytes,
     peak_points,
     point_parts,
     point_total,
 )
-from titan.config.job_config import Parallelism
-from titan.models.llama3.args import ModelArgs
 
 GIB = 1024**3
 AC_MODES = ("none", "full", "selective")

@@ -21,7 +21,7 @@ from titan.config import ConfigError
 from titan.config.job_config import JobConfig
 from titan.logger import logger
 from titan.parallelisms.distributed import clip_grad_norm_tensor_
-from titan.parallelisms.memory_tracer import (
+from titan.trainer.memory_tracer import (
     DENSE_MASKS,
     GIB,
     PARTS,

@@ -30,16 +30,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from titan.components.dcp_io import (
+from titan.checkpoint.dcp_io import (
     CheckpointError,
     dcp_load,
     fit_to_model,
     load_dcp_model,
     read_dcp_metadata,
 )
-from titan.components.lora import adapter_keys, init_magnitudes
 from titan.config import ConfigError
 from titan.config.job_config import Checkpoint
+from titan.converters.lora import adapter_keys, init_magnitudes
 from titan.logger import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

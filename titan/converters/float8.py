@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.components.quantization import ROWWISE_RECIPES, linear_names
 from titan.config.job_config import Float8
+from titan.converters import ROWWISE_RECIPES, linear_names
 from titan.logger import logger
 from titan.parallelisms.distributed import comm_mode
 

@@ -1,1 +1,0 @@
-"""Trainer components: tokenizer, data, optimizer, LR schedule, metrics, profiling."""
