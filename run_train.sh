@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train titan from a TOML config, with --section.key value overrides passed through:
-#   CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh --training.steps 20
+#   CONFIG_FILE=titan/train_configs/debug_model.toml ./run_train.sh --training.steps 20
 # NGPU processes (default 1) are started with torchrun; LOG_RANK picks whose output is shown.
 # Several machines: start it once on each, with the same NNODES, MASTER_ADDR (node 0's address:
 # node 0 hosts the rendezvous) and MASTER_PORT (default 29500), and NODE_RANK 0..NNODES-1:
@@ -16,7 +16,7 @@
 # The first run creates ./.venv with the dependencies if the current Python lacks them.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
-CONFIG_FILE=${CONFIG_FILE:-"$ROOT/train_configs/debug_model.toml"}
+CONFIG_FILE=${CONFIG_FILE:-"$ROOT/titan/train_configs/debug_model.toml"}
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   # One task per node. What the user set wins; the rest describes this job's allocation.
   NNODES=${NNODES:-${SLURM_NNODES:-1}}

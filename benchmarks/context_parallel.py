@@ -36,7 +36,7 @@ from titan.data.tokenizer import build_tokenizer  # noqa: E402
 from titan.parallelisms.context_parallel import chunk_order, document_chunks  # noqa: E402
 from titan.train import Trainer  # noqa: E402
 
-DEBUG = str(Path(__file__).resolve().parents[1] / "train_configs" / "debug_model.toml")
+DEBUG = str(Path(__file__).resolve().parents[1] / "titan/train_configs" / "debug_model.toml")
 
 
 def _overrides(seq_len: int, cp: int) -> list[str]:

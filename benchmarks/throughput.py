@@ -1,7 +1,7 @@
 """Training throughput of titan on one device, optionally against a plain Hugging Face loop.
 
 Run from the repository root:
-  python benchmarks/throughput.py --config train_configs/debug_model.toml [--steps 20]
+  python benchmarks/throughput.py --config titan/train_configs/debug_model.toml [--steps 20]
       [--warmup 3] [--chunk 5] [--vs-hf] [--section.key value ...]
 
 Prints tokens/s per device, TFLOP/s, MFU and peak memory of titan's Trainer.train_step. With
@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's own flags, and the rest as titan `--section.key value` overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--config", required=True, help="titan TOML, e.g. train_configs/debug_model.toml"
+        "--config", required=True, help="titan TOML, e.g. titan/train_configs/debug_model.toml"
     )
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per loop")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop first (>= 1)")

@@ -2,12 +2,12 @@
 # Dry-run every shipped config exactly as written, at the NGPU its header names (1 if none):
 # one traced step per config (COMM_MODE=fake_backend), a line each with the time it took and the
 # highest per-rank peak. Exits 1 if a config fails or does not fit dry_run.memory_gib (80).
-#   scripts/dry_run_configs.sh [train_configs/llama3_405b.toml ...]
+#   scripts/dry_run_configs.sh [titan/train_configs/llama3_405b.toml ...]
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mktemp -d)
 configs=("$@")
-[ ${#configs[@]} -gt 0 ] || configs=("$ROOT"/train_configs/*.toml)
+[ ${#configs[@]} -gt 0 ] || configs=("$ROOT"/titan/train_configs/*.toml)
 failed=0
 printf '%-26s %6s %8s  %s\n' config NGPU seconds result
 for config in "${configs[@]}"; do

@@ -2,7 +2,7 @@
 
     python scripts/evaluate.py outputs/checkpoint/step-1000 [--steps N] [--json-out eval.json]
     python scripts/evaluate.py outputs/checkpoint/step-1000 --data.holdout_every 100
-    python scripts/evaluate.py /models/Llama-3.1-8B --config train_configs/llama3_8b.toml \
+    python scripts/evaluate.py /models/Llama-3.1-8B --config titan/train_configs/llama3_8b.toml \
         --data.path /data/eval.jsonl --training.seq_len 8192 --training.local_batch_size 1
     torchrun --nproc-per-node 2 scripts/evaluate.py CKPT --parallelism.tensor_parallel_degree 2
 
@@ -39,7 +39,7 @@ from titan.logger import init_logger, logger  # noqa: E402
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind  # noqa: E402
 from titan.trainer.metrics import perplexity  # noqa: E402
 
-DEBUG_TOML = REPO_ROOT / "train_configs" / "debug_model.toml"
+DEBUG_TOML = REPO_ROOT / "titan/train_configs" / "debug_model.toml"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -5,7 +5,7 @@ ranked by estimated tokens/s per GPU, the best ones printed as TOML to paste int
     python scripts/plan.py --flavor 405B --gpus 16384 --seq-len 8192 --global-batch-tokens 16M \
         [--memory-gib 80] [--gpu h100] [--top 20] [--float8 auto|on|off] [--toml 3]
     python scripts/plan.py --flavor 8B --gpus 8 --seq-len 8192 --global-batch-tokens 64K \
-        --base-config train_configs/llama3_8b.toml --write outputs/plan_8b.toml
+        --base-config titan/train_configs/llama3_8b.toml --write outputs/plan_8b.toml
     python scripts/plan.py ... --why "tp=16"    # titan's reasons against the layouts with tp 16
     python scripts/plan.py ... --verify 3       # trace the best 3 rows' steps (~10-90 s a row)
     python scripts/plan.py --explain            # the throughput model and what memory leaves out
@@ -201,10 +201,10 @@ def write_config(req: Request, row: Plan, base: str | None, out: str | Path) -> 
 
 
 def shipped_config(flavor: str) -> str | None:
-    """The first train_configs/*.toml (by name) of the flavor; None: titan's defaults."""
+    """The first titan/train_configs/*.toml (by name) of the flavor; None: titan's defaults."""
     from titan.config import load_config
 
-    for path in sorted((REPO_ROOT / "train_configs").glob("*.toml")):
+    for path in sorted((REPO_ROOT / "titan/train_configs").glob("*.toml")):
         if load_config([], config_file=str(path)).model.flavor == flavor:
             return str(path)
     return None

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs" / "debug_model.toml")
 
 
 def dry_run(tmp_path: Path, *args: str, ngpu: int = 8, rc: int = 0, **env) -> tuple[str, dict]:

@@ -38,7 +38,7 @@ from titan.train import Trainer
 from titan.trainer.loss import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
+DEBUG_TOML = str(REPO / "titan/train_configs" / "debug_model.toml")
 # Small and quick: the debug model on 32-token sequences of synthetic data, no logging. The LR is
 # small because Adam turns 1e-8 rounding differences of near-zero gradients into updates of up to
 # lr; at 1e-3 three steps of FSDP x TP drift 1.6e-5 from one process, at 1e-4 under 2e-6.

@@ -27,7 +27,7 @@ def _block(lines: list[str], name: str) -> dict[str, str]:
 def test_throughput_vs_hf_reports_ratio_and_matching_first_loss():
     cmd = [
         sys.executable, str(ROOT / "benchmarks/throughput.py"),
-        "--config", str(ROOT / "train_configs/debug_model.toml"),
+        "--config", str(ROOT / "titan/train_configs/debug_model.toml"),
         "--steps", "2", "--warmup", "1", "--vs-hf",
         "--training.seq_len", "64", "--training.local_batch_size", "2",
         # fp32 on CPU everywhere: under bf16 autocast on a GPU the two losses differ by ~1e-2
@@ -70,7 +70,7 @@ def load_benchmark():
 def test_hf_loop_replicates_titan_optimizer_groups_and_schedule():
     bench = load_benchmark()
     ns, overrides = bench.parse_args(
-        ["--config", str(ROOT / "train_configs/debug_model.toml"), "--steps", "4",
+        ["--config", str(ROOT / "titan/train_configs/debug_model.toml"), "--steps", "4",
          "--training.seq_len", "32", "--training.device", "cpu", "--optimizer.weight_decay", "0.3"]
     )  # fmt: skip
     trainer = bench.Trainer(bench.build_config(ns, overrides))

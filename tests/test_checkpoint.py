@@ -22,7 +22,7 @@ from titan.models.llama3.hf_io import save_hf_checkpoint
 from titan.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")
 STEPS = 6
 
 

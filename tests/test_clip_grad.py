@@ -29,7 +29,7 @@ from titan.config import load_config
 from titan.parallelisms.distributed import clip_grad_norm_
 from titan.train import NonFiniteLossError, Trainer
 
-DEBUG_TOML = str(Path(__file__).resolve().parents[1] / "train_configs/debug_model.toml")
+DEBUG_TOML = str(Path(__file__).resolve().parents[1] / "titan/train_configs/debug_model.toml")
 WORLD_SIZE = 4
 # titan sums squares in float64, so its norm matches a float64 hand computation to rounding;
 # torch's CPU norm accumulates in float32 and its clip coefficient is a float32 tensor.

@@ -15,7 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "train_configs").glob("*.toml"))
+CONFIGS = sorted((ROOT / "titan/train_configs").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -43,9 +43,9 @@ def _check_table(got, defaults, written: dict, path: str, where: tuple) -> None:
 
 
 def test_seed_layouts():
-    c70 = load_config([], config_file=str(ROOT / "train_configs/llama3_70b.toml"))
+    c70 = load_config([], config_file=str(ROOT / "titan/train_configs/llama3_70b.toml"))
     assert (c70.model.flavor, c70.parallelism.tensor_parallel_degree) == ("70B", 8)
-    c405 = load_config([], config_file=str(ROOT / "train_configs/llama3_405b.toml"))
+    c405 = load_config([], config_file=str(ROOT / "titan/train_configs/llama3_405b.toml"))
     p = c405.parallelism
     assert (p.data_parallel_shard_degree, p.tensor_parallel_degree, p.pipeline_parallel_degree) == (
         8,

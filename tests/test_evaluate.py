@@ -23,7 +23,7 @@ VALIDATE = ["--validation.enable", "--validation.freq", "2", "--validation.steps
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "TITAN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "CONFIG_FILE": str(ROOT / "train_configs" / "debug_model.toml")}  # fmt: skip
+           "CONFIG_FILE": str(ROOT / "titan/train_configs" / "debug_model.toml")}  # fmt: skip
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs" / "debug_model.toml")
 SMALL = [
     "--training.steps", "3", "--training.seq_len", "64", "--training.local_batch_size", "2",
     "--metrics.log_freq", "1", "--training.device", "cpu",

@@ -26,7 +26,7 @@ from titan.models.llama3.hf_io import empty_model, save_hf_checkpoint
 from titan.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")
 LORA = ["--model.converters", "lora", "--lora.target_modules", "wq,wk,wv,wo,w1,w2,w3,output"]
 DORA = [*LORA, "--lora.use_dora"]
 KINDS = {"lora": LORA, "dora": DORA}

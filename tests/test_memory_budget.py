@@ -16,7 +16,7 @@ from titan.train import Trainer
 from titan.trainer.loss import cross_entropy_sum
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def _run(tmp_path, config: str, *args: str, timeout: int = 600, **env) -> str:
     return log
 
 
-DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs" / "debug_model.toml")
 # Three steps log the losses after 0, 1 and 2 updates; the LR is nonzero for the first two.
 LAUNCH_ARGS = [
     "--training.steps", "3", "--training.seq_len", "64", "--training.local_batch_size", "2",
@@ -151,7 +151,7 @@ def test_tp_degree_must_divide_heads():
 def test_context_parallel_seq_len_is_checked_before_any_process_group():
     from titan.config import ConfigError
 
-    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--parallelism.context_parallel_degree", "2",
                        "--parallelism.data_parallel_shard_degree", "1", "--training.seq_len",
                        "34"])  # fmt: skip
@@ -171,7 +171,7 @@ def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
     from titan.config import ConfigError
     from titan.parallelisms.data_parallel import check_cpu_offload
 
-    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--training.device", "cpu",
                        "--parallelism.fsdp_cpu_offload", "true"])  # fmt: skip
     monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group starts
@@ -208,7 +208,7 @@ def test_tp_compile_with_whole_block_ac_is_refused(ac):
     args = ["--activation_checkpoint.mode", ac[0]]
     if len(ac) > 1:
         args += ["--activation_checkpoint.selective_ac_option", ac[1]]
-    debug = str(ROOT / "train_configs" / "debug_model.toml")
+    debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--compile.enable", "true", *args])
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=2, pp=1, cp=1, world_size=2)
     with torch.device("meta"):
@@ -218,7 +218,7 @@ def test_tp_compile_with_whole_block_ac_is_refused(ac):
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.stem
+    "path", sorted((ROOT / "titan/train_configs").glob("*.toml")), ids=lambda p: p.stem
 )
 def test_shipped_configs_pass_every_start_up_check(path):
     """Each shipped config, at the world size its degrees ask for (8 FSDP ranks where the

@@ -61,7 +61,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = ROOT / "train_configs" / "debug_model.toml"
+DEBUG_TOML = ROOT / "titan/train_configs" / "debug_model.toml"
 H100 = GPUS["h100"]
 _spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts/plan.py")
 plan_script = importlib.util.module_from_spec(_spec)
@@ -177,7 +177,7 @@ TRACED = {
 def test_memory_matches_the_shipped_configs_traced_peaks(name, gpus):
     """Each traced pipeline rank's peak (8B/1B/3B FSDP selective AC, 70B FSDP x TP float8,
     8B 128K FSDP x CP, 405B PP x FSDP x TP interleaved: pp ranks 0 and 7). Stated: 5 %."""
-    cfg = load_config([], config_file=str(ROOT / "train_configs" / name))
+    cfg = load_config([], config_file=str(ROOT / "titan/train_configs" / name))
     for pp_rank, traced in TRACED[name, gpus].items():
         assert config_estimate(cfg, gpus, pp_rank).total == pytest.approx(traced, rel=0.05)
 
@@ -314,7 +314,7 @@ def test_a_bubble_dominated_schedule_ranks_lower(plans_405b):
 
 def _shipped(name: str, gpus: int) -> tuple[Request, Candidate]:
     """A shipped config's layout as a planner candidate, with its own global batch."""
-    cfg = load_config([], config_file=str(ROOT / "train_configs" / name))
+    cfg = load_config([], config_file=str(ROOT / "titan/train_configs" / name))
     t, p = cfg.training, cfg.parallelism
     dims = resolve_parallel_dims(p, gpus)
     layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp,
@@ -365,14 +365,14 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
         alone.parallelism.data_parallel_shard_degree
         == written["parallelism"]["data_parallel_shard_degree"]
     )
-    merged = load_config(overrides(written), config_file=str(ROOT / "train_configs/llama3_8b.toml"))
+    merged = load_config(overrides(written), config_file=str(ROOT / "titan/train_configs/llama3_8b.toml"))
     assert merged.model.tokenizer_path.endswith("Llama-3.1-8B/original/tokenizer.model")
     _titan_accepts(merged, 8, 1)
     # a pipelined row into the 405B config, whose layers_per_stage (8) the row must replace
     req, plans = plans_405b[8192]
     row = plans[_rank(plans, tp=8, cp=1, pp=16, dp=128) - 1]
     tables = toml_tables(req, row.candidate)
-    cfg = load_config(overrides(tables), config_file=str(ROOT / "train_configs/llama3_405b.toml"))
+    cfg = load_config(overrides(tables), config_file=str(ROOT / "titan/train_configs/llama3_405b.toml"))
     lay = row.candidate.layout
     stages = num_stages(lay.parallelism(), 126)
     _titan_accepts(cfg, 16384, stages)
@@ -381,7 +381,7 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
 
 def test_write_merges_the_best_row_into_a_base_config(tmp_path, capsys):
     out = tmp_path / "plan_8b.toml"
-    base = str(ROOT / "train_configs/llama3_8b.toml")
+    base = str(ROOT / "titan/train_configs/llama3_8b.toml")
     argv = ["--flavor", "8B", "--gpus", "8", "--global-batch-tokens", "64K", "--top", "3",
             "--base-config", base, "--write", str(out)]  # fmt: skip
     assert plan_script.main(argv) == 0

@@ -29,7 +29,7 @@ from titan.trainer.loss import IGNORE_INDEX
 from titan.trainer.validate import validation_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs" / "debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs" / "debug_model.toml")
 TOK = build_tokenizer(SHIPPED_TOKENIZER)
 SH, EH = TOK.special_tokens["<|start_header_id|>"], TOK.special_tokens["<|end_header_id|>"]
 

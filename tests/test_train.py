@@ -14,7 +14,7 @@ from titan.logger import logger
 from titan.train import NonFiniteLossError, Trainer, main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = str(ROOT / "train_configs/debug_model.toml")
+DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")
 
 
 def make_trainer(tmp_path, *overrides: str) -> Trainer:

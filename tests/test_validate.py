@@ -64,7 +64,7 @@ def test_validation_matches_one_process_and_leaves_training_alone():
 )  # fmt: skip
 def test_bad_validation_settings_stop_start_up(args, message):
     with pytest.raises(ConfigError) as e:
-        load_config(["--job.config_file", "train_configs/debug_model.toml", *args])
+        load_config(["--job.config_file", "titan/train_configs/debug_model.toml", *args])
     assert message in str(e.value)
 
 

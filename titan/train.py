@@ -1,7 +1,7 @@
 """The training entry point: build each component from its config section, then run train steps.
 
-Run: CONFIG_FILE=train_configs/debug_model.toml ./run_train.sh [--section.key value ...]
-  or python -m titan.train --job.config_file train_configs/debug_model.toml [--help]
+Run: CONFIG_FILE=titan/train_configs/debug_model.toml ./run_train.sh [--section.key value ...]
+  or python -m titan.train --job.config_file titan/train_configs/debug_model.toml [--help]
 """
 
 import contextlib
