@@ -34,7 +34,7 @@ from titan.config import load_config  # noqa: E402
 from titan.data.dataloader import build_dataloader, document_ids  # noqa: E402
 from titan.data.tokenizer import build_tokenizer  # noqa: E402
 from titan.parallelisms.context_parallel import chunk_order, document_chunks  # noqa: E402
-from titan.train import Trainer  # noqa: E402
+from titan.trainer.trainer import Trainer  # noqa: E402
 
 DEBUG = str(Path(__file__).resolve().parents[1] / "titan/train_configs" / "debug_model.toml")
 

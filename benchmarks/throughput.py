@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
 from titan.models.llama3.state_dict_adapter import hf_config_dict, to_hf  # noqa: E402
-from titan.train import Trainer  # noqa: E402
+from titan.trainer.trainer import Trainer  # noqa: E402
 from titan.trainer.loss import IGNORE_INDEX  # noqa: E402
 from titan.trainer.optimizer import lr_factor  # noqa: E402
 

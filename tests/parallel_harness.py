@@ -34,8 +34,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from titan.config import load_config
-from titan.train import Trainer
 from titan.trainer.loss import IGNORE_INDEX
+from titan.trainer.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(REPO / "titan/train_configs" / "debug_model.toml")

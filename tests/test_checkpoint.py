@@ -19,7 +19,8 @@ from titan.checkpoint.checkpointer import complete_steps
 from titan.checkpoint.dcp_io import CheckpointError
 from titan.config import load_config
 from titan.models.llama3.hf_io import save_hf_checkpoint
-from titan.train import Trainer, main
+from titan.train import main
+from titan.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")

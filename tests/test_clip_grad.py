@@ -26,8 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from titan.config import load_config
+from titan.errors import NonFiniteLossError
 from titan.parallelisms.distributed import clip_grad_norm_
-from titan.train import NonFiniteLossError, Trainer
+from titan.trainer.trainer import Trainer
 
 DEBUG_TOML = str(Path(__file__).resolve().parents[1] / "titan/train_configs/debug_model.toml")
 WORLD_SIZE = 4

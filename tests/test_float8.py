@@ -11,6 +11,7 @@ from torch import nn
 
 from titan.compat import mx_training_unsupported
 from titan.config import ConfigError, load_config
+from titan.config.checks import Converters
 from titan.config.job_config import Float8, Metrics, QuantizeLinear
 from titan.converters import apply_converters
 from titan.converters.float8 import float8_linear_config
@@ -19,8 +20,8 @@ from titan.data.dataloader import build_dataloader
 from titan.data.tokenizer import build_tokenizer
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
-from titan.train import Trainer
 from titan.trainer.metrics import MetricsLogger, mixed_precision_peak, peak_flops
+from titan.trainer.trainer import Trainer
 
 STEPS, BATCH, SEQ_LEN = 20, 8, 64
 # 20 steps of the debug model on the embedded corpus (the loss falls 8.19 -> 7.87). Measured
@@ -95,7 +96,7 @@ def test_filter_fqns_keep_layers_in_high_precision():
     cfg.float8.filter_fqns = ["output", "attention.wk", "layers.1."]
     cfg.float8.auto_filter_small_kn = False
     model = _meta_model("debugmodel")
-    apply_converters(model, ["float8"], cfg, torch.device("cpu"), fsdp=False)
+    apply_converters(model, Converters(float8=cfg.float8), torch.device("cpu"), fsdp=False)
     kinds = _precision(model)
     high = {n for n, k in kinds.items() if k == "high"}
     assert high == {"output"} | {f"layers.{i}.attention.wk" for i in range(6)} | {
@@ -109,7 +110,7 @@ def test_mx_filter_fqns_keep_layers_in_high_precision():
     cfg = QuantizeLinear()
     cfg.mx.filter_fqns = ["output", "feed_forward"]
     model = _meta_model("debugmodel")
-    apply_converters(model, ["mx"], cfg, torch.device("cpu"), fsdp=False)
+    apply_converters(model, Converters(mx=cfg.mx), torch.device("cpu"), fsdp=False)
     assert {n for n, k in _precision(model).items() if k == "mx"} == {
         f"layers.{i}.attention.{w}" for i in range(6) for w in ("wq", "wk", "wv", "wo")
     }
@@ -148,7 +149,7 @@ def test_size_filter_keeps_small_linears_in_high_precision():
         cfg = QuantizeLinear()
         cfg.float8.recipe_name = recipe
         model = _meta_model(flavor)
-        apply_converters(model, ["float8"], cfg, torch.device("cpu"), fsdp=False)
+        apply_converters(model, Converters(float8=cfg.float8), torch.device("cpu"), fsdp=False)
         kinds = _precision(model)
         assert {n.split(".", 2)[2] for n, k in kinds.items() if k == "high" and "layers" in n} == (
             small
@@ -186,7 +187,9 @@ def test_emulation_is_logged_on_cpu(caplog):
     cfg = QuantizeLinear()
     cfg.float8.auto_filter_small_kn = False
     with caplog.at_level(logging.INFO, logger="titan"):
-        flops = apply_converters(model, ["float8"], cfg, torch.device("cpu"), fsdp=False)
+        flops = apply_converters(
+            model, Converters(float8=cfg.float8), torch.device("cpu"), fsdp=False
+        )
     assert flops == 0  # emulated: no FLOPs at the float8 peak
     assert "cpu has no float8 tensor cores (CUDA SM 8.9+): the matmuls are emulated" in caplog.text
     assert "float8 tensorwise (emulated): 42 of 43 linears; in high precision: output" in (

@@ -23,7 +23,7 @@ from titan.converters.lora import is_adapter_key, lora_modules
 from titan.logger import logger
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.hf_io import empty_model, save_hf_checkpoint
-from titan.train import Trainer
+from titan.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")

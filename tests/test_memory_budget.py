@@ -12,8 +12,8 @@ import torch._functorch.config as functorch_config
 from torch.autograd.graph import saved_tensors_hooks
 
 from titan.config import load_config
-from titan.train import Trainer
 from titan.trainer.loss import cross_entropy_sum
+from titan.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")

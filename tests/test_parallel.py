@@ -32,8 +32,9 @@ from parallel_harness import (
 from titan.config import load_config
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.hf_io import save_hf_checkpoint, titan_state_dict_from_hf
-from titan.train import Trainer, main
+from titan.train import main
 from titan.trainer.loss import IGNORE_INDEX
+from titan.trainer.trainer import Trainer
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 4, 32
 TOL = LOSS_ATOL  # losses (~8), fp32

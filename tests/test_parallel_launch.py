@@ -14,7 +14,7 @@ from titan.config.job_config import Parallelism
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.parallelize import check_tp_degree
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
-from titan.train import Trainer
+from titan.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,6 +201,7 @@ def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
 def test_tp_compile_with_whole_block_ac_is_refused(ac):
     import torch
 
+    from titan.config.checks import converters_of
     from titan.models.llama3 import Transformer
     from titan.models.llama3.parallelize import parallelize_llama
     from titan.parallelisms.parallel_dims import ParallelDims
@@ -214,7 +215,10 @@ def test_tp_compile_with_whole_block_ac_is_refused(ac):
     with torch.device("meta"):
         model = Transformer(FLAVORS["debugmodel"])
     with pytest.raises(ValueError, match="use mode = 'selective' with selective_ac_option = 'op'"):
-        parallelize_llama(model, dims, {}, cfg)
+        parallelize_llama(
+            model, dims, {}, cfg.parallelism, cfg.activation_checkpoint, cfg.compile,
+            converters_of(cfg), cfg.training.mixed_precision_param,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -227,7 +231,7 @@ def test_shipped_configs_pass_every_start_up_check(path):
     from titan.models.llama3.build import model_args_for
     from titan.models.llama3.parallelize import check_supported_layout
     from titan.parallelisms.pipeline import check_pipeline
-    from titan.train import grad_accumulation_steps
+    from titan.trainer.runtime import grad_accumulation_steps
 
     cfg = load_config([], config_file=str(path))
     p = cfg.parallelism

@@ -306,7 +306,7 @@ def test_trainer_stops_before_starting_processes(monkeypatch, args, world, messa
     """Each is refused at start-up, before any process group (one process plays rank 0)."""
     from parallel_harness import DEBUG_TOML
 
-    from titan.train import Trainer
+    from titan.trainer.trainer import Trainer
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError, match=message):

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from titan.config import ConfigError, load_config
+from titan.errors import NonFiniteLossError
 from titan.logger import logger
-from titan.train import NonFiniteLossError, Trainer, main
+from titan.train import main
+from titan.trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = str(ROOT / "titan/train_configs/debug_model.toml")

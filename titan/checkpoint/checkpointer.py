@@ -37,9 +37,9 @@ from titan.checkpoint.dcp_io import (
     load_dcp_model,
     read_dcp_metadata,
 )
-from titan.config import ConfigError
 from titan.config.job_config import Checkpoint
 from titan.converters.lora import adapter_keys, init_magnitudes
+from titan.errors import ConfigError
 from titan.logger import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -21,9 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder exists but cannot be read, or does not fit the model."""
+from titan.errors import CheckpointError
 
 
 @contextmanager

@@ -19,12 +19,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from titan.config.checks import (
+    check_chat_config,
+    check_converters,
+    check_degrees,
+    check_lora,
+)
 from titan.config.job_config import JobConfig
+from titan.errors import ConfigError
 from titan.logger import logger
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used, with a message saying how to fix it."""
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "train_configs"  # package data
 
 
 def load_config(args: list[str] | None = None, config_file: str | None = None) -> JobConfig:
@@ -36,9 +41,7 @@ def load_config(args: list[str] | None = None, config_file: str | None = None) -
     config_file = overrides.pop("job.config_file", None) or config_file
     cfg = JobConfig()
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_file}")
+        path = _config_path(config_file)
         try:
             with path.open("rb") as f:
                 table = tomllib.load(f)
@@ -51,6 +54,26 @@ def load_config(args: list[str] | None = None, config_file: str | None = None) -
         _set(section, key, raw, where=f"--{dotted}", from_string=True)
     validate(cfg)
     return cfg
+
+
+def _config_path(name: str) -> Path:
+    """`name` as given, else a shipped config from any folder: by name (`debug_model.toml`,
+    `debug_model`) or by its path beside the titan package (`titan/train_configs/...`)."""
+    given = Path(name).expanduser()
+    tries = [given]
+    if not given.is_absolute():
+        tries.append(SHIPPED_CONFIGS.parents[1] / given)
+        if given.parent == Path("."):  # a bare name, `.toml` optional
+            tries.append(SHIPPED_CONFIGS / f"{given.name.removesuffix('.toml')}.toml")
+    for path in tries:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p.absolute()) for p in tries)
+    shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.toml")))
+    raise ConfigError(
+        f"config file not found: {name} (looked at {looked}); the shipped configs, which any "
+        f"folder can name: {shipped}"
+    )
 
 
 def to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
@@ -312,15 +335,7 @@ def validate(cfg: JobConfig) -> None:
             "the learning rate never reaches its peak"
         )
     p = cfg.parallelism
-    for key in (
-        "data_parallel_replicate_degree",
-        "tensor_parallel_degree",
-        "pipeline_parallel_degree",
-        "context_parallel_degree",
-        "pipeline_parallel_microbatch_size",
-    ):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallelism.{key} = {getattr(p, key)} must be >= 1")
+    check_degrees(p)
     if (
         p.pipeline_parallel_layers_per_stage is not None
         and p.pipeline_parallel_layers_per_stage < 1
@@ -334,11 +349,6 @@ def validate(cfg: JobConfig) -> None:
         "parallelism.pipeline_parallel_first_stage_less_layers",
         "parallelism.pipeline_parallel_last_stage_less_layers",
     )
-    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
-        raise ConfigError(
-            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}: "
-            "use >= 1 or -1"
-        )
     unknown = set(cfg.checkpoint.exclude_from_loading) - {
         "model",
         "optimizer",
@@ -353,13 +363,8 @@ def validate(cfg: JobConfig) -> None:
             "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
             "set compile.enable = true"
         )
-    from titan.converters import check_converters
-    from titan.converters.lora import check_lora  # these import titan.config
-
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     check_lora(cfg.lora)
-    from titan.data.chat import check_chat_config  # imports titan.config
-
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")

@@ -9,8 +9,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from titan.config.checks import ROWWISE_RECIPES
 from titan.config.job_config import Float8
-from titan.converters import ROWWISE_RECIPES, linear_names
+from titan.converters import linear_names
 from titan.logger import logger
 from titan.parallelisms.distributed import comm_mode
 
@@ -128,11 +129,11 @@ def precompute_float8_scales(parts: list[nn.Module], cfg: Float8) -> None:
         precompute_float8_dynamic_scale_for_fsdp(part)
 
 
-def float8_tp_enabled(converters: list[str], cfg: Float8, tp_mesh: DeviceMesh) -> bool:
+def float8_tp_enabled(cfg: Float8 | None, tp_mesh: DeviceMesh) -> bool:
     """Whether TP casts activations to float8 before its all-gathers (torchao's float8 TP
     styles): tensorwise recipes only, and not on gloo, which cannot send float8 tensors (there
     the plain TP styles shard the float8 layers, with the same numerics)."""
-    if "float8" not in converters or cfg.recipe_name in ROWWISE_RECIPES:
+    if cfg is None or cfg.recipe_name in ROWWISE_RECIPES:
         return False
     return dist.get_backend(tp_mesh.get_group()) != "gloo"
 

@@ -13,27 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from titan.config.job_config import Lora
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 ADAPTER_PARAMS = ("lora_a", "lora_b", "lora_magnitude")
-
-
-def check_lora(cfg: Lora) -> None:
-    """Stop on [lora] values that no adapter can take."""
-    from titan.config import ConfigError  # titan.config's validate imports this module
-
-    if cfg.rank < 1:
-        raise ConfigError(f"lora.rank = {cfg.rank} must be >= 1")
-    if not cfg.alpha > 0:
-        raise ConfigError(f"lora.alpha = {cfg.alpha} must be > 0")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"lora.dropout = {cfg.dropout} must be in [0, 1)")
-    unknown = [t for t in cfg.target_modules if t not in TARGETS]
-    if unknown or not cfg.target_modules:
-        raise ConfigError(
-            f"lora.target_modules = {cfg.target_modules}: "
-            + (f"{unknown} are not linears of Llama 3" if unknown else "name at least one")
-            + f"; valid ones are {', '.join(TARGETS)}"
-        )
 
 
 class LoRALinear(nn.Linear):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from titan.data.tokens import DataError
+from titan.errors import DataError
 
 BLOCK = 1000
 

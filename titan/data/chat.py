@@ -9,40 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from titan.config.job_config import Data
 from titan.data.tokenizer import Tokenizer
-from titan.data.tokens import DataError, TokenDocuments, token_dtype
+from titan.data.tokens import TokenDocuments, token_dtype
+from titan.errors import DataError
 from titan.logger import logger
 from titan.trainer.loss import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
-
-
-def check_chat_config(cfg: Data, attn_mask_type: str) -> None:
-    """Reject data settings chat examples cannot be read with (called by config validation)."""
-    from titan.config import ConfigError
-
-    if cfg.format != "chat":
-        if not cfg.packing:
-            raise ConfigError("data.packing = false applies to data.format = 'chat'; text "
-                              "documents are always packed")  # fmt: skip
-        return
-    if cfg.blend:
-        raise ConfigError("data.blend mixes text sources; data.format = 'chat' reads one source "
-                          "(data.path or data.dataset): drop data.blend")  # fmt: skip
-    if cfg.path is None and cfg.dataset in ("default", "synthetic"):
-        raise ConfigError(f"data.format = 'chat' needs examples with a {cfg.messages_field!r} "
-                          f"column, which data.dataset = {cfg.dataset!r} has not: give "
-                          "--data.path FILE or a hub --data.dataset")  # fmt: skip
-    if cfg.path is None and cfg.streaming:
-        raise ConfigError(f"data.format = 'chat' reads examples by index, which a streamed hub "
-                          f"dataset ({cfg.dataset!r}) cannot be: set --data.streaming false "
-                          "(downloads it) or give --data.path local files")  # fmt: skip
-    if cfg.packing and attn_mask_type != "block_causal":
-        # with causal masking each packed example would attend to the examples before it
-        raise ConfigError("data.packing = true packs several chat examples into a window: set "
-                          "--model.attn_mask_type block_causal so that they do not attend to "
-                          "each other, or --data.packing false")  # fmt: skip
 
 
 def check_example(example: Any, index: int, field: str, name: str) -> list[dict[str, str]]:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from titan.data.tokenizer import Tokenizer
-from titan.data.tokens import DataError
+from titan.errors import DataError
 from titan.logger import logger
 
 

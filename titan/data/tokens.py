@@ -22,13 +22,10 @@ import numpy as np
 import torch
 
 from titan.data.tokenizer import Tokenizer, build_tokenizer
+from titan.errors import DataError
 from titan.logger import logger
 
 FORMAT = "titan-tokens-v1"
-
-
-class DataError(ValueError):
-    """Data that cannot be read as configured; the message says what to change."""
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:

@@ -5,15 +5,17 @@ processes torchrun started; "fake_backend" runs one process that acts as rank 0 
 with collectives that move no data, to build and step a sharded model without the other ranks.
 """
 
+import contextlib
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from titan.config import ConfigError
+from titan.errors import ConfigError
 
 COMM_MODES = ("", "fake_backend")
 
@@ -49,6 +51,24 @@ def init_distributed(device: torch.device, world_size: int, timeout_s: int = 600
     # NCCL for CUDA tensors; gloo for the CPU tensors some state (e.g. RNG, async saves) uses.
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+_FAKE_MODE: FakeTensorMode | None = None
+
+
+def fake_mode() -> FakeTensorMode | contextlib.nullcontext:
+    """The one FakeTensorMode of this process: tensors of two modes cannot meet in an op.
+    TITAN_DRY_RUN_REAL=1 (tests) traces real tensors instead: the same step, really computed."""
+    global _FAKE_MODE
+    if os.environ.get("TITAN_DRY_RUN_REAL") == "1":
+        return contextlib.nullcontext()
+    if _FAKE_MODE is None:
+        # registers fake-tensor kernels for the c10d collectives (imported only by dry runs)
+        import torch.distributed._tools.fake_collectives  # noqa: F401
+
+        # real inputs (token batches, seeds) become fake where they meet fake ones
+        _FAKE_MODE = FakeTensorMode(allow_non_fake_inputs=True)
+    return _FAKE_MODE
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

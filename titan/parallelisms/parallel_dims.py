@@ -9,9 +9,13 @@ They are kept by name rather than sliced from the world mesh again (which torch 
 
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from titan.config.checks import check_degrees
 from titan.config.job_config import Parallelism
+from titan.logger import logger
+from titan.parallelisms.distributed import init_distributed
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -34,6 +38,11 @@ class ParallelDims:
     def non_data_parallel(self) -> int:
         """Ranks that share one data-parallel rank's batch (tp x cp x pp)."""
         return self.tp * self.cp * self.pp
+
+    @property
+    def fsdp_degree(self) -> int:
+        """Ranks each parameter is sharded over (FSDP shards over dp_shard x cp; 1: no FSDP)."""
+        return self.dp_shard * self.cp
 
     @property
     def fsdp_enabled(self) -> bool:
@@ -75,14 +84,7 @@ def resolve_parallel_dims(cfg: Parallelism, world_size: int) -> ParallelDims:
         "pipeline_parallel_degree": cfg.pipeline_parallel_degree,
         "context_parallel_degree": cfg.context_parallel_degree,
     }
-    for name, degree in others.items():
-        if degree < 1:
-            raise ValueError(f"{name} = {degree}: a degree is a positive number of ranks")
-    if cfg.data_parallel_shard_degree == 0 or cfg.data_parallel_shard_degree < -1:
-        raise ValueError(
-            f"data_parallel_shard_degree = {cfg.data_parallel_shard_degree}: use a positive "
-            "number of ranks, or -1 to fill the rest of the world"
-        )
+    check_degrees(cfg)
     product = 1
     for degree in others.values():
         product *= degree
@@ -108,3 +110,13 @@ def resolve_parallel_dims(cfg: Parallelism, world_size: int) -> ParallelDims:
         cp=cfg.context_parallel_degree,
         world_size=world_size,
     )
+
+
+def init_parallel(dims: ParallelDims, device: torch.device) -> dict[str, DeviceMesh]:
+    """Start the process group of a checked layout and build its meshes ({} for one process)."""
+    init_distributed(device, dims.world_size)
+    if dims.world_size == 1:
+        return {}
+    meshes = dims.build_meshes(device.type)
+    logger.info(f"parallel layout: {dims.describe()} over {dims.world_size} ranks")
+    return meshes

@@ -17,15 +17,14 @@ import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: F401 (for train.py)
 
-from titan.config import ConfigError
 from titan.config.job_config import JobConfig
+from titan.errors import ConfigError
 from titan.logger import logger
-from titan.parallelisms.distributed import clip_grad_norm_tensor_
+from titan.parallelisms.distributed import clip_grad_norm_tensor_, fake_mode
 from titan.trainer.memory_tracer import (
     DENSE_MASKS,
     GIB,
     PARTS,
-    fake_mode,
     static_state,
     tensor_bytes,
     tracing,
@@ -147,7 +146,7 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
     """Trace one training step of `trainer` (a titan.train.Trainer built in a dry run) after a
     first step made the optimizer state, as every step after the first runs."""
     start = time.perf_counter()
-    microbatches = trainer._next_microbatches(iter(trainer.dataloader))
+    microbatches = trainer.next_microbatches(iter(trainer.dataloader))
     model, optimizer = trainer.model, trainer.optimizer
     with fake_mode():
         zero_gradients(model)

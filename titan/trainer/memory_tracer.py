@@ -3,17 +3,18 @@ creates and frees (on fake tensors, or real ones) with its bytes and the part of
 it belongs to, and keeps the composition at the peak."""
 
 import contextlib
-import os
 import weakref
 from collections import Counter
 
 import torch
 from torch import nn
 from torch._guards import active_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+from titan.parallelisms.distributed import fake_mode
 
 GIB = 2**30
 # The parts of a rank's memory, in report order. Parameters, buffers and optimizer state are
@@ -32,23 +33,6 @@ PARTS = (
 # SDPA's dense boolean document masks exist only off-GPU: on CUDA, flex attention's block
 # mask (a few KiB) replaces them. Tracked apart and left out of the peak.
 DENSE_MASKS = "dense attention masks"
-
-_FAKE_MODE: FakeTensorMode | None = None
-
-
-def fake_mode() -> FakeTensorMode | contextlib.nullcontext:
-    """The one FakeTensorMode of this process: tensors of two modes cannot meet in an op.
-    TITAN_DRY_RUN_REAL=1 (tests) traces real tensors instead: the same step, really computed."""
-    global _FAKE_MODE
-    if os.environ.get("TITAN_DRY_RUN_REAL") == "1":
-        return contextlib.nullcontext()
-    if _FAKE_MODE is None:
-        # registers fake-tensor kernels for the c10d collectives (imported only by dry runs)
-        import torch.distributed._tools.fake_collectives  # noqa: F401
-
-        # real inputs (token batches, seeds) become fake where they meet fake ones
-        _FAKE_MODE = FakeTensorMode(allow_non_fake_inputs=True)
-    return _FAKE_MODE
 
 
 class MemoryTracer(TorchDispatchMode):

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from titan.config import ConfigError
 from titan.config.job_config import Training
 from titan.data.tokens import first_window
+from titan.errors import ConfigError
 
 
 def pick_device(name: str) -> torch.device:
@@ -31,10 +31,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         )  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
-
-class NonFiniteLossError(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the step was not applied."""
 
 
 def grad_accumulation_steps(cfg: Training, dp_degree: int) -> list[tuple[int, int]]:

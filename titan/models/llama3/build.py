@@ -1,18 +1,19 @@
 """Build Llama 3 for a run in titan's fixed order: (1) on the meta device, (2) converters,
 (3) pipeline split and parallelize, (4) allocate on the device, (5) initialize the weights;
-and, before that, check the parallel layout and start the process group and meshes."""
+and, before any process group starts, check the parallel layout against the model and the run.
+The one place a JobConfig is unpacked into the sections each step takes."""
 
 import dataclasses
-import os
+import functools
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.config import ConfigError
+from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig, Model
 from titan.converters import apply_converters
-from titan.converters.lora import apply_lora, init_adapters, trainable_parameters
-from titan.logger import logger
+from titan.converters.lora import init_adapters, trainable_parameters
+from titan.errors import ConfigError
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.parallelize import (
@@ -22,10 +23,9 @@ from titan.models.llama3.parallelize import (
 )
 from titan.models.llama3.pipeline import pipeline_llama
 from titan.parallelisms.data_parallel import check_cpu_offload
-from titan.parallelisms.distributed import init_distributed
+from titan.parallelisms.distributed import fake_mode
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline
-from titan.trainer.memory_tracer import fake_mode
 
 
 def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
@@ -44,12 +44,11 @@ def model_args_for(cfg: Model, seq_len: int, tokenizer_words: int) -> ModelArgs:
     )
 
 
-def init_parallel(
-    cfg: JobConfig, args: ModelArgs, device: torch.device
-) -> tuple[ParallelDims, dict[str, DeviceMesh]]:
-    """The parallel layout for this world size, checked before any process group starts; then
-    starts the process group and builds the meshes."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+def check_layout(
+    cfg: JobConfig, args: ModelArgs, device: torch.device, world_size: int
+) -> ParallelDims:
+    """The parallel layout for this world size, checked against the model and the run before
+    any process group starts (titan.parallelisms.parallel_dims.init_parallel starts them)."""
     p = cfg.parallelism
     try:
         dims = resolve_parallel_dims(p, world_size)
@@ -58,12 +57,7 @@ def init_parallel(
         check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, device.type)
     except (NotImplementedError, ValueError) as e:
         raise ConfigError(f"[parallelism] {e}") from None
-    init_distributed(device, world_size)
-    if world_size == 1:
-        return dims, {}
-    meshes = dims.build_meshes(device.type)
-    logger.info(f"parallel layout: {dims.describe()} over {world_size} ranks")
-    return dims, meshes
+    return dims
 
 
 @dataclasses.dataclass
@@ -89,20 +83,24 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(args)
     built = BuiltModel([model], n_params=0, n_trainable=0)
+    converters = converters_of(cfg)
     try:
         # (2) converters (float8/MX, LoRA): swap linears before any transform shards or splits them
-        built.float8_flops = apply_converters(
-            model, cfg.model.converters, cfg.quantize.linear, device, fsdp=dims.fsdp_enabled
-        )
-        if "lora" in cfg.model.converters:
-            apply_lora(model, cfg.lora)
+        built.float8_flops = apply_converters(model, converters, device, fsdp=dims.fsdp_enabled)
         built.n_params = sum(p.numel() for p in model.parameters())
         built.n_trainable = trainable_parameters(model)
         # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in order
+        parallelize = functools.partial(
+            parallelize_llama, dims=dims, meshes=meshes, p=cfg.parallelism,
+            ac=cfg.activation_checkpoint, compile=cfg.compile, converters=converters,
+            mixed_precision_param=cfg.training.mixed_precision_param,
+        )  # fmt: skip
         if dims.pp > 1:
-            built.parts, built.stage_ids, built.n_stages = pipeline_llama(model, dims, meshes, cfg)
+            built.parts, built.stage_ids, built.n_stages = pipeline_llama(
+                model, dims, meshes["pp"], cfg.parallelism, parallelize
+            )
         else:
-            parallelize_llama(model, dims, meshes, cfg)
+            parallelize(model)
         if built.n_trainable and not any(trainable_parameters(part) for part in built.parts):
             raise ValueError(
                 "LoRA: this rank's pipeline stages hold no adapter (lora.target_modules = "

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from titan.checkpoint.dcp_io import CheckpointError, atomic_dir
+from titan.checkpoint.dcp_io import atomic_dir
 from titan.config.job_config import Lora
+from titan.errors import CheckpointError
 from titan.models.llama3.args import FLAVORS, ModelArgs, RoPEScaling
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.state_dict_adapter import (

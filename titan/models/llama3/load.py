@@ -10,8 +10,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan.checkpoint.dcp_io import CheckpointError, load_dcp_model, read_dcp_metadata
+from titan.checkpoint.dcp_io import load_dcp_model, read_dcp_metadata
 from titan.converters.lora import is_adapter_key
+from titan.errors import CheckpointError
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.hf_io import read_hf_config, resolve_model_args, titan_state_dict_from_hf
 from titan.models.llama3.model import Transformer

@@ -27,7 +27,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan.compat import compiled_ring_attention_unsupported
-from titan.config.job_config import JobConfig
+from titan.config.checks import Converters, converters_of
+from titan.config.job_config import ActivationCheckpoint, Compile, JobConfig, Parallelism
 from titan.converters.float8 import float8_tp_enabled, float8_tp_styles
 from titan.converters.lora import apply_lora_tp, is_adapter_key
 from titan.models.llama3.args import ModelArgs
@@ -60,12 +61,10 @@ def check_tp_degree(args: ModelArgs, tp: int) -> None:
             )
 
 
-def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) -> None:
-    """Stop on layouts this plan cannot apply (callers may check before starting processes)."""
-    if dims.tp > 1:
-        check_tp_degree(args, dims.tp)
-    ac = cfg.activation_checkpoint
-    compile_blocks = cfg.compile.blocks
+def check_transforms(
+    dims: ParallelDims, ac: ActivationCheckpoint, compile_blocks: bool, converters: Converters
+) -> None:
+    """Stop on combinations of the transforms parallelize_llama applies that it cannot apply."""
     plain_ac = ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op")
     if dims.tp > 1 and compile_blocks and plain_ac:
         # torch 2.13's AOT autograd fails on a compiled checkpoint of DTensor code that saves
@@ -77,7 +76,7 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "selective_ac_option = 'op', or compile only the loss (compile.components = "
             "['loss']), or turn compile off"
         )
-    if dims.tp > 1 and "mx" in cfg.model.converters:
+    if dims.tp > 1 and converters.mx is not None:
         # measured on torch 2.13 / torchao 0.18: the TP-sharded matmuls of MXFP8 training
         # weights dispatch as plain matmuls, so TP x mx silently trains in high precision
         raise ValueError(
@@ -85,7 +84,15 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
             "lose their MX matmuls once TP shards them; use the float8 converter with TP, or "
             "tensor_parallel_degree = 1"
         )
-    if dims.cp > 1 and compile_blocks and args.attn_mask_type == "causal":
+
+
+def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) -> None:
+    """Stop on layouts this plan cannot apply, before any process starts: a check across the
+    layout, the model and the run's sections, so it takes the whole config."""
+    if dims.tp > 1:
+        check_tp_degree(args, dims.tp)
+    check_transforms(dims, cfg.activation_checkpoint, cfg.compile.blocks, converters_of(cfg))
+    if dims.cp > 1 and cfg.compile.blocks and args.attn_mask_type == "causal":
         if why := compiled_ring_attention_unsupported():
             raise ValueError(
                 f"context parallel with causal attention in compiled blocks {why}: torch 2.11's "
@@ -179,36 +186,41 @@ _PLAIN_STYLES = (
 
 
 def parallelize_llama(
-    model: nn.Module, dims: ParallelDims, meshes: dict[str, DeviceMesh], cfg: JobConfig
+    model: nn.Module,
+    dims: ParallelDims,
+    meshes: dict[str, DeviceMesh],
+    p: Parallelism,
+    ac: ActivationCheckpoint,
+    compile: Compile,
+    converters: Converters,
+    mixed_precision_param: str,
 ) -> None:
     """Transform the (meta-device) model in place for the given parallel layout (`meshes`:
     ParallelDims.build_meshes, empty for one process)."""
-    p = cfg.parallelism
-    check_supported_layout(dims, model.args, cfg)
-    ac = cfg.activation_checkpoint
-    compile_blocks = cfg.compile.blocks
+    check_transforms(dims, ac, compile.blocks, converters)
+    compile_blocks = compile.blocks
     if dims.tp > 1:
-        float8 = float8_tp_enabled(cfg.model.converters, cfg.quantize.linear.float8, meshes["tp"])
+        float8 = float8_tp_enabled(converters.float8, meshes["tp"])
         apply_tp(
             model, meshes["tp"], sequence_parallel=p.enable_sequence_parallel,
             loss_parallel=not p.disable_loss_parallel, float8=float8,
         )  # fmt: skip
         apply_lora_tp(model)  # the TP styles shard a linear's adapters as its weight: re-place
         if p.enable_async_tensor_parallel:
-            enable_async_tp(meshes["tp"], cfg.compile.enable)
+            enable_async_tp(meshes["tp"], compile.enable)
         if compile_blocks and model.tok_embeddings is not None:
             detach_async_collective_output(model.tok_embeddings)
     if dims.cp > 1:
         apply_cp(model, meshes["cp"], model.args.attn_mask_type, p.context_parallel_rotate_method)
     apply_ac(model, ac)
-    apply_compile(model, cfg.compile)
+    apply_compile(model, compile)
     if dims.fsdp_enabled:
         # HSDP: shard within each replica, all-reduce gradients across replicas
         fsdp_mesh = meshes["hsdp"] if dims.dp_replicate > 1 else meshes["dp_shard_cp"]
         # a dry run traces the GPU run: bf16 gathers
         on_gpu = fsdp_mesh.device_type == "cuda" or comm_mode() == "fake_backend"
         param_dtype = torch.float32
-        if on_gpu and cfg.training.mixed_precision_param == "bfloat16":
+        if on_gpu and mixed_precision_param == "bfloat16":
             param_dtype = torch.bfloat16
         reshard = p.fsdp_reshard_after_forward
         if dims.pp > 1 and reshard == "default":

@@ -5,6 +5,7 @@ parameter keeps the full model's name and checkpoints do not depend on the pipel
 """
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,11 +13,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from titan.config.job_config import JobConfig, Parallelism
+from titan.config.job_config import Parallelism
 from titan.logger import logger
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.model import Transformer
-from titan.models.llama3.parallelize import parallelize_llama
 from titan.parallelisms.parallel_dims import ParallelDims
 from titan.parallelisms.pipeline import num_stages, rank_stages, stage_log
 
@@ -109,31 +109,37 @@ class StageUnion(nn.Module):
 
 
 def pipeline_llama(
-    model: Transformer, dims: ParallelDims, meshes: dict[str, DeviceMesh], cfg: JobConfig
+    model: Transformer,
+    dims: ParallelDims,
+    pp_mesh: DeviceMesh,
+    p: Parallelism,
+    parallelize: Callable[[Transformer], None],
 ) -> tuple[list[Transformer], list[int], int]:
-    """Split the meta-device model into this rank's stages and parallelize each one (TP, AC,
+    """Split the meta-device model into this rank's stages and `parallelize` each one (TP, AC,
     compile, FSDP) as a whole model would be. Returns (stage modules, their stage indices, the
     number of stages)."""
-    p = cfg.parallelism
     n_stages = num_stages(p, model.args.n_layers)
     names = split_module_names(model.args, p, n_stages)
     stages = rank_stages(p, n_stages)
     logger.info(f"pipeline: {n_stages} stages over {dims.pp} ranks\n{stage_log(stages, names)}")
-    stage_ids = stages[meshes["pp"].get_local_rank()]
+    stage_ids = stages[pp_mesh.get_local_rank()]
     parts = [stage_module(model, names[i]) for i in stage_ids]
     for part in parts:
-        parallelize_llama(part, dims, meshes, cfg)
+        parallelize(part)
     return parts, stage_ids, n_stages
 
 
 def static_stage_shapes(
-    parts: list[Transformer], cfg: JobConfig, tp_mesh: DeviceMesh | None, loss_parallel: bool
+    parts: list[Transformer],
+    p: Parallelism,
+    seq_len: int,
+    tp_mesh: DeviceMesh | None,
+    loss_parallel: bool,
 ) -> list[dict[str, tuple]]:
     """Example (meta) inputs and outputs of each stage and their gradients, so that no stage
     needs a shape exchange with its neighbours at the first step: a dry run's fake collectives
     carry no data, and the neighbours are not there."""
-    p = cfg.parallelism
-    seq_len = cfg.training.seq_len // p.context_parallel_degree  # this cp rank's part
+    seq_len = seq_len // p.context_parallel_degree  # this cp rank's part
     mbs = p.pipeline_parallel_microbatch_size
     tp = tp_mesh.size() if tp_mesh is not None else 1
     local_seq = seq_len // tp if p.enable_sequence_parallel and tp > 1 else seq_len

@@ -1,0 +1,135 @@
+"""Checks of values that concern a component (converters, LoRA, chat data, parallel degrees),
+written against the config sections alone so that validating a config imports no component.
+The components import their constants from here; `validate` and the run's own builders call the
+same checks, so each is written once."""
+
+from dataclasses import dataclass
+
+from titan.compat import mx_training_unsupported
+from titan.config.job_config import MX, Data, Float8, JobConfig, Lora, Parallelism, QuantizeLinear
+from titan.errors import ConfigError
+
+# The registry of model.converters: each name and the section that configures it.
+CONVERTERS = {"float8": "quantize.linear.float8", "mx": "quantize.linear.mx", "lora": "lora"}
+ROWWISE_RECIPES = ("rowwise", "rowwise_with_gw_hp")  # float8 recipes that scale per row
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # Llama 3's linears
+
+
+@dataclass(frozen=True)
+class Converters:
+    """The converters model.converters turns on, each as its section (None: off). Code asks
+    `converters.float8 is not None` instead of reading the list of names again."""
+
+    float8: Float8 | None = None
+    mx: MX | None = None
+    lora: Lora | None = None
+
+    def __bool__(self) -> bool:
+        return any(c is not None for c in (self.float8, self.mx, self.lora))
+
+
+def converters_of(cfg: JobConfig) -> Converters:
+    """The converters of a checked config."""
+    names, linear = cfg.model.converters, cfg.quantize.linear
+    return Converters(
+        float8=linear.float8 if "float8" in names else None,
+        mx=linear.mx if "mx" in names else None,
+        lora=cfg.lora if "lora" in names else None,
+    )
+
+
+def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool) -> None:
+    """Stop on unknown or conflicting converters and on options their recipe cannot take."""
+    for name in names:
+        if name not in CONVERTERS:
+            raise ConfigError(
+                f"model.converters names {name!r}, which is not a converter: valid ones are "
+                f"{', '.join(CONVERTERS)}"
+            )
+    if len(set(names)) != len(names) or {"float8", "mx"} <= set(names):
+        raise ConfigError(
+            f"model.converters = {names}: name each converter once, and use float8 or mx, not both"
+        )
+    if "lora" in names and {"float8", "mx"} & set(names):
+        # torchao's float8/MX linears are not LoRALinear: the adapters would replace them
+        raise ConfigError(
+            f"model.converters = {names}: lora cannot be combined with float8 or mx (adapters "
+            "on low-precision linears are not supported); train LoRA in bf16/fp32"
+        )
+    if "mx" in names and (why := mx_training_unsupported()):
+        raise ConfigError(
+            f"model.converters = {names}: torchao's MXFP8 training {why}: upgrade, or use the "
+            "float8 converter"
+        )
+    f8 = cfg.float8
+    if "float8" in names and f8.debug_log_freq and compile_blocks:
+        raise ConfigError(
+            "quantize.linear.float8.debug_log_freq records from eager blocks: set "
+            "compile.components = ['loss'] or compile.enable = false, or turn the stats off"
+        )
+    if "float8" in names and f8.enable_fsdp_float8_all_gather and f8.recipe_name in ROWWISE_RECIPES:
+        raise ConfigError(
+            f"quantize.linear.float8.enable_fsdp_float8_all_gather needs per-tensor scales; recipe "
+            f"{f8.recipe_name!r} scales per row: use recipe_name = 'tensorwise' or turn it off"
+        )
+
+
+def check_lora(cfg: Lora) -> None:
+    """Stop on [lora] values that no adapter can take."""
+    if cfg.rank < 1:
+        raise ConfigError(f"lora.rank = {cfg.rank} must be >= 1")
+    if not cfg.alpha > 0:
+        raise ConfigError(f"lora.alpha = {cfg.alpha} must be > 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"lora.dropout = {cfg.dropout} must be in [0, 1)")
+    unknown = [t for t in cfg.target_modules if t not in LORA_TARGETS]
+    if unknown or not cfg.target_modules:
+        raise ConfigError(
+            f"lora.target_modules = {cfg.target_modules}: "
+            + (f"{unknown} are not linears of Llama 3" if unknown else "name at least one")
+            + f"; valid ones are {', '.join(LORA_TARGETS)}"
+        )
+
+
+def check_chat_config(cfg: Data, attn_mask_type: str) -> None:
+    """Reject data settings chat examples cannot be read with (called by config validation)."""
+    if cfg.format != "chat":
+        if not cfg.packing:
+            raise ConfigError("data.packing = false applies to data.format = 'chat'; text "
+                              "documents are always packed")  # fmt: skip
+        return
+    if cfg.blend:
+        raise ConfigError("data.blend mixes text sources; data.format = 'chat' reads one source "
+                          "(data.path or data.dataset): drop data.blend")  # fmt: skip
+    if cfg.path is None and cfg.dataset in ("default", "synthetic"):
+        raise ConfigError(f"data.format = 'chat' needs examples with a {cfg.messages_field!r} "
+                          f"column, which data.dataset = {cfg.dataset!r} has not: give "
+                          "--data.path FILE or a hub --data.dataset")  # fmt: skip
+    if cfg.path is None and cfg.streaming:
+        raise ConfigError(f"data.format = 'chat' reads examples by index, which a streamed hub "
+                          f"dataset ({cfg.dataset!r}) cannot be: set --data.streaming false "
+                          "(downloads it) or give --data.path local files")  # fmt: skip
+    if cfg.packing and attn_mask_type != "block_causal":
+        # with causal masking each packed example would attend to the examples before it
+        raise ConfigError("data.packing = true packs several chat examples into a window: set "
+                          "--model.attn_mask_type block_causal so that they do not attend to "
+                          "each other, or --data.packing false")  # fmt: skip
+
+
+def check_degrees(p: Parallelism) -> None:
+    """Each degree a positive number of ranks (data_parallel_shard_degree: or -1, the rest of
+    the world); run at validation and again by every layout resolved from a section."""
+    for key in (
+        "data_parallel_replicate_degree",
+        "tensor_parallel_degree",
+        "pipeline_parallel_degree",
+        "context_parallel_degree",
+        "pipeline_parallel_microbatch_size",
+    ):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallelism.{key} = {getattr(p, key)} must be >= 1")
+    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}: "
+            "use >= 1 or -1"
+        )
