@@ -37,11 +37,6 @@ def apply_converters(
     return flops
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    """The names of the model's nn.Linear modules (the layers a converter may swap)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
 def build_float8_stats(parts: list[nn.Module], cfg: Float8 | None, job: Job, rank: int):
     """float8 cast statistics of the parts' float8 layers every cfg.debug_log_freq steps
     (float8_stats.Float8Stats), or None when float8 or its statistics are off."""

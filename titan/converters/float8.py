@@ -11,7 +11,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan.config.checks import ROWWISE_RECIPES
 from titan.config.job_config import Float8
-from titan.converters import linear_names
 from titan.logger import logger
 from titan.parallelisms.distributed import comm_mode
 
@@ -84,7 +83,7 @@ def apply_float8(model: nn.Module, cfg: Float8, device: torch.device, fsdp: bool
     fsdp_all_gather = cfg.enable_fsdp_float8_all_gather and fsdp
     if cfg.enable_fsdp_float8_all_gather and not fsdp:
         logger.info("float8: enable_fsdp_float8_all_gather has no effect without FSDP")
-    names = linear_names(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     convert_to_float8_training(
         model,
         config=float8_linear_config(cfg, emulate, fsdp_all_gather),

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from titan.config.job_config import MX
-from titan.converters import linear_names
 from titan.logger import logger
 
 BLOCK = 32  # elements per MX scale
@@ -38,7 +37,7 @@ def apply_mx(model: nn.Module, cfg: MX, device: torch.device) -> int:
             f"mx: {device} has no MX tensor cores (CUDA SM 10.0+): MXFP8 matmuls are emulated "
             "(MX numerics, no MX speed)"
         )
-    names = linear_names(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
     def convert(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or any(f in fqn for f in cfg.filter_fqns):

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 
 from titan.data.tokenizer import Tokenizer
-from titan.data.tokens import TokenDocuments, token_dtype
+from titan.data.tokens import IGNORE_INDEX, TokenDocuments, token_dtype
 from titan.errors import DataError
 from titan.logger import logger
-from titan.trainer.loss import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 

@@ -25,6 +25,8 @@ from titan.data.tokenizer import Tokenizer, build_tokenizer
 from titan.errors import DataError
 from titan.logger import logger
 
+IGNORE_INDEX = -100  # label value of positions that carry no loss (padding, masked prompts)
+
 FORMAT = "titan-tokens-v1"
 
 

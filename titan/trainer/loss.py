@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from titan.config.job_config import Compile
-
-IGNORE_INDEX = -100  # label value of positions that carry no loss (padding, masked prompts)
+from titan.data.tokens import IGNORE_INDEX
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
