@@ -34,11 +34,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
+from titan.config import JobConfig, load_config  # noqa: E402
+from titan.errors import ConfigError  # noqa: E402
 from titan.models.llama3.state_dict_adapter import hf_config_dict, to_hf  # noqa: E402
-from titan.trainer.trainer import Trainer  # noqa: E402
 from titan.trainer.loss import IGNORE_INDEX  # noqa: E402
 from titan.trainer.optimizer import lr_factor  # noqa: E402
+from titan.trainer.trainer import Trainer  # noqa: E402
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]  # one optimizer step's micro-batches
 StepFn = Callable[[Batch], float]  # trains one step, returns its mean token loss

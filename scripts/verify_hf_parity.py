@@ -30,7 +30,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
 
-from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
+from titan.errors import CheckpointError  # noqa: E402
 from titan.models.llama3 import FLAVORS, ModelArgs, Transformer  # noqa: E402
 from titan.models.llama3.hf_io import read_hf_config  # noqa: E402
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model  # noqa: E402

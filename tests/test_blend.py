@@ -13,7 +13,7 @@ from titan.config.job_config import Data
 from titan.data.blend import BlendedWindows, block_counts, parse_blend, parse_schedule
 from titan.data.dataloader import build_dataloader
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
-from titan.data.tokens import DataError
+from titan.errors import DataError
 
 LLAMA3_MIX = [0.5, 0.25, 0.17, 0.08]  # general, math and reasoning, code, multilingual
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titan.checkpoint.checkpointer import complete_steps
-from titan.checkpoint.dcp_io import CheckpointError
 from titan.config import load_config
+from titan.errors import CheckpointError
 from titan.models.llama3.hf_io import save_hf_checkpoint
 from titan.train import main
 from titan.trainer.trainer import Trainer

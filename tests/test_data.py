@@ -372,8 +372,8 @@ def test_batch_size_ramp_reads_more_windows_per_step(tmp_path: Path):
                 r"_size 2 x data-parallel degree 2 = 4"),
 ])  # fmt: skip
 def test_bad_batch_size_schedules_are_named(entries, message):
-    from titan.config import ConfigError
     from titan.config.job_config import Training
+    from titan.errors import ConfigError
     from titan.trainer.runtime import grad_accumulation_steps
 
     with pytest.raises(ConfigError, match=message):

@@ -10,7 +10,7 @@ from parallel_harness import DEBUG_TOML, run_single
 from torch import nn
 
 from titan.compat import mx_training_unsupported
-from titan.config import ConfigError, load_config
+from titan.config import load_config
 from titan.config.checks import Converters
 from titan.config.job_config import Float8, Metrics, QuantizeLinear
 from titan.converters import apply_converters
@@ -18,6 +18,7 @@ from titan.converters.float8 import float8_linear_config
 from titan.converters.mx import is_mx_linear
 from titan.data.dataloader import build_dataloader
 from titan.data.tokenizer import build_tokenizer
+from titan.errors import ConfigError
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
 from titan.trainer.metrics import MetricsLogger, mixed_precision_peak, peak_flops

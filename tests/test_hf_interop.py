@@ -16,7 +16,8 @@ import torch.distributed.checkpoint as dcp
 import transformers
 from parallel_harness import load_script
 
-from titan.checkpoint.dcp_io import CheckpointError, load_dcp_model, save_dcp_model
+from titan.checkpoint.dcp_io import load_dcp_model, save_dcp_model
+from titan.errors import CheckpointError
 from titan.models.llama3 import FLAVORS, ModelArgs, hf_io
 from titan.models.llama3.hf_io import (
     args_from_hf_config,

@@ -17,9 +17,10 @@ from parallel_harness import (
 )
 
 from titan.checkpoint.dcp_io import save_dcp_model
-from titan.config import ConfigError, load_config
+from titan.config import load_config
 from titan.config.manager import to_toml
 from titan.converters.lora import is_adapter_key, lora_modules
+from titan.errors import ConfigError
 from titan.logger import logger
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.hf_io import empty_model, save_hf_checkpoint
@@ -320,7 +321,7 @@ def test_dropout_with_activation_checkpointing_and_validation(tmp_path):
 def test_a_lora_checkpoint_loads_with_its_adapters(tmp_path):
     """initial_load_path of a LoRA run's checkpoint loads its adapters too (evaluate.py scores
     the adapted model); a model with other adapters is told so; generation asks for a merge."""
-    from titan.checkpoint.dcp_io import CheckpointError
+    from titan.errors import CheckpointError
     from titan.models.llama3.load import load_model
 
     flags = ["--model.converters", "lora", "--lora.target_modules", "wq,wv", "--lora.use_dora"]

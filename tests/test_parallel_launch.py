@@ -149,7 +149,7 @@ def test_tp_degree_must_divide_heads():
 
 
 def test_context_parallel_seq_len_is_checked_before_any_process_group():
-    from titan.config import ConfigError
+    from titan.errors import ConfigError
 
     debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
     cfg = load_config(["--job.config_file", debug, "--parallelism.context_parallel_degree", "2",
@@ -168,7 +168,7 @@ def test_context_parallel_seq_len_is_checked_before_any_process_group():
 
 
 def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
-    from titan.config import ConfigError
+    from titan.errors import ConfigError
     from titan.parallelisms.data_parallel import check_cpu_offload
 
     debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
@@ -184,7 +184,7 @@ def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
 
 
 def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
-    from titan.config import ConfigError
+    from titan.errors import ConfigError
     from titan.parallelisms.distributed import comm_mode
 
     monkeypatch.setenv("COMM_MODE", "local_tensor")

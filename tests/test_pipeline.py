@@ -17,9 +17,10 @@ from parallel_harness import (
     run_single,
 )
 
-from titan.config import ConfigError, load_config
+from titan.config import load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import _CHOICES
+from titan.errors import ConfigError
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.pipeline import split_module_names
 from titan.parallelisms.pipeline import SCHEDULES, check_pipeline, rank_stages, stage_log

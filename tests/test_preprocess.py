@@ -8,14 +8,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from parallel_harness import load_script
 
+from titan.cli import preprocess
 from titan.config.job_config import Data
 from titan.data.dataloader import build_dataloader, load_embedded_corpus
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
-from titan.data.tokens import DataError
+from titan.errors import DataError
 
-preprocess = load_script("preprocess_data")
 CORPUS = list(load_embedded_corpus()[:40])
 
 
@@ -43,8 +42,8 @@ def prepared(tmp_path_factory) -> tuple[Path, Path, dict]:
     parquet = folder / "b.parquet"
     datasets.Dataset.from_dict({"text": CORPUS[30:]}).to_parquet(str(parquet))
     prefix = folder / "out" / "corpus"
-    meta = preprocess.main([str(jsonl), str(parquet), "--output-prefix", str(prefix),
-                            "--workers", "2", "--quiet"])  # fmt: skip
+    meta = preprocess.run([str(jsonl), str(parquet), "--output-prefix", str(prefix),
+                           "--workers", "2", "--quiet"])  # fmt: skip
     return jsonl, prefix, meta
 
 

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan.config import ConfigError, load_config
+from titan.config import load_config
 from titan.config.job_config import Data, Validation
 from titan.data.chat import ChatExamples, ChatWindows, render_chat
-from titan.data.dataloader import DataError, build_dataloader, document_ids
+from titan.data.dataloader import build_dataloader, document_ids
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.data.tokens import GlobalBatchLoader
+from titan.errors import ConfigError, DataError
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.model import Transformer
 from titan.trainer.loss import IGNORE_INDEX

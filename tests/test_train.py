@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from titan.config import ConfigError, load_config
-from titan.errors import NonFiniteLossError
+from titan.config import load_config
+from titan.errors import ConfigError, NonFiniteLossError
 from titan.logger import logger
 from titan.train import main
 from titan.trainer.trainer import Trainer

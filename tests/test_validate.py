@@ -6,10 +6,11 @@ import pytest
 import torch
 from parallel_harness import assert_matches, make_batches, run_layouts, run_single
 
-from titan.config import ConfigError, load_config
+from titan.config import load_config
 from titan.config.job_config import Validation
 from titan.data.tokenizer import build_tokenizer
-from titan.data.tokens import DataError, PackedWindows, TokenDocuments
+from titan.data.tokens import PackedWindows, TokenDocuments
+from titan.errors import ConfigError, DataError
 from titan.trainer.validate import Validator
 
 # validation on the embedded corpus's held-out documents (real text: documents span windows)
