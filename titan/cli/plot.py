@@ -1,6 +1,6 @@
 """Plot titan runs' metrics against the step: one panel per metric, one line per run.
 
-    python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curves.png [--labels a,b,...]
+    titan-plot RUN_DIR [RUN_DIR ...] --out curves.png [--labels a,b,...]
         [--metrics loss,validation/loss,tokens_per_s] [--smooth N] [--log-y]
 
 Each RUN_DIR is a run's job.dump_folder (holding metrics.jsonl) or a metrics.jsonl path. A resumed
@@ -15,13 +15,11 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display here; the figure is only written to a file
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"  # titan.trainer.metrics.METRICS_FILE, without importing torch
 DEFAULT_METRICS = ("loss", "validation/loss", "tokens_per_s")
@@ -34,6 +32,15 @@ Series = tuple[list[int], list[float]]  # (steps, values), steps increasing
 
 class MetricsError(Exception):
     """A run's metrics or the arguments cannot be plotted; the message says how to fix it."""
+
+
+def agg_canvas() -> type["FigureCanvasAgg"]:
+    """matplotlib's file-only canvas, imported here: plotting is the optional extra `plot`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise MetricsError("plotting needs matplotlib: pip install 'titan[plot]'") from None
+    return FigureCanvasAgg
 
 
 def metrics_path(run: str) -> Path:
@@ -136,10 +143,12 @@ def smooth(values: list[float], n: int) -> list[float]:
 
 def make_figure(
     series: dict[str, dict[str, Series]], labels: Sequence[str], smooth_n: int, log_y: bool
-) -> Figure:
+) -> "Figure":
     """One panel per metric, stacked and sharing the step axis; each run keeps its colour."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9, 2.8 * len(series)), layout="constrained")
-    FigureCanvasAgg(fig)
+    agg_canvas()(fig)  # no display: the figure is only written to a file
     axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
     colours = {label: f"C{i}" for i, label in enumerate(labels)}
     for ax, (metric, runs) in zip(axes, series.items(), strict=True):
@@ -191,7 +200,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.smooth < 1:
         raise MetricsError(f"--smooth {args.smooth}: give N >= 1 points (1 = no smoothing)")
     suffix = Path(args.out).suffix.lstrip(".").lower()
-    if suffix not in FigureCanvasAgg.get_supported_filetypes():
+    if suffix not in agg_canvas().get_supported_filetypes():
         raise MetricsError(f"--out {args.out}: name an image file, e.g. curves.png or curves.pdf")
     return labels, metrics
 

@@ -1,10 +1,10 @@
 """Loss and perplexity of a titan DCP or Hugging Face checkpoint on a dataset, in any layout.
 
-    python scripts/evaluate.py outputs/checkpoint/step-1000 [--steps N] [--json-out eval.json]
-    python scripts/evaluate.py outputs/checkpoint/step-1000 --data.holdout_every 100
-    python scripts/evaluate.py /models/Llama-3.1-8B --config titan/train_configs/llama3_8b.toml \
+    titan-evaluate outputs/checkpoint/step-1000 [--steps N] [--json-out eval.json]
+    titan-evaluate outputs/checkpoint/step-1000 --data.holdout_every 100
+    titan-evaluate /models/Llama-3.1-8B --config llama3_8b.toml \
         --data.path /data/eval.jsonl --training.seq_len 8192 --training.local_batch_size 1
-    torchrun --nproc-per-node 2 scripts/evaluate.py CKPT --parallelism.tensor_parallel_degree 2
+    torchrun --nproc-per-node 2 -m titan.cli.evaluate CKPT --parallelism.tensor_parallel_degree 2
 
 CHECKPOINT is a DCP folder (a training or model-only checkpoint) or a transformers folder
 (config.json and safetensors; it must match model.flavor). The config is --config, else the run's
@@ -28,18 +28,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
+from titan.config import JobConfig, load_config
+from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation
+from titan.config.manager import SHIPPED_CONFIGS
+from titan.errors import CheckpointError, ConfigError, DataError
+from titan.logger import init_logger, logger
+from titan.models.llama3.load import checkpoint_args, checkpoint_kind
+from titan.trainer.metrics import perplexity
 
-from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
-from titan.config import ConfigError, JobConfig, load_config  # noqa: E402
-from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation  # noqa: E402
-from titan.data.dataloader import DataError  # noqa: E402
-from titan.logger import init_logger, logger  # noqa: E402
-from titan.models.llama3.load import checkpoint_args, checkpoint_kind  # noqa: E402
-from titan.trainer.metrics import perplexity  # noqa: E402
-
-DEBUG_TOML = REPO_ROOT / "titan/train_configs" / "debug_model.toml"
+DEBUG_TOML = SHIPPED_CONFIGS / "debug_model.toml"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -79,7 +76,9 @@ def eval_config(args: argparse.Namespace, overrides: list[str], fmt: str) -> Job
 
 
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from titan.train import Trainer  # after the arguments are checked: imports take seconds
+    from titan.trainer.trainer import (
+        Trainer,  # after the arguments are checked: imports take seconds
+    )
 
     fmt = checkpoint_kind(args.checkpoint)
     cfg = eval_config(args, overrides, fmt)

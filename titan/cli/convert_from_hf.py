@@ -1,6 +1,6 @@
 """Convert a Hugging Face Llama 3 checkpoint (safetensors) into a titan model-only DCP folder.
 
-    python scripts/convert_from_hf.py <hf_dir> <dcp_dir> [--flavor 8B] [--dtype bfloat16]
+    titan-convert-from-hf <hf_dir> <dcp_dir> [--flavor 8B] [--dtype bfloat16]
 
 The architecture comes from <hf_dir>/config.json. With --flavor it must also match that
 flavor (every field that changes the weights or the outputs; max_seq_len may differ), so the
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
-
-from titan.checkpoint.dcp_io import CheckpointError, save_dcp_model  # noqa: E402
-from titan.models.llama3 import FLAVORS  # noqa: E402
-from titan.models.llama3.hf_io import (  # noqa: E402
+from titan.checkpoint.dcp_io import save_dcp_model
+from titan.errors import CheckpointError
+from titan.models.llama3 import FLAVORS
+from titan.models.llama3.hf_io import (
     read_hf_config,
     resolve_model_args,
     titan_state_dict_from_hf,

@@ -1,10 +1,10 @@
 """Generate text from a titan DCP checkpoint or a Hugging Face folder, with a KV cache.
 
-    python scripts/generate.py outputs/debug_model/checkpoint/step-10 --flavor debugmodel \
+    titan-generate outputs/debug_model/checkpoint/step-10 --flavor debugmodel \
         --prompt "The Python interpreter" --max-new-tokens 64
-    python scripts/generate.py /path/to/Llama-3.1-8B-Instruct --chat --device cuda \
+    titan-generate /path/to/Llama-3.1-8B-Instruct --chat --device cuda \
         --prompt "Name three rivers." --prompt "What is RoPE?" --temperature 0.7 --top-p 0.9
-    torchrun --nproc-per-node 2 scripts/generate.py /path/to/Llama-3.1-8B \
+    torchrun --nproc-per-node 2 -m titan.cli.generate /path/to/Llama-3.1-8B \
         --prompts-file prompts.txt --temperature 0 --json-out out.json   # TP 2, greedy
 
 CHECKPOINT: a titan DCP folder (a training checkpoint `<dump_folder>/checkpoint/step-N` or a
@@ -30,19 +30,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
-
-from titan.checkpoint.dcp_io import CheckpointError  # noqa: E402
-from titan.data.chat import chat_prompt  # noqa: E402
-from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer  # noqa: E402
-from titan.logger import init_logger, logger  # noqa: E402
-from titan.models.llama3 import FLAVORS, ModelArgs  # noqa: E402
-from titan.models.llama3.generation import Generation, Sampling, check_length, generate  # noqa: E402
-from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model  # noqa: E402
-from titan.models.llama3.parallelize import check_tp_degree  # noqa: E402
-from titan.parallelisms.distributed import init_distributed  # noqa: E402
-from titan.trainer.runtime import pick_device  # noqa: E402
+from titan.data.chat import chat_prompt
+from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
+from titan.errors import CheckpointError
+from titan.logger import init_logger, logger
+from titan.models.llama3 import FLAVORS, ModelArgs
+from titan.models.llama3.generation import Generation, Sampling, check_length, generate
+from titan.models.llama3.load import checkpoint_args, checkpoint_kind, load_model
+from titan.models.llama3.parallelize import check_tp_degree
+from titan.parallelisms.distributed import init_distributed
+from titan.trainer.runtime import pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -1,10 +1,10 @@
 """Convert a titan DCP checkpoint (model-only or a full training one) into a Hugging Face folder.
 
-    python scripts/convert_to_hf.py <dcp_dir> <hf_dir> --flavor 8B [--dtype bfloat16|float32]
+    titan-convert-to-hf <dcp_dir> <hf_dir> --flavor 8B [--dtype bfloat16|float32]
         [--tokenizer-dir DIR] [--max-shard-size 5GB] [--overwrite]
-    python scripts/convert_to_hf.py <dcp_dir> <hf_dir> --config-json path/to/config.json
-    python scripts/convert_to_hf.py <lora_dcp_dir> <hf_dir> --flavor 8B --merge-lora
-    python scripts/convert_to_hf.py <lora_dcp_dir> <peft_dir> --flavor 8B --peft \
+    titan-convert-to-hf <dcp_dir> <hf_dir> --config-json path/to/config.json
+    titan-convert-to-hf <lora_dcp_dir> <hf_dir> --flavor 8B --merge-lora
+    titan-convert-to-hf <lora_dcp_dir> <peft_dir> --flavor 8B --peft \
         [--base-model meta-llama/Llama-3.1-8B] [--lora-config <dump_folder>/config.toml]
 
 The architecture comes from --flavor, or from a transformers config.json (--config-json, e.g.
@@ -30,25 +30,23 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing titan
-
-from titan.checkpoint.dcp_io import CheckpointError, load_dcp_model, read_dcp_metadata  # noqa: E402
-from titan.config import load_config  # noqa: E402
-from titan.config.job_config import Lora  # noqa: E402
-from titan.converters.lora import (  # noqa: E402
+from titan.checkpoint.dcp_io import load_dcp_model, read_dcp_metadata
+from titan.config import load_config
+from titan.config.job_config import Lora
+from titan.converters.lora import (
     apply_lora,
     is_adapter_key,
     merged_state_dict,
 )
-from titan.models.llama3 import FLAVORS, ModelArgs  # noqa: E402
-from titan.models.llama3.hf_io import (  # noqa: E402
+from titan.errors import CheckpointError
+from titan.models.llama3 import FLAVORS, ModelArgs
+from titan.models.llama3.hf_io import (
     empty_model,
     resolve_model_args,
     save_hf_checkpoint,
     save_peft_adapter,
 )
-from titan.models.llama3.model import Transformer  # noqa: E402
+from titan.models.llama3.model import Transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}

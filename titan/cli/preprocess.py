@@ -1,6 +1,6 @@
 """Tokenize documents once, in parallel, into titan's token files; train on them by index.
 
-  python scripts/preprocess_data.py INPUT... --output-prefix PREFIX [--tokenizer PATH]
+  titan-preprocess INPUT... --output-prefix PREFIX [--tokenizer PATH]
       [--workers N] [--text-field text] [--split train] [--config-name NAME]
   ./run_train.sh --data.path PREFIX
 
@@ -24,13 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from titan.config.job_config import Data  # noqa: E402
-from titan.data.dataloader import _load_hub, _load_local  # noqa: E402
-from titan.data.streaming import document_text  # noqa: E402
-from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
-from titan.data.tokens import (  # noqa: E402
+from titan.config.job_config import Data
+from titan.data.dataloader import _load_hub, _load_local
+from titan.data.streaming import document_text
+from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
+from titan.data.tokens import (
     FORMAT,
     encode_texts,
     token_dtype,
@@ -112,7 +110,8 @@ def preprocess(ns: argparse.Namespace) -> dict:
     return meta
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse the arguments, preprocess, print the summary; returns the written metadata."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--output-prefix", required=True)
@@ -133,5 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     return meta
 
 
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
