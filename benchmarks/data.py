@@ -24,13 +24,11 @@ import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from titan.cli import preprocess  # noqa: E402
 from titan.config.job_config import Data  # noqa: E402
 from titan.data.dataloader import build_dataloader, load_embedded_corpus  # noqa: E402
 from titan.data.streaming import PackedTextDataset, _StreamSource  # noqa: E402
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import preprocess_data  # noqa: E402
 
 
 def rate(batches, n: int, tokens_per_batch: int) -> float:
@@ -74,8 +72,8 @@ def main() -> None:
 
         for workers in (1, 2):
             prefix = Path(tmp) / f"pre{workers}"
-            meta = preprocess_data.main([str(docs), "--output-prefix", str(prefix),
-                                         "--workers", str(workers), "--quiet"])  # fmt: skip
+            meta = preprocess.run([str(docs), "--output-prefix", str(prefix),
+                                   "--workers", str(workers), "--quiet"])  # fmt: skip
             speed = meta["n_tokens"] / meta["seconds"]
             print(f"preprocess_data.py, {workers} worker(s): {speed:12,.0f} tokens/s, "
                   f"{speed / workers:,.0f} per worker")  # fmt: skip

@@ -21,6 +21,7 @@ from parallel_harness import load_script
 from test_hf_interop import TINY
 
 from titan.checkpoint.dcp_io import load_dcp_model
+from titan.cli import generate as generate_cli
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.models.llama3.generation import (
     Sampling,
@@ -182,7 +183,7 @@ def test_rows_stop_at_their_stop_token(ckpt):
 
 
 def test_chat_template_and_tokenizer_choice(ckpt, tmp_path):
-    script, tok = load_script("generate"), build_tokenizer(SHIPPED_TOKENIZER)
+    script, tok = generate_cli, build_tokenizer(SHIPPED_TOKENIZER)
 
     # Meta's llama3 ChatFormat: "\n\n" encoded apart from the stripped content, as finetuning
     # renders it (titan.data.chat)

@@ -1,9 +1,6 @@
-"""scripts/plot_metrics.py: merging resumed runs' metrics.jsonl, the drawn lines, and its errors.
+"""titan-plot (titan/cli/plot.py): merging resumed runs' metrics.jsonl, the drawn lines, and its
+errors."""
 
-Loaded with importlib rather than parallel_harness.load_script, which imports torch.
-"""
-
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,10 +8,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
-_spec = importlib.util.spec_from_file_location("plot_metrics", _SCRIPT)
-pm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pm)
+from titan.cli import plot as pm
 
 
 def train(step: int, loss: float, tps: float = 1000.0) -> dict:
