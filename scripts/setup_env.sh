@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Print the Python interpreter that has titan's dependencies, creating ./.venv when none has them.
 #   scripts/setup_env.sh          # training dependencies
-#   scripts/setup_env.sh --dev    # plus the test tools (pytest, ruff, transformers, peft)
+#   scripts/setup_env.sh --dev    # plus the test tools (pytest, ruff, transformers, peft) and the
+#                                 # extras plot (matplotlib) and trackers (tensorboard, wandb)
 # TITAN_PYTHON=/path/to/python skips the search; TITAN_TORCH_SPEC (default torch==2.13.0) is the
 # torch installed first into a new .venv: pinned, because an open range pulls a multi-GB CUDA build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MODULES="torch, torchao, torchdata, tiktoken, safetensors, datasets, numpy, matplotlib"
+MODULES="torch, torchao, torchdata, tiktoken, safetensors, datasets, numpy, tqdm"
 EXTRA=""
 if [ "${1:-}" = "--dev" ]; then
-  MODULES="$MODULES, pytest, transformers, peft"
+  MODULES="$MODULES, pytest, transformers, peft, matplotlib, tensorboard, wandb"
   EXTRA="[dev]"
 fi
 

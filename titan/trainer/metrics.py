@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from titan.config.job_config import Metrics
+from titan.errors import ConfigError
 from titan.logger import logger
 
 _GIB = 1024**3
@@ -345,8 +346,12 @@ def _format_line(
 
 
 def _open_tensorboard(log_dir: str, cfg: Metrics, rank: int) -> Any:
-    # Imported here: tensorboard takes seconds to import and most runs leave it off.
-    from torch.utils.tensorboard import SummaryWriter
+    # Imported here: tensorboard takes seconds to import, most runs leave it off, and it is the
+    # optional extra `trackers`.
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise _missing_tracker("metrics.enable_tensorboard", "tensorboard") from None
 
     if not cfg.rank_0_only:
         log_dir = os.path.join(log_dir, f"rank_{rank}")  # one run per rank, not interleaved
@@ -355,10 +360,18 @@ def _open_tensorboard(log_dir: str, cfg: Metrics, rank: int) -> Any:
 
 
 def _open_wandb(cfg: Metrics, dump_folder: str, rank: int, config_dict: dict | None) -> Any:
-    import wandb  # slow to import; only when enabled
+    try:
+        import wandb  # slow to import; only when enabled
+    except ImportError:
+        raise _missing_tracker("metrics.enable_wandb", "wandb") from None
 
     os.makedirs(dump_folder, exist_ok=True)
     name = None if cfg.rank_0_only else f"rank{rank}"
     run = wandb.init(project=cfg.wandb_project, dir=dump_folder, config=config_dict, name=name)
     logger.info(f"W&B run {run.name} ({os.environ.get('WANDB_MODE', 'online')} mode)")
     return run
+
+
+def _missing_tracker(key: str, package: str) -> Exception:
+    """A ConfigError (train's main prints it as one line) for a tracker whose package is absent."""
+    return ConfigError(f"{key} needs {package}: pip install 'titan[trackers]' (or turn it off)")
