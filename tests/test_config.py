@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from titan.config import ConfigError, JobConfig, load_config
+from titan.config import JobConfig, load_config
 from titan.config.manager import field_docs, help_text, to_toml
+from titan.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,3 +206,35 @@ def test_converter_and_nested_key_errors(args, message):
     with pytest.raises(ConfigError) as e:
         load_config(args)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    """From an empty folder a shipped config loads by name, with or without .toml, and by its path
+    beside the titan package; a file of that name in the folder wins."""
+    expected = load_config([], config_file=str(ROOT / "titan/train_configs/llama3_8b.toml"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("llama3_8b.toml", "llama3_8b", "titan/train_configs/llama3_8b.toml"):
+        cfg = load_config(["--job.config_file", name])
+        assert cfg.job.config_file == name
+        cfg.job.config_file = expected.job.config_file
+        assert cfg == expected, name
+    (tmp_path / "llama3_8b.toml").write_text("[training]\nsteps = 3\n")
+    assert load_config(["--job.config_file", "llama3_8b.toml"]).training.steps == 3
+
+
+def test_missing_config_names_where_it_looked_and_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = ", ".join(p.name for p in CONFIGS)
+    typo, in_folder = "debug_modle", "configs/debug_model.toml"
+    cases = {  # where each is looked for; a path with a folder is not a shipped config's name
+        typo: [typo, ROOT / typo, ROOT / "titan/train_configs" / f"{typo}.toml"],
+        in_folder: [in_folder, ROOT / in_folder],
+    }
+    for name, looked in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(["--job.config_file", name])
+        where = ", ".join(str(tmp_path / p) for p in looked)  # absolute ones stay themselves
+        assert str(e.value) == (
+            f"config file not found: {name} (looked at {where}); the shipped configs, which any "
+            f"folder can name: {shipped}"
+        )
