@@ -37,7 +37,7 @@ PRIVATE_APIS = (
     PrivateApi("torch._inductor.config._micro_pipeline_tp", "tensor_parallel: async TP"),
     PrivateApi("torch._subclasses.fake_tensor.FakeTensor", "memory_tracer"),
     PrivateApi("torch._subclasses.fake_tensor.FakeTensorMode", "memory_tracer"),
-    PrivateApi("torch._subclasses.fake_tensor.unset_fake_temporarily", "dry_run"),
+    PrivateApi("torch._subclasses.fake_tensor.unset_fake_temporarily", "trainer"),
     PrivateApi("torch.cuda.memory._record_memory_history", "profiling: memory snapshots"),
     PrivateApi("torch.cuda.memory._snapshot", "profiling: memory snapshots"),
     PrivateApi("torch.distributed._composable.replicate.replicate", "data_parallel: DDP"),

@@ -19,7 +19,6 @@ from titan.config.manager import help_text, to_toml
 from titan.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from titan.logger import init_logger, logger
 from titan.parallelisms.distributed import comm_mode
-from titan.trainer import dry_run
 from titan.trainer.trainer import Trainer
 
 
@@ -45,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             # one process, whatever the config's layout: the seed is the full, unsharded model
             cfg = dataclasses.replace(cfg, parallelism=Parallelism())
         if comm_mode() == "fake_backend":
+            from titan.trainer import dry_run  # only a dry run traces
+
             return dry_run.main(cfg, Trainer)
         trainer = Trainer(cfg)
         if cfg.checkpoint.create_seed_checkpoint:

@@ -184,7 +184,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for m in lora_modules(model):
         state[f"{m.adapter_name}.weight"] = m.merged_weight()
     return state
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: F401 (for train.py)
 
 from titan.config.job_config import JobConfig
 from titan.errors import ConfigError

@@ -10,6 +10,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor.parallel import loss_parallel
 
 from titan.checkpoint.checkpointer import CheckpointManager, build_checkpointer
@@ -29,8 +30,6 @@ from titan.parallelisms.context_parallel import shard_batch
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, local_tensor
 from titan.parallelisms.parallel_dims import init_parallel
 from titan.parallelisms.pipeline import build_schedule
-from titan.trainer import dry_run
-from titan.trainer.dry_run import unset_fake_temporarily
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
@@ -52,7 +51,9 @@ class Trainer:
         self.meshes = init_parallel(self.parallel_dims, self.device)
         if self.dry_run:  # traced eagerly: compile's kernels are not built
             self.compile_as_written = cfg.compile
-            self.cfg = cfg = dry_run.traceable(cfg, self.parallel_dims.ddp_enabled)
+            from titan.trainer.dry_run import traceable
+
+            self.cfg = cfg = traceable(cfg, self.parallel_dims.ddp_enabled)
         dims = self.parallel_dims
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_mesh = self.meshes["dp"] if self.meshes else None
@@ -108,7 +109,11 @@ class Trainer:
         self.metrics = self._build_metrics(built.float8_flops)
         self.float8 = converters_of(cfg).float8
         # per-layer float8 cast statistics every debug_log_freq steps, or None
-        self.float8_stats = build_float8_stats(self.model_parts, self.float8, cfg.job, self.rank)
+        self.float8_stats = None
+        if self.float8 is not None:
+            self.float8_stats = build_float8_stats(
+                self.model_parts, self.float8, cfg.job, self.rank
+            )
         self.step = 0
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward

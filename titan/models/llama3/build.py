@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig, Model
 from titan.converters import apply_converters
-from titan.converters.lora import init_adapters, trainable_parameters
+from titan.converters.lora import init_adapters
 from titan.errors import ConfigError
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer
@@ -86,9 +86,10 @@ def build_model(
     converters = converters_of(cfg)
     try:
         # (2) converters (float8/MX, LoRA): swap linears before any transform shards or splits them
-        built.float8_flops = apply_converters(model, converters, device, fsdp=dims.fsdp_enabled)
+        if converters:
+            built.float8_flops = apply_converters(model, converters, device, dims.fsdp_enabled)
         built.n_params = sum(p.numel() for p in model.parameters())
-        built.n_trainable = trainable_parameters(model)
+        built.n_trainable = _trainable(model)
         # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in order
         parallelize = functools.partial(
             parallelize_llama, dims=dims, meshes=meshes, p=cfg.parallelism,
@@ -101,7 +102,7 @@ def build_model(
             )
         else:
             parallelize(model)
-        if built.n_trainable and not any(trainable_parameters(part) for part in built.parts):
+        if built.n_trainable and not any(_trainable(part) for part in built.parts):
             raise ValueError(
                 "LoRA: this rank's pipeline stages hold no adapter (lora.target_modules = "
                 f"{cfg.lora.target_modules}) and would have nothing to train: give each stage a "
@@ -127,8 +128,13 @@ def build_model(
             # On CUDA, DTensor's RNG gives each shard its own stream of the seeded sequence.
             for part in built.parts:
                 part.init_weights(buffer_device=device)
-        # init_weights knows no adapters: they start from the seed alone, the same in any layout
-        init_adapters(built.parts, cfg.training.seed)
+        if converters.lora is not None:
+            # init_weights knows no adapters: they start from the seed alone, in any layout
+            init_adapters(built.parts, cfg.training.seed)
     for part in built.parts:
         part.train()
     return built
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

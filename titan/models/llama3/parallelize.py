@@ -99,14 +99,15 @@ def check_supported_layout(dims: ParallelDims, args: ModelArgs, cfg: JobConfig) 
                 "compile loses the ring attention's gradient; upgrade torch, use "
                 "model.attn_mask_type = 'block_causal', or compile only the loss"
             )
-    p, t = cfg.parallelism, cfg.training
-    on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    on_cuda = on_cuda or comm_mode() == "fake_backend"  # a dry run checks the GPU run
-    cuda_dtype = getattr(torch, t.mixed_precision_param) if on_cuda else None
-    check_cp(
-        dims.cp, dims.tp, p.enable_sequence_parallel, t.seq_len, args.attn_mask_type,
-        p.context_parallel_rotate_method, cuda_dtype,
-    )  # fmt: skip
+    if dims.cp > 1:
+        p, t = cfg.parallelism, cfg.training
+        on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        on_cuda = on_cuda or comm_mode() == "fake_backend"  # a dry run checks the GPU run
+        cuda_dtype = getattr(torch, t.mixed_precision_param) if on_cuda else None
+        check_cp(
+            dims.cp, dims.tp, p.enable_sequence_parallel, t.seq_len, args.attn_mask_type,
+            p.context_parallel_rotate_method, cuda_dtype,
+        )  # fmt: skip
     if dims.pp > 1 and args.tie_word_embeddings:
         raise ValueError(
             "pipeline parallel with tied embeddings (Llama 3.2 1B/3B): the embedding and the "
