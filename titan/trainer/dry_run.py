@@ -92,7 +92,8 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
 
 def traceable(cfg: JobConfig, ddp: bool) -> JobConfig:
     """The config a trace runs: the GPU run's optimizer (fused AdamW, unless the config says),
-    eager (inductor's kernels are built from real compiles). DDP (`ddp`) cannot be traced."""
+    eager (inductor's kernels are built from real compiles), no TensorBoard or W&B run (so a
+    plain install dry-runs every config). DDP (`ddp`) cannot be traced."""
     if ddp:
         raise ConfigError(
             "a dry run cannot trace DDP (data_parallel_replicate_degree > 1 with "
@@ -107,6 +108,9 @@ def traceable(cfg: JobConfig, ddp: bool) -> JobConfig:
         logger.info("dry run: traced eagerly (compile off); compiled blocks fuse elementwise ops "
                     "and usually hold less activation memory than this estimate")  # fmt: skip
         cfg = dataclasses.replace(cfg, compile=dataclasses.replace(cfg.compile, enable=False))
+    if cfg.metrics.enable_tensorboard or cfg.metrics.enable_wandb:  # a trace logs no steps
+        off = dataclasses.replace(cfg.metrics, enable_tensorboard=False, enable_wandb=False)
+        cfg = dataclasses.replace(cfg, metrics=off)
     return cfg
 
 
