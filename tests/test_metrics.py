@@ -190,7 +190,10 @@ def test_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = Metrics(enable_tensorboard=True)
-    ml = MetricsLogger(cfg, str(tmp_path), rank=0, device=CPU, flops_per_token=1, peak_flops=None)
+    ml = MetricsLogger(
+        cfg, str(tmp_path), rank=0, device=CPU, flops_per_token=1, peak_flops=None,
+        run_name="8B fsdp, lr 3e-4",
+    )  # fmt: skip
     _log_once(ml, step=3)
     ml.log(4, loss=6.5, grad_norm=1.0, lr=1e-3, ntokens=10, elapsed_s=1.0, data_s=0.0)
     ml.close()
@@ -201,6 +204,8 @@ def test_tensorboard_scalars(tmp_path):
     assert "mfu_pct" not in tags  # unknown values are not written as numbers
     loss = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert loss == [(3, pytest.approx(7.1234567)), (4, pytest.approx(6.5))]
+    (text,) = acc.Tensors("run/text_summary")  # job.description names the run
+    assert text.tensor_proto.string_val == [b"8B fsdp, lr 3e-4"]
 
 
 def test_tensorboard_rank_0_only(tmp_path):
@@ -255,7 +260,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     config = {"model": {"flavor": "debugmodel"}, "training": {"steps": 4, "seed": 0}}
     ml = MetricsLogger(
         cfg, str(dump), rank=0, device=CPU, flops_per_token=1, peak_flops=None,
-        config_dict=config,
+        config_dict=config, run_name="8B fsdp, lr 3e-4",
     )  # fmt: skip
     given = {3: (7.1234567, 1.5, 8e-4), 4: (6.5, 0.25, 1e-3)}  # _log_once's, then step 4's
     logged = {3: _log_once(ml, step=3)}
@@ -270,6 +275,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
     records = _wandb_records(path)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.project == "titan-test"
+    assert run.display_name == "8B fsdp, lr 3e-4"  # job.description
     got_config = _wandb_items(run.config.update)
     got_config.pop("_wandb")  # wandb's own bookkeeping
     assert got_config == config

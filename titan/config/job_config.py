@@ -15,7 +15,8 @@ class Job:
     dump_folder: str = "./outputs"
     """Folder for everything a run writes: logs, effective config, traces, checkpoints."""
     description: str = ""
-    """Free text that names the run in logs."""
+    """The run's name: in the log line that starts training, as TensorBoard text ("run") and
+    as the W&B run name."""
     print_config: bool = False
     """Print the effective config at start-up."""
 

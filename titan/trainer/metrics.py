@@ -211,6 +211,7 @@ class MetricsLogger:
         peak_flops: float | None,
         config_dict: dict | None = None,
         peak_label: str = "",
+        run_name: str = "",
     ) -> None:
         self.cfg = cfg
         self.peak_label = peak_label  # names the peak MFU is against when it is not plain bf16
@@ -229,8 +230,10 @@ class MetricsLogger:
             return  # only the logging rank writes TensorBoard and W&B
         if cfg.enable_tensorboard:
             self._tb = _open_tensorboard(os.path.join(dump_folder, cfg.save_tb_folder), cfg, rank)
+            if run_name:
+                self._tb.add_text("run", run_name)
         if cfg.enable_wandb:
-            self._wandb_run = _open_wandb(cfg, dump_folder, rank, config_dict)
+            self._wandb_run = _open_wandb(cfg, dump_folder, rank, config_dict, run_name)
 
     def should_log(self, step: int, last_step: int) -> bool:
         """Whether 1-based `step` gets a metrics line: every log_freq steps, the first, the last."""
@@ -359,14 +362,19 @@ def _open_tensorboard(log_dir: str, cfg: Metrics, rank: int) -> Any:
     return SummaryWriter(log_dir=log_dir)
 
 
-def _open_wandb(cfg: Metrics, dump_folder: str, rank: int, config_dict: dict | None) -> Any:
+def _open_wandb(
+    cfg: Metrics, dump_folder: str, rank: int, config_dict: dict | None, run_name: str
+) -> Any:
     try:
         import wandb  # slow to import; only when enabled
     except ImportError:
         raise _missing_tracker("metrics.enable_wandb", "wandb") from None
 
     os.makedirs(dump_folder, exist_ok=True)
-    name = None if cfg.rank_0_only else f"rank{rank}"
+    # the run's name (job.description), one run per rank without rank_0_only; None: W&B's own
+    name = run_name or None
+    if not cfg.rank_0_only:
+        name = f"{run_name}-rank{rank}" if run_name else f"rank{rank}"
     run = wandb.init(project=cfg.wandb_project, dir=dump_folder, config=config_dict, name=name)
     logger.info(f"W&B run {run.name} ({os.environ.get('WANDB_MODE', 'online')} mode)")
     return run

@@ -176,7 +176,7 @@ class Trainer:
         return MetricsLogger(
             self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,
             flops_per_token=self.flops_per_token, peak_flops=peak, config_dict=to_dict(self.cfg),
-            peak_label=label,
+            peak_label=label, run_name=self.cfg.job.description,
         )  # fmt: skip
 
     def _set_loss_scale(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -325,7 +325,8 @@ class Trainer:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
         logger.info(
-            f"training {t.steps} steps: {self.grad_accum_steps} micro-"
+            (f"run {job.description!r}: " if job.description else "")
+            + f"training {t.steps} steps: {self.grad_accum_steps} micro-"
             f"batch(es) of {t.local_batch_size} x {t.seq_len} tokens per step on {self.device}, "
             f"compute {self.compute_dtype}, {self.model_args.attn_mask_type} attention"
         )
