@@ -3,8 +3,8 @@
 Layout: <dump_folder>/<checkpoint.folder>/step-<N>/. Each save is written to step-<N>.partial and
 renamed when complete, so every step-<N> folder is a whole checkpoint and a crash mid-save leaves
 the previous one as the newest. Model weights sit flat at the top level under titan's names (the
-layout scripts/convert_*.py read and write); the rest under optimizer, lr_scheduler, dataloader
-and train_state.
+layout titan-convert-to-hf and titan-convert-from-hf read and write); the rest under optimizer,
+lr_scheduler, dataloader and train_state.
 """
 
 import pickle

@@ -125,7 +125,7 @@ class Validation:
     corpus), synthetic (random tokens, for tests), or a Hugging Face hub dataset name (downloaded
     whole, not streamed)."""
     path: str | None = None
-    """Local files or a scripts/preprocess_data.py prefix to validate on, instead of dataset."""
+    """Local files or a titan-preprocess prefix to validate on, instead of dataset."""
     split: str = "validation"
     """Split of a hub dataset."""
 

@@ -53,7 +53,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Tokenizer) -> tuple[l
     special = tokenizer.special_tokens
     start, end = special["<|start_header_id|>"], special["<|end_header_id|>"]
     # "\n\n" is encoded apart from the content: a generation prompt ends with it alone
-    # (scripts/generate.py --chat), and the model must learn the content that follows it
+    # (titan-generate --chat), and the model must learn the content that follows it
     newlines = tokenizer.encode("\n\n", bos=False, eos=False)
     ids, targets = [tokenizer.bos_id], [False]
     for message in messages:

@@ -2,7 +2,7 @@
 
 `build_dataloader` returns a loader whose state_dict() resumes exactly. Sources: the embedded
 corpus, synthetic tokens, local files (.txt gives a document per paragraph), files written by
-scripts/preprocess_data.py, or the hub; data.format = chat reads chat examples
+titan-preprocess, or the hub; data.format = chat reads chat examples
 (titan.data.chat) from files or the hub. All but streamed hub datasets are read by
 global window index (titan.data.tokens): a step's data is the same under any
 data-parallel layout, and resumes under any. A stream cannot be indexed cheaply: each dp rank
@@ -302,15 +302,15 @@ def build_dataloader(
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
     if cfg.holdout_every:
         raise DataError("data.holdout_every counts documents, which a stream cannot hold "
-                        "out: preprocess the data (scripts/preprocess_data.py)")  # fmt: skip
+                        "out: preprocess the data (titan-preprocess)")  # fmt: skip
     if not isinstance(accumulation, int) and len(accumulation) > 1:
         raise DataError("training.batch_size_schedule counts the windows read, which a stream "
-                        "cannot: preprocess the data (scripts/preprocess_data.py)")  # fmt: skip
+                        "cannot: preprocess the data (titan-preprocess)")  # fmt: skip
     source = build_stream(cfg, dp_rank, dp_degree)
     logger.warning(
         f"data: {source.name} is streamed: each dp rank reads its own shard, so the data of a "
         "step depends on the data-parallel degree and resumes only under the same one; "
-        "scripts/preprocess_data.py makes it indexable (global order, any layout)"
+        "titan-preprocess makes it indexable (global order, any layout)"
     )
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which newer torch deprecates; nothing to act on.

@@ -2,7 +2,7 @@
 
 Documents are one token array (each document BOS ... EOS) plus document offsets: tokenized at
 start-up (the embedded corpus, local files), or memory-mapped from the files that
-`scripts/preprocess_data.py` writes (PREFIX.bin tokens, PREFIX.idx offsets, PREFIX.json what
+`titan-preprocess` writes (PREFIX.bin tokens, PREFIX.idx offsets, PREFIX.json what
 made them). Every epoch puts the documents in an order drawn from (seed, epoch) and packs them
 back to back into one stream; window w is tokens [w (seq_len + 1), (w + 1)(seq_len + 1)) of the
 epochs laid end to end. `GlobalBatchLoader` hands each data-parallel rank its slice of every
@@ -53,7 +53,7 @@ def token_dtype(n_words: int) -> np.dtype:
 
 def encode_texts(task: tuple[str, list[str]]) -> list[np.ndarray]:
     """(tokenizer path, texts) -> each text's ids, BOS ... EOS: a worker's task in
-    scripts/preprocess_data.py (the tokenizer is built once per worker process)."""
+    titan-preprocess (the tokenizer is built once per worker process)."""
     path, texts = task
     tok = _worker_tokenizer(path)
     dtype = token_dtype(tok.n_words)
@@ -98,7 +98,7 @@ class TokenDocuments:
         if n_docs > 100_000:
             logger.info(
                 f"data: tokenizing {n_docs:,} documents of {name} at start-up; "
-                "scripts/preprocess_data.py does this once, in parallel"
+                "titan-preprocess does this once, in parallel"
             )
         pieces = [tokenizer.encode(text(i), bos=True, eos=True) for i in range(n_docs)]
         offsets = np.zeros(n_docs + 1, dtype=np.int64)
@@ -118,7 +118,7 @@ class TokenDocuments:
             if not path.is_file():
                 raise DataError(
                     f"{path} is missing (written with {prefix}.json by "
-                    "scripts/preprocess_data.py): preprocess the data again"
+                    "titan-preprocess): preprocess the data again"
                 )
         want = meta["n_tokens"] * dtype.itemsize
         if bin_path.stat().st_size != want:
@@ -146,8 +146,7 @@ def read_metadata(prefix: str) -> dict[str, Any]:
     path = Path(f"{prefix}.json")
     if not path.is_file():
         raise DataError(
-            f"{path} is missing: --data.path {prefix} names no data written by "
-            "scripts/preprocess_data.py"
+            f"{path} is missing: --data.path {prefix} names no data written by titan-preprocess"
         )
     try:
         meta = json.loads(path.read_text())

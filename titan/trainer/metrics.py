@@ -1,6 +1,6 @@
 """Training metrics: FLOPs per token, peak-FLOP/s table for MFU, device memory, and the
 MetricsLogger that writes the fixed metrics line, <dump_folder>/metrics.jsonl (rank 0: one JSON
-object per logged step, what scripts/plot_metrics.py reads), TensorBoard and Weights & Biases.
+object per logged step, what titan-plot reads), TensorBoard and Weights & Biases.
 """
 
 import json

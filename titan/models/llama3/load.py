@@ -83,7 +83,7 @@ def load_model(
         if any(is_adapter_key(k) for k in stored):  # the base alone would be silently wrong
             raise CheckpointError(
                 f"{path} holds LoRA adapters: merge them into the weights first "
-                f"(python scripts/convert_to_hf.py {path} OUT_DIR --merge-lora ...), then use "
+                f"(titan-convert-to-hf {path} OUT_DIR --merge-lora ...), then use "
                 "OUT_DIR"
             )
         load_dcp_model(path, model, stored)  # reads only this rank's shards of DTensors
