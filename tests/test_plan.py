@@ -1,10 +1,9 @@
-"""The layout planner (scripts/plan.py): exact parameter counts against meta-device models and
+"""The layout planner (titan-plan): exact parameter counts against meta-device models and
 their pipeline stages, activations against the tensors autograd saves, peak memory against
 titan's dry run (traced steps, recorded and live), titan's own verdicts, the bubble ordering,
 the Llama 3 paper's and torchtitan's layouts, and its TOML in titan's config loader."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -15,6 +14,7 @@ import pytest
 import torch
 from dry_run_harness import dry_run
 
+from titan.cli import plan as plan_script
 from titan.config import load_config
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
@@ -63,9 +63,6 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = ROOT / "titan/train_configs" / "debug_model.toml"
 H100 = GPUS["h100"]
-_spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts/plan.py")
-plan_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan_script)
 
 
 def meta_model(flavor: str) -> Transformer:
@@ -365,14 +362,15 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
         alone.parallelism.data_parallel_shard_degree
         == written["parallelism"]["data_parallel_shard_degree"]
     )
-    merged = load_config(overrides(written), config_file=str(ROOT / "titan/train_configs/llama3_8b.toml"))
+    shipped = ROOT / "titan/train_configs"
+    merged = load_config(overrides(written), config_file=str(shipped / "llama3_8b.toml"))
     assert merged.model.tokenizer_path.endswith("Llama-3.1-8B/original/tokenizer.model")
     _titan_accepts(merged, 8, 1)
     # a pipelined row into the 405B config, whose layers_per_stage (8) the row must replace
     req, plans = plans_405b[8192]
     row = plans[_rank(plans, tp=8, cp=1, pp=16, dp=128) - 1]
     tables = toml_tables(req, row.candidate)
-    cfg = load_config(overrides(tables), config_file=str(ROOT / "titan/train_configs/llama3_405b.toml"))
+    cfg = load_config(overrides(tables), config_file=str(shipped / "llama3_405b.toml"))
     lay = row.candidate.layout
     stages = num_stages(lay.parallelism(), 126)
     _titan_accepts(cfg, 16384, stages)
