@@ -16,15 +16,16 @@ from dry_run_harness import dry_run
 
 from titan.cli import plan as plan_script
 from titan.config import load_config
+from titan.config.job_config import Parallelism
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
 from titan.models.llama3.parallelize import check_supported_layout, check_tp_degree
 from titan.models.llama3.pipeline import stage_module
 from titan.parallelisms import activation_checkpoint as ac_module
-from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline, num_stages
 from titan.planning import memory_model as mm
-from titan.planning.memory_model import GIB, Layout, estimate_memory
+from titan.planning.memory_model import GIB, estimate_memory
 from titan.planning.model_sizes import (
     LINEAR_ORDER,
     block_flops,
@@ -65,6 +66,13 @@ DEBUG_TOML = ROOT / "titan/train_configs" / "debug_model.toml"
 H100 = GPUS["h100"]
 
 
+def parallelism(gpus: int, **degrees: int) -> tuple[Parallelism, ParallelDims]:
+    """A [parallelism] section with these degrees (data_parallel_shard_degree: 1 unless given)
+    and the dims titan resolves from it on `gpus` ranks."""
+    par = Parallelism(**{"data_parallel_shard_degree": 1, **degrees})
+    return par, resolve_parallel_dims(par, gpus)
+
+
 def meta_model(flavor: str) -> Transformer:
     with torch.device("meta"):
         return Transformer(dataclasses.replace(FLAVORS[flavor], max_seq_len=16))
@@ -79,11 +87,10 @@ def test_8b_fsdp8_state_bytes_are_the_exact_parameter_count():
     gradient accumulation a later one also holds the reduce-scattered fp32 gradients."""
     n = numel(meta_model("8B"))
     assert parameter_count(FLAVORS["8B"]) == n == 8_030_261_248
-    first = estimate_memory(FLAVORS["8B"], Layout(dp_shard=8), 8192, 1, "selective")
+    fsdp8 = parallelism(8, data_parallel_shard_degree=8)
+    first = estimate_memory(FLAVORS["8B"], *fsdp8, 8192, 1, "selective")
     assert (first.parameters, first.gradients, first.optimizer_state) == (n * 4 // 8, 0, n)
-    later = estimate_memory(
-        FLAVORS["8B"], Layout(dp_shard=8), 8192, 1, "selective", grad_accumulation=2
-    )
+    later = estimate_memory(FLAVORS["8B"], *fsdp8, 8192, 1, "selective", grad_accumulation=2)
     assert later.gradients == n * 4 // 8 == later.total - first.total
 
 
@@ -219,7 +226,7 @@ def test_verify_prints_the_traced_peak_of_the_best_row(tmp_path, capsys):
 def test_memory_matches_titans_measured_1b_run_and_flops_are_titans():
     """benchmarks/README: 1B, one H100, eager, no AC, local batch 4 x 2048, bf16 autocast:
     44.8 GiB max allocated. Stated tolerance 10 %."""
-    est = estimate_memory(FLAVORS["1B"], Layout(), 2048, 4, "none")
+    est = estimate_memory(FLAVORS["1B"], *parallelism(1), 2048, 4, "none")
     assert est.total / GIB == pytest.approx(44.8, rel=0.10)
     args = dataclasses.replace(FLAVORS["405B"], max_seq_len=8192)
     assert flops_per_token(args) == args.n_layers * block_flops(args, 8192) + output_flops(args)
@@ -229,7 +236,8 @@ def test_throughput_reproduces_torchaos_8b_reference():
     """torchao's float8 README: Llama3-8B, 8 H100, FSDP, seq 8192, per-op SAC, compile:
     6,150 tokens/s/GPU in bf16, +25.0 % with tensorwise float8 (10 % tolerance on the first)."""
     args = dataclasses.replace(FLAVORS["8B"], max_seq_len=8192)
-    bf16, f8 = (estimate_step(args, Layout(dp_shard=8), 8192, 1, 8, "selective", f, H100)
+    fsdp8 = parallelism(8, data_parallel_shard_degree=8)
+    bf16, f8 = (estimate_step(args, *fsdp8, 8192, 1, 8, "selective", f, H100)
                 for f in (False, True))  # fmt: skip
     assert bf16.tokens_per_s_per_gpu == pytest.approx(6150, rel=0.10)
     assert f8.tokens_per_s_per_gpu / bf16.tokens_per_s_per_gpu == pytest.approx(1.25, abs=0.02)
@@ -254,7 +262,8 @@ def test_405b_on_8_gpus_fits_nowhere(capsys):
 
 def test_tp_that_does_not_divide_the_heads_is_refused_with_titans_message(capsys):
     req = Request("70B", 64, 8192, 64 * 8192, H100, 80)
-    verdict = evaluate(req, Candidate(Layout(dp_shard=4, tp=16), 1, "full", False))
+    tp16 = parallelism(64, data_parallel_shard_degree=4, tensor_parallel_degree=16)
+    verdict = evaluate(req, Candidate(*tp16, 1, "full", False))
     with pytest.raises(ValueError) as titan:
         check_tp_degree(req.args, 16)
     assert verdict == str(titan.value)
@@ -275,8 +284,9 @@ def plans_405b() -> dict[int, tuple[Request, list[Plan]]]:
 def _rank(plans: list[Plan], **want) -> int:
     """1-based rank of the best row with these layout values (0: none)."""
     for rank, p in enumerate(plans, start=1):
-        lay = p.candidate.layout
-        got = {"tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "schedule": lay.pp_schedule}
+        d, par = p.candidate.dims, p.candidate.parallelism
+        got = {"tp": d.tp, "cp": d.cp, "pp": d.pp, "dp": d.dp,
+               "schedule": par.pipeline_parallel_schedule}  # fmt: skip
         if all(got[k] == v for k, v in want.items()):
             return rank
     return 0
@@ -314,13 +324,12 @@ def _shipped(name: str, gpus: int) -> tuple[Request, Candidate]:
     cfg = load_config([], config_file=str(ROOT / "titan/train_configs" / name))
     t, p = cfg.training, cfg.parallelism
     dims = resolve_parallel_dims(p, gpus)
-    layout = Layout(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp,
-                    p.pipeline_parallel_schedule, p.pipeline_parallel_microbatch_size,
-                    p.pipeline_parallel_layers_per_stage)  # fmt: skip
+    par = dataclasses.replace(p, data_parallel_shard_degree=dims.dp_shard)  # explicit degrees
     tokens = t.local_batch_size * dims.dp * t.seq_len
     req = Request(cfg.model.flavor, gpus, t.seq_len, tokens, H100, 80)
     ac = cfg.activation_checkpoint.mode
-    return req, Candidate(layout, t.local_batch_size, ac, "float8" in cfg.model.converters)
+    f8 = "float8" in cfg.model.converters
+    return req, Candidate(par, dims, t.local_batch_size, ac, f8)
 
 
 @pytest.mark.parametrize(
@@ -371,8 +380,7 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
     row = plans[_rank(plans, tp=8, cp=1, pp=16, dp=128) - 1]
     tables = toml_tables(req, row.candidate)
     cfg = load_config(overrides(tables), config_file=str(shipped / "llama3_405b.toml"))
-    lay = row.candidate.layout
-    stages = num_stages(lay.parallelism(), 126)
+    stages = num_stages(row.candidate.parallelism, 126)
     _titan_accepts(cfg, 16384, stages)
     assert stages == 2 * 16 and cfg.training.global_batch_size == 2048
 

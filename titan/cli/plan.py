@@ -95,16 +95,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def row(rank: int, p: Plan) -> str:
-    c, lay, t, m = p.candidate, p.candidate.layout, p.time, p.memory
-    schedule = lay.pp_schedule if lay.pp > 1 else "-"
-    if lay.layers_per_stage:
-        schedule += f" lps {lay.layers_per_stage}"
-    micro = c.local_batch_size // lay.microbatch_size if lay.pp > 1 else 1
+    c, t, m = p.candidate, p.time, p.memory
+    d, par = c.dims, c.parallelism
+    schedule = par.pipeline_parallel_schedule if d.pp > 1 else "-"
+    if par.pipeline_parallel_layers_per_stage:
+        schedule += f" lps {par.pipeline_parallel_layers_per_stage}"
+    micro = c.local_batch_size // par.pipeline_parallel_microbatch_size if d.pp > 1 else 1
     ac = c.ac_mode if c.compile_blocks else f"{c.ac_mode}*"
     memory = f"{m.total / GIB:5.1f} ({SHORT.get(m.dominant, m.dominant)})"
     return (
-        f"{rank:>4} {lay.dp_replicate:>6} {lay.dp_shard:>8} {lay.tp:>2} {lay.pp:>3} "
-        f"{schedule:<21} {lay.cp:>2} {c.local_batch_size:>3} {micro:>3} {p.accumulation:>3} "
+        f"{rank:>4} {d.dp_replicate:>6} {d.dp_shard:>8} {d.tp:>2} {d.pp:>3} "
+        f"{schedule:<21} {d.cp:>2} {c.local_batch_size:>3} {micro:>3} {p.accumulation:>3} "
         f"{ac:<9} {'yes' if c.float8 else 'no':<3} {memory:<20} {t.step:>7.2f} "
         f"{t.tokens_per_s_per_gpu:>9,.0f} {t.mfu:>5.1%} {t.bubble:>6.1%}"
     )

@@ -2,18 +2,19 @@
 fp32 master weights, gradients and AdamW moments) for a parallel layout: the dry run's parts
 (titan.trainer.dry_run) at the point of the step's schedule where they peak."""
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 from titan.config.job_config import Parallelism
 from titan.models.llama3.args import ModelArgs
+from titan.parallelisms.parallel_dims import ParallelDims
 from titan.planning.model_sizes import (
     Stage,
     float8_linears,
     linear_sizes,
     module_params,
+    pipeline_split,
     rank_stage_ids,
     rank_stages,
     sac_saved_linears,
@@ -40,51 +41,6 @@ LEAVES_OUT = (
     "float8's scales; the data loader's tensors. Checked against titan's dry run (a traced step): "
     "within a few percent for the shipped configs and the debug model's layouts."
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A parallel layout in titan's terms ([parallelism] degrees and pipeline settings)."""
-
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    pp_schedule: str = "1F1B"
-    microbatch_size: int = 1  # pipeline_parallel_microbatch_size
-    layers_per_stage: int | None = None  # pipeline_parallel_layers_per_stage
-    sequence_parallel: bool = True
-    loss_parallel: bool = True  # with tp > 1: not parallelism.disable_loss_parallel
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp
-
-    @property
-    def fsdp_degree(self) -> int:
-        """Ranks each parameter is sharded over (FSDP shards over dp_shard x cp; 1: no FSDP)."""
-        return self.dp_shard * self.cp
-
-    def parallelism(self, base: Parallelism | None = None) -> Parallelism:
-        """titan's [parallelism] section for this layout."""
-        return dataclasses.replace(
-            base or Parallelism(),
-            data_parallel_replicate_degree=self.dp_replicate,
-            data_parallel_shard_degree=self.dp_shard,
-            tensor_parallel_degree=self.tp,
-            pipeline_parallel_degree=self.pp,
-            context_parallel_degree=self.cp,
-            pipeline_parallel_schedule=self.pp_schedule,
-            pipeline_parallel_microbatch_size=self.microbatch_size,
-            pipeline_parallel_layers_per_stage=self.layers_per_stage,
-            enable_sequence_parallel=self.sequence_parallel,
-            disable_loss_parallel=not self.loss_parallel,
-        )
 
 
 @dataclass
@@ -164,7 +120,8 @@ def block_activation_bytes(
 
 def estimate_memory(
     args: ModelArgs,
-    layout: Layout,
+    par: Parallelism,
+    dims: ParallelDims,
     seq_len: int,
     local_batch_size: int,
     ac_mode: str = "none",
@@ -175,32 +132,33 @@ def estimate_memory(
     grad_accumulation: int = 1,
     pp_rank: int | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes of a training step on pipeline rank `pp_rank`, or (None) on the one that
-    peaks highest among the first, the last and the one with the most blocks (pp 1: the only
-    one). ac_mode: none, full or selective (ac_option "op", or "N": every N-th block, full);
-    float8: titan's float8 converter (default settings); float8_all_gather: FSDP gathers the
-    float8 linears' weights in float8 (quantize.linear.float8.enable_fsdp_float8_all_gather);
-    compiled_loss: compile.components includes "loss" (the dry run traces the eager loss);
-    grad_accumulation: micro-batch steps of local_batch_size per optimizer step."""
+    """Peak bytes of a training step of the layout `par` (`dims`: its degrees, as titan
+    resolves them) on pipeline rank `pp_rank`, or (None) on the one that peaks highest among
+    the first, the last and the one with the most blocks (pp 1: the only one). ac_mode: none,
+    full or selective (ac_option "op", or "N": every N-th block, full); float8: titan's float8
+    converter (default settings); float8_all_gather: FSDP gathers the float8 linears' weights
+    in float8 (quantize.linear.float8.enable_fsdp_float8_all_gather); compiled_loss:
+    compile.components includes "loss" (the dry run traces the eager loss); grad_accumulation:
+    micro-batch steps of local_batch_size per optimizer step."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
-    ranks = rank_stages(args.n_layers, layout.pp, layout.pp_schedule, layout.layers_per_stage)
+    ranks = rank_stages(args.n_layers, *pipeline_split(par))
     step = _Step(
-        args, layout, seq_len, local_batch_size, ac_mode, ac_option, float8,
+        args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
         float8 and float8_all_gather, compiled_loss, grad_accumulation,
     )  # fmt: skip
     if pp_rank is not None:
         return step.rank(pp_rank, ranks[pp_rank])
     blocks = [sum(st.blocks for st in stages) for stages in ranks]
-    peaks = {0, layout.pp - 1, blocks.index(max(blocks))}
+    peaks = {0, dims.pp - 1, blocks.index(max(blocks))}
     return max((step.rank(r, ranks[r]) for r in sorted(peaks)), key=lambda e: e.total)
 
 
-def state_bytes(args: ModelArgs, layout: Layout) -> int:
+def state_bytes(args: ModelArgs, par: Parallelism, dims: ParallelDims) -> int:
     """fp32 weights and AdamW's two fp32 moments of pipeline rank 0's shards: a lower bound on
     estimate_memory, for ruling layouts out quickly."""
-    ranks = rank_stages(args.n_layers, layout.pp, layout.pp_schedule, layout.layers_per_stage)
-    return 12 * stage_params(args, list(ranks[0]), layout.tp, layout.fsdp_degree)
+    ranks = rank_stages(args.n_layers, *pipeline_split(par))
+    return 12 * stage_params(args, list(ranks[0]), dims.tp, dims.fsdp_degree)
 
 
 @dataclass
@@ -208,7 +166,8 @@ class _Step:
     """One training step's settings; its methods give one pipeline rank's terms."""
 
     args: ModelArgs
-    layout: Layout
+    par: Parallelism
+    dims: ParallelDims
     seq_len: int
     local_batch_size: int
     ac_mode: str
@@ -221,53 +180,56 @@ class _Step:
     @property
     def n_micro(self) -> int:
         """Pipeline micro-batches per local batch (1 without pipeline parallel)."""
-        return self.local_batch_size // self.layout.microbatch_size if self.layout.pp > 1 else 1
+        mbs = self.par.pipeline_parallel_microbatch_size
+        return self.local_batch_size // mbs if self.dims.pp > 1 else 1
 
     @property
     def tokens(self) -> float:
         """Tokens one rank runs through its blocks at once: a micro-batch (pp) or the local
         batch, of seq_len / cp tokens each."""
-        seqs = self.layout.microbatch_size if self.layout.pp > 1 else self.local_batch_size
-        return seqs * self.seq_len / self.layout.cp
+        pipelined = self.dims.pp > 1
+        seqs = self.par.pipeline_parallel_microbatch_size if pipelined else self.local_batch_size
+        return seqs * self.seq_len / self.dims.cp
 
     @property
     def sp(self) -> int:
         """The factor sequence parallel shards activations between blocks by."""
-        lay = self.layout
-        return lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+        tp = self.dims.tp
+        return tp if self.par.enable_sequence_parallel and tp > 1 else 1
 
     @functools.cached_property
     def per_token(self) -> tuple[float, float]:
         """block_activation_bytes for this step: (kept per token, kept with no AC)."""
-        a, lay = self.args, self.layout
+        a, d = self.args, self.dims
         f8 = float8_linears(a) if self.float8 else frozenset()
-        autocast = lay.fsdp_degree == 1
-        return block_activation_bytes(a, lay.tp, lay.sequence_parallel, self.ac_mode, f8, autocast)
+        autocast = d.fsdp_degree == 1
+        sp = self.par.enable_sequence_parallel
+        return block_activation_bytes(a, d.tp, sp, self.ac_mode, f8, autocast)
 
     @property
     def edge(self) -> float:
         """Bytes of one micro-batch's activation between blocks and stages: bf16, fp32 with
         autocast (no FSDP: the residual stream stays fp32)."""
-        width = 2 if self.layout.fsdp_degree > 1 else 4
+        width = 2 if self.dims.fsdp_degree > 1 else 4
         return self.tokens * width * self.args.dim / self.sp
 
     @property
     def vocab(self) -> float:
         """Logits per token on a rank (loss parallel keeps them sharded over tp)."""
-        lay = self.layout
-        return self.args.vocab_size / (lay.tp if lay.loss_parallel else 1)
+        loss_parallel = not self.par.disable_loss_parallel
+        return self.args.vocab_size / (self.dims.tp if loss_parallel else 1)
 
     def rank(self, pp_rank: int, stages: tuple[Stage, ...]) -> MemoryEstimate:
         """The rank's peak over the points of its step (schedule_memory.peak_points): its
         static state (fp32 weights and AdamW's two fp32 moments of its shards) plus, at each
         point, the micro-batches in flight, gradients, gathered weights and transients."""
-        lay = self.layout
-        local = stage_params(self.args, list(stages), lay.tp, lay.fsdp_degree)
-        held = rank_stage_ids(self.args.n_layers, lay.pp, lay.pp_schedule, lay.layers_per_stage)
+        d, schedule = self.dims, self.par.pipeline_parallel_schedule
+        local = stage_params(self.args, list(stages), d.tp, d.fsdp_degree)
+        held = rank_stage_ids(self.args.n_layers, *pipeline_split(self.par))
         terms = [self.stage(st) for st in stages]
-        n_micro = self.n_micro if lay.pp > 1 else min(self.grad_accumulation, 2)
-        points = peak_points(lay.pp_schedule, lay.pp, pp_rank, n_micro, held[pp_rank])
-        prior = lay.pp > 1 and self.grad_accumulation > 1  # earlier schedule steps' gradients
+        n_micro = self.n_micro if d.pp > 1 else min(self.grad_accumulation, 2)
+        points = peak_points(schedule, d.pp, pp_rank, n_micro, held[pp_rank])
+        prior = d.pp > 1 and self.grad_accumulation > 1  # earlier schedule steps' gradients
         where = max(points, key=lambda p: point_total(p, terms, prior))
         best = point_parts(where, terms, prior)
         best["parameters"] += 4 * local
@@ -280,10 +242,10 @@ class _Step:
 
     def stage(self, st: Stage) -> StageBytes:
         """One stage's terms (schedule_memory.StageBytes)."""
-        a, lay, tokens = self.args, self.layout, self.tokens
+        a, d, tokens = self.args, self.dims, self.tokens
         first, last = "tok_embeddings" in st.extras, "output" in st.extras
         out = StageBytes(micro_batch=self.saved(st), in_block=self.block_backward)
-        if lay.pp > 1:
+        if d.pp > 1:
             # torch's stage allocates a receive buffer per micro-batch for its input (all but
             # the first stage) and its output's gradient (all but the last), kept all step
             out.persistent = ((not first) + (not last)) * self.n_micro * self.edge
@@ -293,13 +255,13 @@ class _Step:
             if self.compiled_loss:  # inductor's backward writes the bf16 gradient directly
                 out.at_start = {"backward_temporaries": 2 * logits}
             else:  # nll_loss's and log_softmax's fp32 gradients (loss parallel: 3 of them)
-                n = 3 if lay.tp > 1 and lay.loss_parallel else 2
+                n = 3 if d.tp > 1 and not self.par.disable_loss_parallel else 2
                 out.at_start = {"backward_temporaries": 4 * n * logits}
         if first:  # the embedding's bf16 weight gradient (TP too: the whole vocabulary's)
             out.at_end = {"backward_temporaries": 2 * a.vocab_size * a.dim}
-            if lay.pp == 1 and lay.fsdp_degree > 1:  # the root's fp32 reduce-scatter input
+            if d.pp == 1 and d.fsdp_degree > 1:  # the root's fp32 reduce-scatter input
                 extras = untied(a, ["tok_embeddings", "norm", "output"])
-                root = sum(module_params(a, n, lay.tp) for n in extras)
+                root = sum(module_params(a, n, d.tp) for n in extras)
                 out.at_end["communication_buffers"] = 4 * root
         return out
 
@@ -309,8 +271,8 @@ class _Step:
         and on the last stage the final norm's and the output layer's inputs and the loss's:
         eager, fp32 log-probs (loss.py upcasts); compiled, bf16 logits and two fp32 per token;
         pipelined, the stage's output (the bf16 logits) until backward."""
-        a, lay, tokens, s = self.args, self.layout, self.tokens, self.sp
-        autocast = lay.fsdp_degree == 1
+        a, d, tokens, s = self.args, self.dims, self.tokens, self.sp
+        autocast = d.fsdp_degree == 1
         kept, none = self.per_token
         if self.ac_mode == "selective" and self.ac_option != "op":
             every = int(self.ac_option)  # apply_ac wraps blocks 0, N, 2N, ... of each stage
@@ -320,13 +282,13 @@ class _Step:
         else:
             per_token = st.blocks * kept
         out = tokens * per_token
-        if lay.fsdp_degree > 1:  # FSDP casts the fp32 table to bf16 as each block's input
-            rope = self.seq_len / lay.cp * a.head_dim
+        if d.fsdp_degree > 1:  # FSDP casts the fp32 table to bf16 as each block's input
+            rope = self.seq_len / d.cp * a.head_dim
             out += st.blocks * rope * (2 if self.ac_mode != "none" else 4)
         first, last = "tok_embeddings" in st.extras, "output" in st.extras
-        if lay.pp > 1 and not first and self.ac_mode != "none":
+        if d.pp > 1 and not first and self.ac_mode != "none":
             out -= self.edge  # the first block's saved input is the stage's receive buffer
-        if lay.pp > 1 and not last:
+        if d.pp > 1 and not last:
             out += self.edge  # the stage's output, kept for its backward
         if last:  # the final norm's saves (autocast: and its fp32 input), the output's input
             out += tokens * ((8 if autocast else 6) * a.dim + 4) / s + tokens * 2 * a.dim
@@ -334,7 +296,7 @@ class _Step:
             if self.compiled_loss:
                 out += 2 * logits + 8 * tokens
             else:
-                out += 4 * logits + (2 * logits if lay.pp > 1 else 0)
+                out += 4 * logits + (2 * logits if d.pp > 1 else 0)
         return out
 
     def weights(self, st: Stage, out: StageBytes) -> None:
@@ -344,47 +306,47 @@ class _Step:
         unsharded in fp32 (the embedding's over the whole vocabulary under TP: a Partial
         gradient); else the root and the last block, gradients reduce-scattered per block.
         No FSDP: autocast's bf16 copies of the weights, fp32 gradients."""
-        a, lay = self.args, self.layout
+        a, d = self.args, self.dims
         extras = untied(a, list(st.extras))
-        if lay.fsdp_degree == 1:  # autocast's cached bf16 casts (not of the embedding)
-            local = stage_params(a, [st], lay.tp)
+        if d.fsdp_degree == 1:  # autocast's cached bf16 casts (not of the embedding)
+            local = stage_params(a, [st], d.tp)
             out.accumulating = out.synced = 4 * local
             embedding = "tok_embeddings" in extras and not a.tie_word_embeddings
-            out.gathered = 2 * (local - embedding * module_params(a, "tok_embeddings", lay.tp))
+            out.gathered = 2 * (local - embedding * module_params(a, "tok_embeddings", d.tp))
             return
-        root = sum(2 * module_params(a, n, lay.tp) for n in extras)
-        blocks = st.blocks if lay.pp > 1 else min(1, st.blocks)
+        root = sum(2 * module_params(a, n, d.tp) for n in extras)
+        blocks = st.blocks if d.pp > 1 else min(1, st.blocks)
         out.gathered = blocks * self.gathered_block + root
-        out.synced = 4 * stage_params(a, [st], lay.tp, lay.fsdp_degree)
-        out.accumulating = 4 * stage_params(a, [st], lay.tp)
-        if "tok_embeddings" in extras and lay.tp > 1:
-            out.accumulating += 4 * (lay.tp - 1) * module_params(a, "tok_embeddings", lay.tp)
+        out.synced = 4 * stage_params(a, [st], d.tp, d.fsdp_degree)
+        out.accumulating = 4 * stage_params(a, [st], d.tp)
+        if "tok_embeddings" in extras and d.tp > 1:
+            out.accumulating += 4 * (d.tp - 1) * module_params(a, "tok_embeddings", d.tp)
 
     @functools.cached_property
     def block_backward(self) -> dict[str, float]:
         """One block's backward: its recomputed activations (AC), its activation gradients,
         its bf16 weight gradients (FSDP: and their fp32 reduce-scatter input, and the next
         block's gathered weights), TP's gathered activation and CP's gathered keys/values."""
-        a, lay, tokens, s = self.args, self.layout, self.tokens, self.sp
+        a, d, tokens, s = self.args, self.dims, self.tokens, self.sp
         kept, none = self.per_token
         whole = self.ac_mode == "full" or self.ac_option != "op"  # selective "N": full blocks
         recompute = 0.0 if self.ac_mode == "none" else none if whole else none - kept
         # checkpointing frees each recomputed tensor once backward used it: the FFN's three
         # gradients come when part of the recompute is gone
-        ffn_grads = 3 * 2 * a.ffn_hidden_dim / lay.tp
+        ffn_grads = 3 * 2 * a.ffn_hidden_dim / d.tp
         per_token = max(recompute, ffn_grads) + 2 * 2 * a.dim / s
-        block = module_params(a, "layers.0", lay.tp)
+        block = module_params(a, "layers.0", d.tp)
         out = {"backward_temporaries": tokens * per_token + 2 * block}
         comm = 0.0
-        if lay.fsdp_degree > 1 and lay.pp == 1:
+        if d.fsdp_degree > 1 and d.pp == 1:
             out["gathered_parameters"] = self.gathered_block
             comm += 4 * block
-        elif lay.fsdp_degree == 1 and lay.dp_replicate > 1:
+        elif d.fsdp_degree == 1 and d.dp_replicate > 1:
             comm += 2 * DDP_BUCKET_BYTES
-        if lay.tp > 1:
-            comm += tokens * a.dim * 2 / s * lay.tp  # one sequence-parallel activation, gathered
-        if lay.cp > 1:  # all cp ranks' keys and values of one block (allgather rotation)
-            comm += tokens * lay.cp * 2 * (a.n_kv_heads / lay.tp) * a.head_dim * 2
+        if d.tp > 1:
+            comm += tokens * a.dim * 2 / s * d.tp  # one sequence-parallel activation, gathered
+        if d.cp > 1:  # all cp ranks' keys and values of one block (allgather rotation)
+            comm += tokens * d.cp * 2 * (a.n_kv_heads / d.tp) * a.head_dim * 2
         out["communication_buffers"] = comm
         return out
 
@@ -392,7 +354,7 @@ class _Step:
     def gathered_block(self) -> float:
         """One block's unsharded weights as FSDP gathers them: bf16, float8 linears in float8
         with the float8 all-gather."""
-        a, tp = self.args, self.layout.tp
+        a, tp = self.args, self.dims.tp
         f8 = float8_linears(a) if self.float8_all_gather else frozenset()
         total = sum((1 if n in f8 else 2) * size / tp for n, size in linear_sizes(a).items())
         return total + 2 * 2 * a.dim  # the two norms, replicated over tp

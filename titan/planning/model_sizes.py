@@ -89,6 +89,16 @@ def untied(args: ModelArgs, names: list[str]) -> list[str]:
     return names
 
 
+def pipeline_split(par: Parallelism) -> tuple[int, str, int | None]:
+    """(pp, schedule, layers_per_stage): the [parallelism] keys the stage functions below take
+    (hashable, for their caches)."""
+    return (
+        par.pipeline_parallel_degree,
+        par.pipeline_parallel_schedule,
+        par.pipeline_parallel_layers_per_stage,
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def _rank_stage_names(
     n_layers: int, pp: int, schedule: str, layers_per_stage: int | None

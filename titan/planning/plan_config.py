@@ -9,12 +9,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from titan.config.job_config import JobConfig
+from titan.config.job_config import JobConfig, Parallelism
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.parallelize import check_supported_layout
-from titan.parallelisms.parallel_dims import resolve_parallel_dims
-from titan.parallelisms.pipeline import check_pipeline
-from titan.planning.memory_model import GIB, Layout, MemoryEstimate, estimate_memory
+from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
+from titan.parallelisms.pipeline import check_pipeline, num_stages
+from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory
 from titan.planning.throughput_model import GPU, StepTime
 from titan.trainer.runtime import grad_accumulation_steps
 
@@ -68,7 +68,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Candidate:
-    layout: Layout
+    """A layout to try: its [parallelism] section (explicit degrees) and the dims titan resolves
+    from it, with the training settings the planner varies."""
+
+    parallelism: Parallelism
+    dims: ParallelDims
     local_batch_size: int
     ac_mode: str
     float8: bool
@@ -141,20 +145,20 @@ def accept(req: Request, cand: Candidate) -> Candidate | str:
 
 def toml_tables(req: Request, cand: Candidate) -> dict[str, dict]:
     """The candidate as titan's config keys, by table (what the TOML block prints)."""
-    lay = cand.layout
+    p, d = cand.parallelism, cand.dims
     par = {
-        "data_parallel_replicate_degree": lay.dp_replicate,
-        "data_parallel_shard_degree": lay.dp_shard,
-        "tensor_parallel_degree": lay.tp,
-        "context_parallel_degree": lay.cp,
-        "pipeline_parallel_degree": lay.pp,
+        "data_parallel_replicate_degree": d.dp_replicate,
+        "data_parallel_shard_degree": d.dp_shard,
+        "tensor_parallel_degree": d.tp,
+        "context_parallel_degree": d.cp,
+        "pipeline_parallel_degree": d.pp,
     }
-    if lay.pp > 1:
-        par["pipeline_parallel_schedule"] = lay.pp_schedule
-        par["pipeline_parallel_microbatch_size"] = lay.microbatch_size
+    if d.pp > 1:
+        par["pipeline_parallel_schedule"] = p.pipeline_parallel_schedule
+        par["pipeline_parallel_microbatch_size"] = p.pipeline_parallel_microbatch_size
         # written out even where titan's default (unset) gives the same stages: a base config's
         # value would otherwise stay, and TOML cannot unset a key
-        lps = _layers_per_stage(req.args.n_layers, lay)
+        lps = _layers_per_stage(req.args.n_layers, p)
         if lps is not None:
             par["pipeline_parallel_layers_per_stage"] = lps
     tables = {
@@ -178,12 +182,9 @@ def toml_tables(req: Request, cand: Candidate) -> dict[str, dict]:
     return tables
 
 
-@functools.lru_cache(maxsize=4096)
-def _layers_per_stage(n_layers: int, lay: Layout) -> int | None:
+def _layers_per_stage(n_layers: int, par: Parallelism) -> int | None:
     """A pipeline_parallel_layers_per_stage giving the layout's stages (None: none does)."""
-    from titan.parallelisms.pipeline import num_stages
-
-    stages = num_stages(lay.parallelism(), n_layers)
+    stages = num_stages(par, n_layers)
     lps = math.ceil(n_layers / stages)
     return lps if math.ceil(n_layers / lps) == stages else None
 
@@ -199,7 +200,7 @@ def toml_block(req: Request, p: Plan, rank: int) -> str:
     for table, values in toml_tables(req, p.candidate).items():
         lines += ["", f"[{table}]"]
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        if table == "parallelism" and p.candidate.layout.pp > 1:
+        if table == "parallelism" and p.candidate.dims.pp > 1:
             if "pipeline_parallel_layers_per_stage" not in values:
                 lines.append("# and no pipeline_parallel_layers_per_stage (one stage per rank)")
     return "\n".join(lines) + "\n"
@@ -230,11 +231,6 @@ def config_estimate(
     (what a run of a config whose compile.components has "loss" holds)."""
     t, p = cfg.training, cfg.parallelism
     dims = resolve_parallel_dims(p, world_size)
-    layout = Layout(
-        dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, dims.cp, p.pipeline_parallel_schedule,
-        p.pipeline_parallel_microbatch_size, p.pipeline_parallel_layers_per_stage,
-        p.enable_sequence_parallel, not p.disable_loss_parallel,
-    )  # fmt: skip
     args = dataclasses.replace(
         FLAVORS[cfg.model.flavor], max_seq_len=t.seq_len, attn_mask_type=cfg.model.attn_mask_type
     )
@@ -244,7 +240,7 @@ def config_estimate(
     ac = cfg.activation_checkpoint
     (_, accumulation), *_ = grad_accumulation_steps(t, dims.dp)
     return estimate_memory(
-        args, layout, t.seq_len, t.local_batch_size, ac.mode, "float8" in cfg.model.converters,
+        args, p, dims, t.seq_len, t.local_batch_size, ac.mode, "float8" in cfg.model.converters,
         ac.selective_ac_option, f8.enable_fsdp_float8_all_gather, compiled_loss,
         grad_accumulation=accumulation, pp_rank=pp_rank,
     )  # fmt: skip

@@ -9,14 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from titan.planning.memory_model import (
-    GIB,
-    Layout,
-    MemoryEstimate,
-    estimate_memory,
-    state_bytes,
-)
-from titan.planning.model_sizes import float8_linears
+from titan.config.job_config import Parallelism
+from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory, state_bytes
+from titan.planning.model_sizes import float8_linears, pipeline_split
 from titan.planning.plan_config import Candidate, Plan, Request, accept
 from titan.planning.throughput_model import StepTime, estimate_step
 
@@ -97,21 +93,27 @@ def candidates(req: Request, fixed: dict[str, Any] | None = None) -> Iterator[Ca
                 for schedule, lps in _schedules(pp, args.n_layers):
                     if fixed.get("schedule", schedule) != schedule:
                         continue
-                    layout = Layout(rep, dp // rep, tp, pp, cp, schedule, 1, lps)
+                    par = Parallelism(
+                        data_parallel_replicate_degree=rep, data_parallel_shard_degree=dp // rep,
+                        tensor_parallel_degree=tp, pipeline_parallel_degree=pp,
+                        context_parallel_degree=cp, pipeline_parallel_schedule=schedule,
+                        pipeline_parallel_layers_per_stage=lps,
+                    )  # fmt: skip
+                    dims = resolve_parallel_dims(par, req.gpus)  # the run's own degree check
                     lbs = pick("local_batch_size", _local_batches(req.global_batch // dp, pp))
                     inner = itertools.product(lbs, pick("ac", AC_CHOICES), pick("float8", f8s))
                     for size, ac, f8 in inner:
-                        yield Candidate(layout, size, ac, f8)
+                        yield Candidate(par, dims, size, ac, f8)
 
 
 def memory_of(req: Request, cand: Candidate, compiled_loss: bool = True) -> MemoryEstimate | None:
     """The candidate's peak memory per rank (None where titan's split cannot place it), with
     the loss compiled as the planner's TOML sets it (compiled_loss=False: the eager loss, as a
     dry run traces it)."""
-    accumulation = req.global_batch // (cand.layout.dp * cand.local_batch_size)
+    accumulation = req.global_batch // (cand.dims.dp * cand.local_batch_size)
     try:
         return estimate_memory(
-            req.args, cand.layout, req.seq_len, cand.local_batch_size, cand.ac_mode,
+            req.args, cand.parallelism, cand.dims, req.seq_len, cand.local_batch_size, cand.ac_mode,
             cand.float8, compiled_loss=compiled_loss, grad_accumulation=accumulation,
         )  # fmt: skip
     except (ValueError, ZeroDivisionError):
@@ -120,12 +122,11 @@ def memory_of(req: Request, cand: Candidate, compiled_loss: bool = True) -> Memo
 
 def time_of(req: Request, cand: Candidate) -> tuple[StepTime, int]:
     """(step time, gradient accumulation steps) of an accepted candidate."""
-    lay = cand.layout
     time = estimate_step(
-        req.args, lay, req.seq_len, cand.local_batch_size, req.global_batch, cand.ac_mode,
-        cand.float8, req.gpu, cand.compile_blocks,
+        req.args, cand.parallelism, cand.dims, req.seq_len, cand.local_batch_size,
+        req.global_batch, cand.ac_mode, cand.float8, req.gpu, cand.compile_blocks,
     )  # fmt: skip
-    return time, req.global_batch // (lay.dp * cand.local_batch_size)
+    return time, req.global_batch // (cand.dims.dp * cand.local_batch_size)
 
 
 def evaluate(req: Request, cand: Candidate) -> Plan | str:
@@ -157,7 +158,9 @@ def plan(req: Request) -> Result:
     unestimated = []  # over the budget by their state alone: estimated if nothing fits
     groups: dict[tuple, list[Candidate]] = {}
     for cand in candidates(req):
-        key = (cand.layout, cand.ac_mode, cand.float8)
+        # the layout (a Parallelism holds a list, unhashable): its degrees and pipeline split,
+        # all that candidates() varies in it
+        key = (cand.dims, *pipeline_split(cand.parallelism), cand.ac_mode, cand.float8)
         groups.setdefault(key, []).append(cand)
     for group in groups.values():
         for cand in sorted(group, key=lambda c: c.local_batch_size):
@@ -197,7 +200,7 @@ def _state_over(req: Request, cand: Candidate) -> bool:
     """Whether the candidate's fp32 weights and optimizer state alone exceed the budget (or
     titan's split cannot place it): no estimate needed."""
     try:
-        return state_bytes(req.args, cand.layout) > req.budget
+        return state_bytes(req.args, cand.parallelism, cand.dims) > req.budget
     except (ValueError, ZeroDivisionError):
         return True
 
@@ -242,11 +245,12 @@ def nothing_fits(req: Request, smallest: Plan | None) -> str:
 
 def describe(cand: Candidate) -> str:
     """'dp_shard 8, tp 8, pp 8 Interleaved1F1B (lps 8), local batch 8, full AC, float8'."""
-    lay = cand.layout
-    parts = [f"{n} {v}" for n, v in (("dp_replicate", lay.dp_replicate),
-             ("dp_shard", lay.dp_shard), ("tp", lay.tp), ("cp", lay.cp)) if v > 1]  # fmt: skip
-    if lay.pp > 1:
-        lps = f" (layers_per_stage {lay.layers_per_stage})" if lay.layers_per_stage else ""
-        parts.append(f"pp {lay.pp} {lay.pp_schedule}{lps}")
+    d, p = cand.dims, cand.parallelism
+    parts = [f"{n} {v}" for n, v in (("dp_replicate", d.dp_replicate),
+             ("dp_shard", d.dp_shard), ("tp", d.tp), ("cp", d.cp)) if v > 1]  # fmt: skip
+    if d.pp > 1:
+        lps = p.pipeline_parallel_layers_per_stage
+        lps = f" (layers_per_stage {lps})" if lps else ""
+        parts.append(f"pp {d.pp} {p.pipeline_parallel_schedule}{lps}")
     parts += [f"local batch {cand.local_batch_size}", f"{cand.ac_mode} AC"]
     return ", ".join(parts + (["float8"] if cand.float8 else []))

@@ -1,13 +1,15 @@
 """Estimated step time of a titan layout on a GPU cluster: compute at a stated fraction of the
 peak, collectives at stated bandwidths with a stated overlap, and each pipeline schedule's
-bubble. The model is THROUGHPUT_MODEL below (scripts/plan.py --explain prints it)."""
+bubble. The model is THROUGHPUT_MODEL below (titan-plan --explain prints it)."""
 
 import functools
 import math
 from dataclasses import dataclass
 
+from titan.config.job_config import Parallelism
 from titan.models.llama3.args import ModelArgs
-from titan.planning.memory_model import DDP_BUCKET_BYTES, Layout
+from titan.parallelisms.parallel_dims import ParallelDims
+from titan.planning.memory_model import DDP_BUCKET_BYTES
 from titan.planning.model_sizes import (
     LINEAR_ORDER,
     Stage,
@@ -16,6 +18,7 @@ from titan.planning.model_sizes import (
     module_params,
     output_flops,
     parameter_count,
+    pipeline_split,
     rank_stages,
     sac_saved_linears,
     untied,
@@ -174,7 +177,8 @@ class _Pass:
     """One accumulation pass (a local batch through the rank's stages) on one pp rank."""
 
     args: ModelArgs
-    layout: Layout
+    par: Parallelism
+    dims: ParallelDims
     seq_len: int
     local_batch_size: int
     ac_mode: str
@@ -184,7 +188,7 @@ class _Pass:
 
     def compute(self, stages: tuple[Stage, ...]) -> float:
         """Seconds of this rank's FLOPs for the pass."""
-        a, lay = self.args, self.layout
+        a, d = self.args, self.dims
         f8 = float8_linears(a) if self.float8 else frozenset()
         sizes = linear_sizes(a)
         attention = 12 * a.n_heads * a.head_dim * self.seq_len
@@ -199,7 +203,7 @@ class _Pass:
         flops = n_blocks * per_block
         if any("output" in st.extras for st in stages):
             flops += output_flops(a)
-        tokens = self.local_batch_size * self.seq_len / (lay.tp * lay.cp)
+        tokens = self.local_batch_size * self.seq_len / (d.tp * d.cp)
         efficiency = BF16_EFFICIENCY * (1.0 if self.compile_blocks else EAGER_EFFICIENCY)
         return flops * tokens / (self.gpu.peak_bf16 * efficiency)
 
@@ -219,56 +223,56 @@ class _Pass:
     @property
     def n_micro(self) -> int:
         """Forward passes of the blocks per accumulation pass (pipeline micro-batches)."""
-        lay = self.layout
-        return self.local_batch_size // lay.microbatch_size if lay.pp > 1 else 1
+        mbs = self.par.pipeline_parallel_microbatch_size
+        return self.local_batch_size // mbs if self.dims.pp > 1 else 1
 
     def tp_cp(self, n_blocks: int) -> tuple[float, float]:
         """Seconds of TP and CP collectives for the pass (not overlapped)."""
-        a, lay, gpu = self.args, self.layout, self.gpu
-        tokens = self.local_batch_size * self.seq_len / lay.cp  # through each block, per rank
+        a, d, gpu = self.args, self.dims, self.gpu
+        tokens = self.local_batch_size * self.seq_len / d.cp  # through each block, per rank
         recompute = self.ac_mode != "none"
         runs = n_blocks * self.n_micro
         tp = 0.0
-        if lay.tp > 1:
+        if d.tp > 1:
             f8 = float8_linears(a) if self.float8 else frozenset()
             gather = 1 if {"wq", "wk", "wv", "w1", "w3"} <= f8 else 2  # float8 all-gathers
             forward = 2 * 2 + 2 * gather  # two reduce-scatters in bf16, two all-gathers
             volume = forward * (2 if recompute else 1) + 4 * 2
             count = runs * (12 if recompute else 8)
             size = n_blocks * tokens * a.dim * volume
-            tp = _collective(size, lay.tp, _link(gpu, 1, lay.tp), count)
+            tp = _collective(size, d.tp, _link(gpu, 1, d.tp), count)
         cp = 0.0
-        if lay.cp > 1:
-            kv = self.local_batch_size * self.seq_len * 2 * a.n_kv_heads / lay.tp * a.head_dim * 2
+        if d.cp > 1:
+            kv = self.local_batch_size * self.seq_len * 2 * a.n_kv_heads / d.tp * a.head_dim * 2
             n_coll = 4 if recompute else 3
             size = n_blocks * kv * n_coll
-            cp = _collective(size, lay.cp, _link(gpu, lay.tp, lay.cp), runs * n_coll)
+            cp = _collective(size, d.cp, _link(gpu, d.tp, d.cp), runs * n_coll)
         return tp, cp
 
     def pp_sends(self, local_stages: int) -> float:
         """Seconds of this rank's stage-boundary sends for the pass (activations forward,
         gradients backward), to the neighbouring pp rank."""
-        lay = self.layout
-        if lay.pp == 1:
+        d = self.dims
+        if d.pp == 1:
             return 0.0
-        s = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
-        size = self.local_batch_size * self.seq_len / lay.cp * self.args.dim * 2 / s
-        bandwidth, latency = _link(self.gpu, lay.tp * lay.cp * lay.dp, 2)
+        s = d.tp if self.par.enable_sequence_parallel and d.tp > 1 else 1
+        size = self.local_batch_size * self.seq_len / d.cp * self.args.dim * 2 / s
+        bandwidth, latency = _link(self.gpu, d.tp * d.cp * d.dp, 2)
         return 2 * local_stages * (size / (bandwidth * 1e9) + self.n_micro * latency)
 
     def fsdp_exposed(self, stages: tuple[Stage, ...], compute: float) -> float:
         """Seconds of data-parallel collectives the pass's compute does not hide."""
-        a, lay, gpu = self.args, self.layout, self.gpu
-        n, tp = lay.fsdp_degree, lay.tp
+        a, d, gpu = self.args, self.dims, self.gpu
+        n, tp = d.fsdp_degree, d.tp
         n_blocks = sum(st.blocks for st in stages)
         extras = untied(a, [m for st in stages for m in st.extras])
         block = module_params(a, "layers.0", tp)
         params = n_blocks * block + sum(module_params(a, m, tp) for m in extras)
         units = n_blocks + 1  # FSDP units: the blocks and the root
-        if lay.dp_replicate > 1:  # HSDP: the gradient shards; DDP: all gradients
-            link = _link(gpu, tp * lay.cp * lay.dp_shard, lay.dp_replicate)
+        if d.dp_replicate > 1:  # HSDP: the gradient shards; DDP: all gradients
+            link = _link(gpu, tp * d.cp * d.dp_shard, d.dp_replicate)
             count = units if n > 1 else math.ceil(4 * params / DDP_BUCKET_BYTES)
-            all_reduce = _collective(4 * params / n, lay.dp_replicate, link, count, True)
+            all_reduce = _collective(4 * params / n, d.dp_replicate, link, count, True)
         else:
             all_reduce = 0.0
         if n == 1:
@@ -278,19 +282,20 @@ class _Pass:
         sizes = linear_sizes(a)
         gathered = 2 * block - sum(sizes[m] for m in f8) / tp  # float8 linears gather in float8
         root = 2 * sum(module_params(a, m, tp) for m in extras)
-        times = 1 if lay.pp > 1 else 2
+        times = 1 if d.pp > 1 else 2
         gather = _collective(n_blocks * gathered + root, n, link, units) * times
         scatter = _collective(4 * params, n, link, units)
         ends = _collective(gathered, n, link) + _collective(4 * block, n, link)
-        if lay.pp == 1:
+        if d.pp == 1:
             return max(0.0, gather + scatter + all_reduce - compute) + ends
-        micro = compute / (self.local_batch_size // lay.microbatch_size)
+        micro = compute / (self.local_batch_size // self.par.pipeline_parallel_microbatch_size)
         return max(0.0, gather - micro / 3) + max(0.0, scatter + all_reduce - 2 * micro / 3) + ends
 
 
 def estimate_step(
     args: ModelArgs,
-    layout: Layout,
+    par: Parallelism,
+    dims: ParallelDims,
     seq_len: int,
     local_batch_size: int,
     global_batch_size: int,
@@ -301,24 +306,24 @@ def estimate_step(
 ) -> StepTime:
     """Seconds per optimizer step of `global_batch_size` sequences of seq_len tokens (see
     THROUGHPUT_MODEL); args.max_seq_len should be seq_len (titan sizes RoPE to it)."""
-    one = _Pass(args, layout, seq_len, local_batch_size, ac_mode, float8, gpu, compile_blocks)
-    ranks = rank_stages(args.n_layers, layout.pp, layout.pp_schedule, layout.layers_per_stage)
+    one = _Pass(args, par, dims, seq_len, local_batch_size, ac_mode, float8, gpu, compile_blocks)
+    ranks = rank_stages(args.n_layers, *pipeline_split(par))
     blocks = [sum(st.blocks for st in stages) for stages in ranks]
     parts = []
-    for r in sorted({0, layout.pp - 1, blocks.index(max(blocks))}):
+    for r in sorted({0, dims.pp - 1, blocks.index(max(blocks))}):
         compute = one.compute(ranks[r])
         tp, cp = one.tp_cp(blocks[r])
         parts.append(
             (compute, tp, cp, one.pp_sends(len(ranks[r])), one.fsdp_exposed(ranks[r], compute))
         )
     compute, tp, cp, pp, fsdp = (max(p[i] for p in parts) for i in range(5))
-    n_micro = local_batch_size // layout.microbatch_size
-    bubble = bubble_fraction(layout.pp_schedule, layout.pp, n_micro, len(ranks[0]))
-    passes = global_batch_size // (layout.dp * local_batch_size)
+    n_micro = local_batch_size // par.pipeline_parallel_microbatch_size
+    bubble = bubble_fraction(par.pipeline_parallel_schedule, dims.pp, n_micro, len(ranks[0]))
+    passes = global_batch_size // (dims.dp * local_batch_size)
     step = passes * ((compute + tp + cp) / (1 - bubble) + pp + fsdp)
     tokens = global_batch_size * seq_len
     fpt = flops_per_token(args)
-    world = layout.world_size
+    world = dims.world_size
     return StepTime(
         compute=passes * compute, tp=passes * tp, cp=passes * cp, pp=passes * pp,
         fsdp_exposed=passes * fsdp, bubble=bubble, step=step,
