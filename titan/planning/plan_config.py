@@ -9,11 +9,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from titan.config.job_config import JobConfig, Parallelism
 from titan.models.llama3.args import FLAVORS, ModelArgs
-from titan.models.llama3.parallelize import check_supported_layout
+from titan.models.llama3.build import check_layout
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
-from titan.parallelisms.pipeline import check_pipeline, num_stages
+from titan.parallelisms.pipeline import num_stages
 from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory
 from titan.planning.throughput_model import GPU, StepTime
 from titan.trainer.runtime import grad_accumulation_steps
@@ -118,18 +120,15 @@ def _section(table: str, items: tuple) -> Any:
 
 
 def titan_rejects(req: Request, cand: Candidate) -> str | None:
-    """titan's own start-up message for a layout it refuses (None: accepted): the degrees, the
-    model-specific layout checks, the pipeline schedule and the gradient accumulation."""
+    """titan's own start-up message for a layout it refuses (None: accepted): the run's layout
+    check (degrees, the model's layout checks, the pipeline schedule), then its gradient
+    accumulation."""
     cfg = job_config(req, cand)
     try:
-        dims = resolve_parallel_dims(cfg.parallelism, req.gpus)
-        check_supported_layout(dims, req.args, cfg)
-        check_pipeline(
-            cfg.parallelism, req.args.n_layers, cand.local_batch_size, cfg.compile.blocks
-        )
+        dims = check_layout(cfg, req.args, torch.device("cuda"), req.gpus)
         grad_accumulation_steps(cfg.training, dims.dp)
-    except (ValueError, NotImplementedError) as e:  # titan's ConfigError is a ValueError
-        return str(e)
+    except ValueError as e:  # titan's ConfigError is a ValueError
+        return str(e).removeprefix("[parallelism] ")  # the check's own words, without the table
     return None
 
 
@@ -186,7 +185,8 @@ def _layers_per_stage(n_layers: int, par: Parallelism) -> int | None:
     """A pipeline_parallel_layers_per_stage giving the layout's stages (None: none does)."""
     stages = num_stages(par, n_layers)
     lps = math.ceil(n_layers / stages)
-    return lps if math.ceil(n_layers / lps) == stages else None
+    split = dataclasses.replace(par, pipeline_parallel_layers_per_stage=lps)
+    return lps if num_stages(split, n_layers) == stages else None
 
 
 def toml_block(req: Request, p: Plan, rank: int) -> str:

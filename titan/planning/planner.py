@@ -11,6 +11,7 @@ from typing import Any
 
 from titan.config.job_config import Parallelism
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.parallelisms.pipeline import SCHEDULES
 from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory, state_bytes
 from titan.planning.model_sizes import float8_linears, pipeline_split
 from titan.planning.plan_config import Candidate, Plan, Request, accept
@@ -47,7 +48,7 @@ def _schedules(pp: int, n_layers: int) -> list[tuple[str, int | None]]:
         return [("1F1B", None)]
     out = []
     for name, per_rank in PP_SCHEDULES:
-        looped = name.startswith("Interleaved") or name == "LoopedBFS"
+        looped = SCHEDULES[name].placement == "loop"
         lps = math.ceil(n_layers / (per_rank * pp)) if looped else None
         out.append((name, lps))
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from titan.config.job_config import Parallelism
 from titan.models.llama3.args import ModelArgs
 from titan.parallelisms.parallel_dims import ParallelDims
+from titan.parallelisms.pipeline import SCHEDULES
 from titan.planning.memory_model import DDP_BUCKET_BYTES
 from titan.planning.model_sizes import (
     LINEAR_ORDER,
@@ -76,7 +77,7 @@ GPUS = {
     "b200": GPU("b200", "NVIDIA B200", 180, 900, 50, True),
 }
 
-ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+ZERO_BUBBLE = tuple(name for name, kind in SCHEDULES.items() if kind.zero_bubble)
 
 THROUGHPUT_MODEL = f"""\
 Throughput model (titan.planning.throughput_model), per optimizer step:
@@ -146,9 +147,10 @@ def bubble_fraction(schedule: str, pp: int, n_micro: int, stages_per_rank: int) 
     if pp == 1:
         return 0.0
     one_stage = (pp - 1) / (n_micro + pp - 1)
-    if schedule in ("GPipe", "1F1B"):
+    kind = SCHEDULES[schedule]
+    if kind.placement == "single":
         return one_stage
-    if schedule in ZERO_BUBBLE and n_micro >= 2 * pp:
+    if kind.zero_bubble and n_micro >= 2 * pp:
         return 0.0
     return one_stage / stages_per_rank
 
