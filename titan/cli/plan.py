@@ -1,14 +1,15 @@
 r"""Plan a titan run's parallel layout: the layouts titan accepts whose estimated memory fits,
 ranked by estimated tokens/s per GPU, the best ones printed as TOML to paste into a config.
 
-    python scripts/plan.py --flavor 70B --gpus 256 --seq-len 8192 --global-batch-tokens 16M
-    python scripts/plan.py --flavor 405B --gpus 16384 --seq-len 8192 --global-batch-tokens 16M \
+    titan-plan --flavor 70B --gpus 256 --seq-len 8192 --global-batch-tokens 16M
+    titan-plan --flavor 405B --gpus 16384 --seq-len 8192 --global-batch-tokens 16M \
         [--memory-gib 80] [--gpu h100] [--top 20] [--float8 auto|on|off] [--toml 3]
-    python scripts/plan.py --flavor 8B --gpus 8 --seq-len 8192 --global-batch-tokens 64K \
+    titan-plan --flavor 8B --gpus 8 --seq-len 8192 --global-batch-tokens 64K \
         --base-config titan/train_configs/llama3_8b.toml --write outputs/plan_8b.toml
-    python scripts/plan.py ... --why "tp=16"    # titan's reasons against the layouts with tp 16
-    python scripts/plan.py ... --verify 3       # trace the best 3 rows' steps (~10-90 s a row)
-    python scripts/plan.py --explain            # the throughput model and what memory leaves out
+    titan-plan ... --why "tp=16"     # titan's reasons against the layouts with tp 16
+    titan-plan ... --verify 3        # trace the best 3 rows' steps (~10-90 s a row)
+    titan-plan --explain             # the throughput model and what memory leaves out
+    python scripts/plan.py ...       # the same, from a checkout without installing titan
 
 Memory is titan.planning.memory_model's analytic estimate per GPU (the peak pipeline rank;
 2 GiB kept for the CUDA context and NCCL), time titan.planning.throughput_model's stated

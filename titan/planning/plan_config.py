@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig, Parallelism
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.build import check_layout
@@ -236,11 +237,11 @@ def config_estimate(
     )
     if cfg.model.vocab_size != -1:
         args = dataclasses.replace(args, vocab_size=cfg.model.vocab_size)
-    f8 = cfg.quantize.linear.float8
+    f8 = converters_of(cfg).float8
     ac = cfg.activation_checkpoint
     (_, accumulation), *_ = grad_accumulation_steps(t, dims.dp)
     return estimate_memory(
-        args, p, dims, t.seq_len, t.local_batch_size, ac.mode, "float8" in cfg.model.converters,
-        ac.selective_ac_option, f8.enable_fsdp_float8_all_gather, compiled_loss,
+        args, p, dims, t.seq_len, t.local_batch_size, ac.mode, f8 is not None,
+        ac.selective_ac_option, f8 is not None and f8.enable_fsdp_float8_all_gather, compiled_loss,
         grad_accumulation=accumulation, pp_rank=pp_rank,
     )  # fmt: skip
