@@ -1,20 +1,21 @@
 """Loss and perplexity of a titan DCP or Hugging Face checkpoint on a dataset, in any layout.
 
-    titan-evaluate outputs/checkpoint/step-1000 [--steps N] [--json-out eval.json]
-    titan-evaluate outputs/checkpoint/step-1000 --data.holdout_every 100
+    titan-evaluate outputs/debug_model/checkpoint/step-1000 [--steps N] [--json-out eval.json]
+    titan-evaluate outputs/debug_model/checkpoint/step-1000 --data.holdout_every 100
     titan-evaluate /models/Llama-3.1-8B --config llama3_8b.toml \
         --data.path /data/eval.jsonl --training.seq_len 8192 --training.local_batch_size 1
     torchrun --nproc-per-node 2 -m titan.cli.evaluate CKPT --parallelism.tensor_parallel_degree 2
 
 CHECKPOINT is a DCP folder (a training or model-only checkpoint) or a transformers folder
-(config.json and safetensors; it must match model.flavor). The config is --config, else the run's
-own config.toml two folders above a DCP checkpoint (outputs/config.toml), else the debug model's;
-`--section.key value` overrides it as in training. The data are --data.*: the documents that
-data.holdout_every holds out of training when it is set (what validation during training reads),
-else the whole of data.dataset or data.path, read once in order in windows of training.seq_len
-+ 1 tokens, training.local_batch_size per data-parallel rank; --steps limits the batches. Under
-torchrun the parallel degrees come from --parallelism.*. Rank 0 shows a progress bar and prints a
-JSON summary (loss = mean cross-entropy per target token, perplexity = exp(loss)).
+(config.json and safetensors; it must match model.flavor). The config is --config, else the
+run's own config.toml two folders above a DCP checkpoint (outputs/debug_model/config.toml), else
+the debug model's; `--section.key value` overrides it as in training. The data are --data.*: the
+documents that data.holdout_every holds out of training when it is set (what validation during
+training reads), else the whole of data.dataset or data.path, read once in order in windows of
+training.seq_len + 1 tokens, training.local_batch_size per data-parallel rank; --steps limits the
+batches. Under torchrun the parallel degrees come from --parallelism.*. Rank 0 shows a progress
+bar and prints a JSON summary (loss = mean cross-entropy per target token, perplexity =
+exp(loss)).
 """
 
 import argparse
