@@ -10,9 +10,10 @@
 # scripts/slurm/train.sbatch. RDZV_ID (default: the Slurm job id) names the rendezvous.
 # MAX_RESTARTS=N: when a process dies, torchrun restarts all of them, up to N times; with
 # --checkpoint.enable the restarted run resumes from its newest checkpoint.
-# COMM_MODE=fake_backend NGPU=N: a dry run; one process acts as rank 0 of NNODES x NGPU with
-# collectives that move no data, builds the sharded model for the config, takes one step,
-# reports sizes.
+# COMM_MODE=fake_backend NGPU=N: a dry run; one process acts as rank 0 of NNODES x NGPU (and,
+# pipelined, a forked one as the last stage's first rank, or the ranks dry_run.ranks names) with
+# collectives that move no data, builds the sharded model for the config, traces one step and
+# reports its peak memory by part.
 # The first run creates ./.venv with the dependencies if the current Python lacks them.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)

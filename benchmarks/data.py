@@ -1,5 +1,5 @@
 """Data loading speed: tokens/s of each way titan reads text, against what a training step
-consumes, and scripts/preprocess_data.py's tokens/s per worker.
+consumes, and titan-preprocess's tokens/s per worker.
 
 Run from the repository root:
   python benchmarks/data.py [--copies 4] [--seq-len 2048] [--batch 8] [--batches 50]
@@ -8,8 +8,9 @@ The documents are the embedded corpus written `copies` times to a jsonl file. Lo
 (batch, seq_len) batches: "streamed" tokenizes each document as a window needs it (how a hub
 stream is read, one dp rank); "tokenized at start-up" reads windows from documents tokenized
 when the loader is built (local files, the embedded corpus; the build time is printed apart);
-"preprocessed" reads windows from the memory-mapped files of scripts/preprocess_data.py. Then
-preprocess_data.py over the same file with 1 and 2 workers.
+"preprocessed" reads windows from the memory-mapped files of titan-preprocess. Then
+titan-preprocess over the same file with 1 and 2 workers (printed as preprocess_data.py, its
+name when the figures in benchmarks/README.md were recorded).
 """
 
 import argparse

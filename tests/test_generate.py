@@ -91,7 +91,7 @@ def _hf_generate(model, prompts: list[list[int]], n: int) -> torch.Tensor:
 def test_greedy_matches_transformers_generate(ckpt):
     equal, mixed = _prompts([40, 40, 40]), _prompts([40, 23, 31], seed=2)
     expected = {id(p): _hf_generate(ckpt.model, p, 40) for p in (equal, mixed)}  # to pos. 80
-    for source in (ckpt.hf, ckpt.dcp, ckpt.train):  # each through generate.py's loader
+    for source in (ckpt.hf, ckpt.dcp, ckpt.train):  # each through titan-generate's loader
         args = checkpoint_args(source, config_json=None if source == ckpt.hf else ckpt.config_json)
         model = load_model(source, args)
         for prompts in (equal, mixed):

@@ -1,6 +1,7 @@
 """The import graph of titan's own modules, read from the code: no circle, and no import from a
-floor to a higher one. Every import counts, also one inside a function (deferring an import
-hides a circle from Python, not from a reader)."""
+floor to a higher one or sideways to another package of the same floor. Every import counts,
+also one inside a function (deferring an import hides a circle from Python, not from a
+reader)."""
 
 import ast
 from pathlib import Path

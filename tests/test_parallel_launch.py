@@ -1,5 +1,5 @@
 """run_train.sh with several processes (torchrun, gloo) and the start-up errors of impossible
-layouts (dry runs: test_dry_run.py, test_dry_run_configs.py)."""
+layouts (dry runs: test_dry_run.py; every shipped config through the start-up checks: below)."""
 
 import os
 import re

@@ -1,5 +1,6 @@
-"""scripts/preprocess_data.py and training on its files: the same windows as tokenizing the same
-files at start-up, inputs in order, and a clear error for every way the files can be wrong."""
+"""titan-preprocess (titan/cli/preprocess.py) and training on its files: the same windows as
+tokenizing the same files at start-up, inputs in order, and a clear error for every way the files
+can be wrong."""
 
 import json
 from pathlib import Path

@@ -36,7 +36,7 @@ PRIVATE_APIS = (
     PrivateApi("torch._guards.active_fake_mode", "memory_tracer"),
     PrivateApi("torch._inductor.config._micro_pipeline_tp", "tensor_parallel: async TP"),
     PrivateApi("torch._subclasses.fake_tensor.FakeTensor", "memory_tracer"),
-    PrivateApi("torch._subclasses.fake_tensor.FakeTensorMode", "memory_tracer"),
+    PrivateApi("torch._subclasses.fake_tensor.FakeTensorMode", "distributed"),
     PrivateApi("torch._subclasses.fake_tensor.unset_fake_temporarily", "trainer"),
     PrivateApi("torch.cuda.memory._record_memory_history", "profiling: memory snapshots"),
     PrivateApi("torch.cuda.memory._snapshot", "profiling: memory snapshots"),
@@ -49,7 +49,7 @@ PRIVATE_APIS = (
         since="2.13",
     ),
     PrivateApi("torch.distributed._symmetric_memory.enable_symm_mem_for_group", "async TP"),
-    PrivateApi("torch.distributed._tools.fake_collectives", "memory_tracer: fake collectives"),
+    PrivateApi("torch.distributed._tools.fake_collectives", "distributed: fake collectives"),
     PrivateApi(
         "torch.distributed.algorithms._checkpoint.checkpoint_wrapper.checkpoint_wrapper",
         "activation_checkpoint",

@@ -1,5 +1,6 @@
 """titan's console commands, one module each with `main(argv) -> int` (pyproject's
-[project.scripts]; `scripts/*.py` run the same from a checkout):
+[project.scripts]; in a checkout scripts/<name>.py runs the same without installing, as
+scripts/preprocess_data.py and scripts/plot_metrics.py for the last two):
 
     titan-train             titan.train: train from a TOML config (`--job.config_file NAME`)
     titan-convert-to-hf     convert_to_hf: a DCP checkpoint -> a Hugging Face folder

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             args.memory_gib or gpu.memory_gib, args.float8,
         )  # fmt: skip
     except ValueError as e:
-        print(f"plan.py: {e}", file=sys.stderr)
+        print(f"titan-plan: {e}", file=sys.stderr)
         return 2
     if args.why:
         print("\n".join(why(req, args.why)))

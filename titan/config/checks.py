@@ -1,7 +1,8 @@
 """Checks of values that concern a component (converters, LoRA, chat data, parallel degrees),
 written against the config sections alone so that validating a config imports no component.
-The components import their constants from here; `validate` and the run's own builders call the
-same checks, so each is written once."""
+The components import their constants from here; `validate` calls every check once at
+start-up, and resolve_parallel_dims calls check_degrees again for layouts built outside a
+config (the planner's), so each is written once."""
 
 from dataclasses import dataclass
 

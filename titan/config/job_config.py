@@ -95,7 +95,7 @@ class Data:
     validation split; 0 trains on all. Not for streamed hub datasets."""
     blend: list[str] = field(default_factory=list)
     """Mix several sources instead of dataset/path: 'WEIGHT SOURCE' entries, SOURCE 'default'
-    (the embedded corpus), a preprocess_data.py prefix or local files, e.g.
+    (the embedded corpus), a titan-preprocess prefix or local files, e.g.
     ['0.5 /data/general', '0.25 /data/math', '0.17 /data/code', '0.08 /data/multilingual']."""
     blend_schedule: list[str] = field(default_factory=list)
     """New blend weights from a token count on: 'TOKENS W1 W2 ...' entries (one weight per

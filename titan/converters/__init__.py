@@ -1,8 +1,9 @@
-"""Model converters, build step (2): the registry that `model.converters` names. float8 and MXFP8
-training linears (torchao) and LoRA/DoRA adapters replace the model's linears on the meta
-device, before it is parallelized or split into pipeline stages, so every stage and shard holds
-converted layers. Which converters may be named, and together, is checked at start-up by
-titan.config.checks, against the config alone."""
+"""Model converters, build step (2): apply_converters applies what `model.converters` names.
+float8 and MXFP8 training linears (torchao) and LoRA/DoRA adapters replace the model's linears
+on the meta device, before it is parallelized or split into pipeline stages, so every stage and
+shard holds converted layers. The names and the sections that configure them (CONVERTERS), and
+which may be named together, live in titan.config.checks: start-up checks them against the
+config alone, and the rest of titan asks `converters_of(cfg)` instead of reading the names."""
 
 import logging
 

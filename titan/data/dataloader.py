@@ -65,8 +65,8 @@ def load_embedded_corpus() -> tuple[str, ...]:
     """The documents of titan/assets/default_corpus.jsonl.gz, in file order."""
     if not CORPUS_PATH.is_file():
         raise FileNotFoundError(
-            f"embedded corpus {CORPUS_PATH} is missing; rebuild it with "
-            f"`python scripts/build_default_corpus.py`"
+            f"embedded corpus {CORPUS_PATH} is missing: reinstall titan, or in a checkout rebuild "
+            f"it with `python scripts/build_default_corpus.py`"
         )
     with gzip.open(CORPUS_PATH, "rt", encoding="utf-8") as f:
         return tuple(json.loads(line)["text"] for line in f)
@@ -152,7 +152,7 @@ def all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocu
                                          tokenizer)  # fmt: skip
     written = (Path(f"{cfg.path}{suffix}").is_file() for suffix in (".json", ".bin", ".idx"))
     if cfg.path is not None and not Path(cfg.path).exists() and any(written):
-        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)  # preprocess_data.py's
+        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)  # titan-preprocess's
     name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     columns = dataset.column_names  # None for some streams: then checked at the first example

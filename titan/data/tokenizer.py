@@ -154,7 +154,7 @@ def build_tokenizer(path: str, dry_run: bool = False) -> Tokenizer:
         raise FileNotFoundError(
             f"tokenizer file not found: {path!r}{where}. "
             f"Pass --model.tokenizer_path with Meta's original/tokenizer.model of a Llama 3 "
-            f"checkpoint, or titan's shipped {SHIPPED_TOKENIZER} (rebuild it with "
+            f"checkpoint, or titan's shipped {SHIPPED_TOKENIZER} (a checkout rebuilds it with "
             f"`python scripts/build_tokenizer.py`)."
         )
     return Tokenizer(resolved)

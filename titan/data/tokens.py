@@ -241,7 +241,7 @@ class GlobalBatchLoader:
     batch B, or with accumulation, reads the same windows as any data-parallel layout.
     `accumulation` is a count, or [(first window, count)] for a batch size that ramps up.
     A window is seq_len + 1 tokens, or (tokens, labels) of that length when only some tokens are
-    targets (chat_data.ChatWindows); labels are shifted like the tokens."""
+    targets (chat.ChatWindows); labels are shifted like the tokens."""
 
     state_key = "global"  # every rank saves the same state, and any layout can load it
 

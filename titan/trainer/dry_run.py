@@ -146,8 +146,8 @@ def _notes(trainer) -> list[str]:
 
 
 def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
-    """Trace one training step of `trainer` (a titan.train.Trainer built in a dry run) after a
-    first step made the optimizer state, as every step after the first runs."""
+    """Trace one training step of `trainer` (a titan.trainer.trainer.Trainer built in a dry
+    run) after a first step made the optimizer state, as every step after the first runs."""
     start = time.perf_counter()
     microbatches = trainer.next_microbatches(iter(trainer.dataloader))
     model, optimizer = trainer.model, trainer.optimizer

@@ -90,7 +90,7 @@ def build_model(
             built.float8_flops = apply_converters(model, converters, device, dims.fsdp_enabled)
         built.n_params = sum(p.numel() for p in model.parameters())
         built.n_trainable = _trainable(model)
-        # (3) pipeline-split, then parallelize each part: TP, AC, compile, FSDP/DDP, in order
+        # (3) pipeline-split, then parallelize each part: TP, CP, AC, compile, FSDP/DDP, in order
         parallelize = functools.partial(
             parallelize_llama, dims=dims, meshes=meshes, p=cfg.parallelism,
             ac=cfg.activation_checkpoint, compile=cfg.compile, converters=converters,
