@@ -1,9 +1,56 @@
-"""Tensor-parallel helpers shared by model plans: replicated modules, async TP, compile guard."""
+"""Tensor-parallel helpers shared by model plans: the vocabulary-parallel embedding, replicated
+modules, async TP, compile guard."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import ParallelStyle
+
+
+class VocabParallelEmbedding(ParallelStyle):
+    """An nn.Embedding sharded on its vocabulary (rows) over the TP mesh, taking whole token ids
+    and giving `output_layouts` (a sequence shard under sequence parallel).
+
+    torch's RowwiseParallel runs aten.embedding on the DTensor weight, and DTensor's embedding
+    backward (torch 2.11-2.15) then forms a replicated, full-vocabulary gradient on every rank:
+    vocab x dim in fp32 (8.4 GB for 405B) where the rank's shard is an eighth of it. Here each
+    rank looks its own rows up (ids outside them give zeros), so autograd forms the gradient of
+    those rows only, and the partial outputs are summed into `output_layouts`."""
+
+    def __init__(self, output_layouts: Placement, use_local_output: bool = True):
+        super().__init__()
+        self.output_layouts = output_layouts
+        self.use_local_output = use_local_output
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding shards an nn.Embedding, not {type(module)}")
+        weight = distribute_tensor(module.weight, device_mesh, [Shard(0)])
+        module.register_parameter("weight", nn.Parameter(weight))
+        module.forward = lambda ids: self._lookup(module.weight, ids)
+        return module
+
+    def _lookup(self, weight: DTensor, ids: torch.Tensor) -> torch.Tensor:
+        mesh = weight.device_mesh  # FSDP's unsharded parameter: the TP mesh only
+        local = weight.to_local()
+        # Shard(0) splits rows as torch.chunk does: ceil(vocab / tp) rows per rank
+        start = mesh.get_local_rank() * -(-weight.shape[0] // mesh.size())
+        outside = (ids < start) | (ids >= start + local.shape[0])
+        out = F.embedding((ids - start).masked_fill(outside, 0), local)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        out = DTensor.from_local(out, mesh, [Partial()], run_check=False)
+        out = out.redistribute(mesh, [self.output_layouts])
+        return out.to_local() if self.use_local_output else out
 
 
 def replicate_module(module: nn.Module, mesh: DeviceMesh) -> None:

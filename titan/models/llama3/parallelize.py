@@ -40,6 +40,7 @@ from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
 from titan.parallelisms.distributed import comm_mode
 from titan.parallelisms.parallel_dims import ParallelDims
 from titan.parallelisms.tensor_parallel import (
+    VocabParallelEmbedding,
     detach_async_collective_output,
     enable_async_tp,
     replicate_module,
@@ -133,8 +134,9 @@ def apply_tp(
     `float8`, float8 layers take torchao's TP styles, which all-gather activations in float8."""
     seq = Shard(1) if sequence_parallel else Replicate()
     plan = {
-        # vocab-sharded embedding; its output is reduce-scattered onto sequence shards
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        # vocab-sharded embedding (its gradient formed on the rank's rows only); its output is
+        # reduce-scattered onto sequence shards
+        "tok_embeddings": VocabParallelEmbedding(output_layouts=seq),
         # logits sharded on the vocabulary for the loss-parallel cross-entropy
         "output": ColwiseParallel(
             input_layouts=seq,
