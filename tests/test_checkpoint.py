@@ -328,3 +328,19 @@ def test_kill_during_async_save_resumes_from_previous(tmp_path):
     assert complete_steps(folder) == [2]
     resumed = Trainer(load_config(args[2:], config_file=DEBUG_TOML))
     assert resumed.step == 2
+
+
+def test_resume_with_bf16_moments_is_exact(tmp_path):
+    """Adam's moments in bf16 (optimizer.state_dtype) save and load as they are: a run killed
+    after step 4 resumes from step 3 into the uninterrupted losses, bitwise."""
+    bf16 = ("--optimizer.state_dtype", "bfloat16")
+    losses = make_trainer(tmp_path / "whole", *bf16).train()
+    first = make_trainer(tmp_path, "--checkpoint.enable", *bf16)
+    crash_after(first, 4)
+    with pytest.raises(Interrupted):
+        first.train()
+    first.checkpointer.close()
+    resumed = make_trainer(tmp_path, "--checkpoint.enable", *bf16)
+    state = resumed.optimizer.state[next(resumed.model.parameters())]
+    assert resumed.step == 3 and state["exp_avg"].dtype == torch.bfloat16
+    assert resumed.train() == losses[3:]

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from titan.config.job_config import LRScheduler, Optimizer
-from titan.trainer.optimizer import build_lr_scheduler, build_optimizer, lr_factor
+from titan.trainer.optimizer import (
+    AdamBf16Moments,
+    build_lr_scheduler,
+    build_optimizer,
+    lr_factor,
+)
 
 
 def schedule(steps: int, **kw) -> list[float]:
@@ -58,3 +63,74 @@ def test_lr_schedule_when_warmup_covers_every_step():
     # training.steps == warmup_steps: no decay phase; the factors stay defined (no division by 0)
     cfg = LRScheduler(warmup_steps=2)
     assert [lr_factor(s, total_steps=2, cfg=cfg) for s in range(2)] == [1 / 3, 2 / 3]
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_bf16_moments_optimizer_in_fp32_is_torchs(name):
+    """AdamBf16Moments computes torch's Adam/AdamW update: with fp32 moments it gives the very
+    weights torch.optim.AdamW/Adam (single-tensor) gives, bitwise, over 20 steps with decay on
+    one group and not the other."""
+    torch.manual_seed(0)
+    ours = [torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+
+    def groups(ps):
+        return [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]
+
+    cls = getattr(torch.optim, name)
+    ref = cls(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    opt = AdamBf16Moments(groups(ours), 1e-2, (0.9, 0.95), 1e-8, name == "AdamW", torch.float32)
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in ours]
+        for ps in (ours, theirs):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_moments_halve_the_state_and_stay_near_fp32(tmp_path):
+    """optimizer.state_dtype = bfloat16 keeps fp32 weights and bf16 moments (half the state's
+    bytes). The debug model's loss over its first 20 steps moves by at most 2e-5 from the fp32
+    moments' (measured: 4.8e-6 in the first 10 steps; over 200 steps at most 8.3e-5, final loss
+    5.779071 against 5.779108, which the heavy test below checks)."""
+    losses, states = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = _debug_trainer(tmp_path / dtype, dtype, steps=20)
+        losses[dtype] = trainer.train()
+        states[dtype] = list(trainer.optimizer.state.values())
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert {s[key].dtype for s in states["bfloat16"]} == {torch.bfloat16}
+
+    def nbytes(ss):
+        return sum(
+            s[k].numel() * s[k].element_size() for s in ss for k in ("exp_avg", "exp_avg_sq")
+        )
+
+    assert 2 * nbytes(states["bfloat16"]) == nbytes(states["float32"])
+    diffs = [abs(a - b) for a, b in zip(losses["float32"], losses["bfloat16"], strict=True)]
+    assert 0 < max(diffs) <= 2e-5, max(diffs)
+
+
+@pytest.mark.heavy
+def test_bf16_moments_over_200_steps(tmp_path):
+    """The measured cost of bf16 moments on the debug model over 200 steps: at most 8.3e-5 of
+    loss at any step (step 147), final loss 5.779071 against 5.779108; bound 2e-4."""
+    a = _debug_trainer(tmp_path / "fp32", "float32", steps=200).train()
+    b = _debug_trainer(tmp_path / "bf16", "bfloat16", steps=200).train()
+    assert 0 < max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 2e-4
+
+
+def _debug_trainer(dump, state_dtype: str, steps: int):
+    from pathlib import Path
+
+    from titan.config import load_config
+    from titan.trainer.trainer import Trainer
+
+    toml = Path(__file__).resolve().parents[1] / "titan/train_configs/debug_model.toml"
+    args = ["--training.steps", str(steps), "--optimizer.state_dtype", state_dtype,
+            "--metrics.log_freq", "1000", "--job.dump_folder", str(dump)]  # fmt: skip
+    return Trainer(load_config(args, config_file=str(toml)))

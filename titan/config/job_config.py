@@ -146,6 +146,10 @@ class Optimizer:
     """Decoupled weight decay (AdamW)."""
     implementation: str = "auto"
     """for-loop, foreach, fused, or auto (fused on CUDA, foreach elsewhere)."""
+    state_dtype: str = "float32"
+    """Dtype of Adam's two moments: float32, or bfloat16 (half their memory; the weights stay
+    float32; the update is computed in float32 and the moments rounded to bf16 after each step,
+    by titan's own per-parameter step, to which optimizer.implementation does not apply)."""
 
 
 @dataclass

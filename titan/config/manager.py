@@ -260,6 +260,7 @@ _CHOICES = {
     "training.device": ("auto", "cpu", "cuda"),
     "optimizer.name": ("AdamW", "Adam"),
     "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
+    "optimizer.state_dtype": ("float32", "bfloat16"),
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallelism.context_parallel_rotate_method": ("allgather", "alltoall"),

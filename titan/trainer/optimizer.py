@@ -28,8 +28,68 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
         "foreach": impl == "foreach",
         "fused": impl == "fused",
     }
+    if cfg.state_dtype == "bfloat16":
+        decoupled = cfg.name == "AdamW"
+        return AdamBf16Moments(groups, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, decoupled)
     cls = torch.optim.AdamW if cfg.name == "AdamW" else torch.optim.Adam
     return cls(groups, **kwargs)
+
+
+class AdamBf16Moments(torch.optim.Optimizer):
+    """Adam/AdamW (`decoupled` weight decay) with its two moments stored in bf16: half the
+    optimizer state's memory. Each step reads the moments into fp32, applies torch's Adam
+    update to the fp32 weights and rounds the new moments back to bf16; with `state_dtype`
+    float32 it computes what torch.optim.AdamW (single-tensor) computes. torch's own AdamW keeps
+    its state in the parameters' dtype, and torchao's low-bit optimizers quantize to 8/4 bits
+    or round the weights themselves, so neither does this. State keys are torch's (step,
+    exp_avg, exp_avg_sq): checkpoints and DCP's state-dict helpers treat it as torch's Adam.
+    Elementwise per parameter, so any sharding of the parameters gives the same update."""
+
+    def __init__(self, params, lr, betas, eps, decoupled, state_dtype=torch.bfloat16):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        super().__init__(params, defaults)
+        self.decoupled, self.state_dtype = decoupled, state_dtype
+        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype (fp32):
+        # back to the moments' own dtype, losslessly, after each load (a resume)
+        self.register_load_state_dict_post_hook(AdamBf16Moments._moments_to_state_dtype)
+
+    def _moments_to_state_dtype(self) -> None:
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                state["step"] += 1
+                step = state["step"].item()
+                grad = p.grad
+                if wd and self.decoupled:
+                    p.mul_(1 - lr * wd)
+                elif wd:
+                    grad = grad.add(p, alpha=wd)
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2)
+                exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+        return loss
 
 
 def lr_factor(step: int, *, total_steps: int, cfg: LRScheduler) -> float:
