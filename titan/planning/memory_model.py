@@ -131,6 +131,7 @@ def estimate_memory(
     compiled_loss: bool = False,
     grad_accumulation: int = 1,
     pp_rank: int | None = None,
+    moment_bytes: int = 8,
 ) -> MemoryEstimate:
     """Peak bytes of a training step of the layout `par` (`dims`: its degrees, as titan
     resolves them) on pipeline rank `pp_rank`, or (None) on the one that peaks highest among
@@ -139,13 +140,14 @@ def estimate_memory(
     converter (default settings); float8_all_gather: FSDP gathers the float8 linears' weights
     in float8 (quantize.linear.float8.enable_fsdp_float8_all_gather); compiled_loss:
     compile.components includes "loss" (the dry run traces the eager loss); grad_accumulation:
-    micro-batch steps of local_batch_size per optimizer step."""
+    micro-batch steps of local_batch_size per optimizer step; moment_bytes: Adam's two moments
+    per parameter (8 fp32, 4 with optimizer.state_dtype bfloat16)."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
     ranks = rank_stages(args.n_layers, *pipeline_split(par))
     step = _Step(
         args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
-        float8 and float8_all_gather, compiled_loss, grad_accumulation,
+        float8 and float8_all_gather, compiled_loss, grad_accumulation, moment_bytes,
     )  # fmt: skip
     if pp_rank is not None:
         return step.rank(pp_rank, ranks[pp_rank])
@@ -176,6 +178,7 @@ class _Step:
     float8_all_gather: bool = False
     compiled_loss: bool = False
     grad_accumulation: int = 1
+    moment_bytes: int = 8  # Adam's two moments per parameter (bf16: 4)
 
     @property
     def n_micro(self) -> int:
@@ -221,8 +224,8 @@ class _Step:
 
     def rank(self, pp_rank: int, stages: tuple[Stage, ...]) -> MemoryEstimate:
         """The rank's peak over the points of its step (schedule_memory.peak_points): its
-        static state (fp32 weights and AdamW's two fp32 moments of its shards) plus, at each
-        point, the micro-batches in flight, gradients, gathered weights and transients."""
+        static state (fp32 weights and AdamW's two moments of its shards, fp32 or bf16) plus, at
+        each point, the micro-batches in flight, gradients, gathered weights and transients."""
         d, schedule = self.dims, self.par.pipeline_parallel_schedule
         local = stage_params(self.args, list(stages), d.tp, d.fsdp_degree)
         held = rank_stage_ids(self.args.n_layers, *pipeline_split(self.par))
@@ -233,7 +236,7 @@ class _Step:
         where = max(points, key=lambda p: point_total(p, terms, prior))
         best = point_parts(where, terms, prior)
         best["parameters"] += 4 * local
-        best["optimizer_state"] += 8 * local
+        best["optimizer_state"] += self.moment_bytes * local
         best["buffers"] += self.seq_len * self.args.head_dim * 4  # RoPE's cos and sin, fp32
         moment = f"{where.moment} of stage {held[pp_rank][where.stage]}'s backward"
         return MemoryEstimate(
@@ -257,8 +260,8 @@ class _Step:
             else:  # nll_loss's and log_softmax's fp32 gradients (loss parallel: 3 of them)
                 n = 3 if d.tp > 1 and not self.par.disable_loss_parallel else 2
                 out.at_start = {"backward_temporaries": 4 * n * logits}
-        if first:  # the embedding's bf16 weight gradient (TP too: the whole vocabulary's)
-            out.at_end = {"backward_temporaries": 2 * a.vocab_size * a.dim}
+        if first:  # the embedding's bf16 weight gradient (TP: the rank's vocabulary rows)
+            out.at_end = {"backward_temporaries": 2 * a.vocab_size / d.tp * a.dim}
             if d.pp == 1 and d.fsdp_degree > 1:  # the root's fp32 reduce-scatter input
                 extras = untied(a, ["tok_embeddings", "norm", "output"])
                 root = sum(module_params(a, n, d.tp) for n in extras)
@@ -303,8 +306,8 @@ class _Step:
         """The stage's gathered weights and gradients. FSDP: bf16 (float8) gathers; pipelined,
         all of the stage's blocks stay gathered (reshard_after_forward "never") and, with the
         schedule's gradient sync off until the last micro-batch, gradients accumulate
-        unsharded in fp32 (the embedding's over the whole vocabulary under TP: a Partial
-        gradient); else the root and the last block, gradients reduce-scattered per block.
+        unsharded in fp32 (under TP each rank's part: the embedding's too, its vocabulary
+        rows); else the root and the last block, gradients reduce-scattered per block.
         No FSDP: autocast's bf16 copies of the weights, fp32 gradients."""
         a, d = self.args, self.dims
         extras = untied(a, list(st.extras))
@@ -319,8 +322,6 @@ class _Step:
         out.gathered = blocks * self.gathered_block + root
         out.synced = 4 * stage_params(a, [st], d.tp, d.fsdp_degree)
         out.accumulating = 4 * stage_params(a, [st], d.tp)
-        if "tok_embeddings" in extras and d.tp > 1:
-            out.accumulating += 4 * (d.tp - 1) * module_params(a, "tok_embeddings", d.tp)
 
     @functools.cached_property
     def block_backward(self) -> dict[str, float]:

@@ -244,4 +244,5 @@ def config_estimate(
         args, p, dims, t.seq_len, t.local_batch_size, ac.mode, f8 is not None,
         ac.selective_ac_option, f8 is not None and f8.enable_fsdp_float8_all_gather, compiled_loss,
         grad_accumulation=accumulation, pp_rank=pp_rank,
+        moment_bytes=4 if cfg.optimizer.state_dtype == "bfloat16" else 8,
     )  # fmt: skip
