@@ -38,10 +38,11 @@ def apply_converters(
     return flops
 
 
-def build_float8_stats(parts: list[nn.Module], cfg: Float8 | None, job: Job, rank: int):
+def build_float8_stats(parts: list[nn.Module], cfg: Float8, job: Job, rank: int):
     """float8 cast statistics of the parts' float8 layers every cfg.debug_log_freq steps
-    (float8_stats.Float8Stats), or None when float8 or its statistics are off."""
-    if cfg is None or not cfg.debug_log_freq:
+    (float8_stats.Float8Stats), or None when the statistics are off (the caller builds them
+    only with the float8 converter on)."""
+    if not cfg.debug_log_freq:
         return None
     from titan.converters.float8_stats import Float8Stats
 
