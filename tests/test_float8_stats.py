@@ -287,6 +287,7 @@ def _tp_worker(rank: int, port: int, dump: str) -> None:
             model(x).backward(grad)
             assert (stats.end_step(0) is None) == (rank == 1)  # rank 0 gathers and writes
             stats.close()
+        dist.barrier()  # torch 2.15 on gloo: a rank that leaves first can abort at exit
     finally:
         dist.destroy_process_group()
 
