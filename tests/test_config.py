@@ -200,6 +200,7 @@ def test_nested_tables_from_toml_and_command_line(tmp_path):
          "= ['loss'] or compile.enable = false, or turn the stats off"),
         (["--quantize.linear.float8.debug_log_freq", "-1"],
          "quantize.linear.float8.debug_log_freq = -1 must be >= 0"),
+        (["--training.loss_chunk_tokens", "-1"], "training.loss_chunk_tokens = -1 must be >= 0"),
     ],
 )  # fmt: skip
 def test_converter_and_nested_key_errors(args, message):

@@ -305,6 +305,7 @@ def validate(cfg: JobConfig) -> None:
     _non_negative(
         cfg,
         "training.max_norm",
+        "training.loss_chunk_tokens",
         "optimizer.weight_decay",
         "optimizer.eps",
         "lr_scheduler.warmup_steps",

@@ -69,7 +69,7 @@ class Trainer:
         self.model = self.model_parts[0] if dims.pp == 1 else StageUnion(self.model_parts)
         logger.info(f"model {cfg.model.name} {cfg.model.flavor}: {self.n_params:,} parameters, "
                     f"{built.n_trainable:,} trainable")  # fmt: skip
-        self.loss_fn = build_loss_fn(cfg.compile)
+        self.loss_fn = build_loss_fn(cfg.compile, t.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         accumulation = grad_accumulation_steps(t, dims.dp)  # [(first window, steps)]
@@ -209,7 +209,7 @@ class Trainer:
                 logits = self.model(inputs, **kwargs)
             # loss parallel: cross-entropy over vocabulary shards, without gathering the logits
             with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-                loss = self.loss_fn(logits, labels) * self.loss_scale
+                loss = self.loss_fn(logits, labels, self.loss_scale)
                 del logits  # the largest activation: free it before backward
                 loss.backward()
             loss_total += local_tensor(loss.detach())
@@ -245,7 +245,7 @@ class Trainer:
         return args, target, kwargs
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, labels) * self.loss_scale
+        return self.loss_fn(logits, labels, self.loss_scale)
 
     def _forward_backward_pipelined(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
