@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan.config.job_config import JobConfig
 from titan.errors import ConfigError
@@ -41,6 +43,9 @@ class MemoryEstimate:
     held: dict[str, int] = field(default_factory=dict)
     trace_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # FSDP's gradient reduce-scatters in the step, and the bytes they reduce (their inputs)
+    reduce_scatters: int = 0
+    reduce_scatter_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -74,6 +79,9 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
         if e.dense_masks >= 2**20:
             lines.append(f"    (left out: {e.dense_masks / GIB:.3f} GiB of {DENSE_MASKS}, "
                          "CPU only: flex attention's block mask replaces them on GPU)")  # fmt: skip
+        if e.reduce_scatters:
+            lines.append(f"    FSDP gradient reduce-scatters: {e.reduce_scatters} a step, "
+                         f"{e.reduce_scatter_bytes / GIB:.3f} GiB in")  # fmt: skip
         lines.extend(f"    note: {n}" for n in e.notes)
     worst = max(estimates, key=lambda e: e.total)
     over = worst.total / GIB - memory_gib
@@ -133,8 +141,10 @@ def traced_ranks(cfg: JobConfig, world_size: int) -> list[tuple[int, str]]:
 def _notes(trainer) -> list[str]:
     """What the eager trace holds that the configured (compiled) run would not."""
     compiled = trainer.compile_as_written
-    if not (compiled.enable and "loss" in compiled.components):
-        return []
+    if trainer.cfg.training.loss_chunk_tokens or not (
+        compiled.enable and "loss" in compiled.components
+    ):
+        return []  # the chunked loss holds the same eager or compiled
     cfg, dims = trainer.cfg, trainer.parallel_dims
     batch = cfg.training.local_batch_size
     if dims.pp > 1:
@@ -143,6 +153,23 @@ def _notes(trainer) -> list[str]:
     log_probs = batch * cfg.training.seq_len // dims.cp * vocab * 4
     return [f"the eager loss holds fp32 log-probabilities, {log_probs / GIB:.2f} GiB a micro-batch "
             "at the peak; the compiled loss (compile.components) does not"]  # fmt: skip
+
+
+class CountReduceScatters(TorchDispatchMode):
+    """Counts the c10d reduce-scatters (FSDP's gradient reductions; tensor parallel's go through
+    the functional collectives) and their input bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is not torch.Tensor and not issubclass(t, FakeTensor) for t in types):
+            return NotImplemented  # DTensor and float8 tensors run their inner ops, seen here
+        if func.namespace == "c10d" and "reduce_scatter" in func.__name__:
+            self.count += 1
+            self.bytes += tensor_bytes([args[1]]) if torch.is_tensor(args[1]) else 0
+        return func(*args, **(kwargs or {}))
 
 
 def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
@@ -157,7 +184,8 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         optimizer.zero_grad(set_to_none=True)
     params = list(model.parameters())
     with tracing(model, static_state(model, optimizer)) as tracer:
-        trainer.forward_backward(microbatches)
+        with CountReduceScatters() as reduce_scatters:
+            trainer.forward_backward(microbatches)
         held = {name: tensor_bytes(ts) for name, ts in static_state(model, optimizer).items()}
         held["gradients"] = tensor_bytes([p.grad for p in params if p.grad is not None])
         tracer.optimizer_phase = True
@@ -172,6 +200,7 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
     return MemoryEstimate(
         rank, label, peak, dense_masks=tracer.peak[DENSE_MASKS], held=held,
         trace_s=time.perf_counter() - start, notes=notes,
+        reduce_scatters=reduce_scatters.count, reduce_scatter_bytes=reduce_scatters.bytes,
     )  # fmt: skip
 
 
