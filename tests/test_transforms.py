@@ -1,14 +1,20 @@
 """Single-process transforms: each activation-checkpointing mode and per-block compile give the
-plain model's loss and gradients, and leave parameter names as they were."""
+plain model's loss and gradients, and leave parameter names as they were; op-level AC recomputes
+the same matmuls with float8 linears as without."""
 
+import contextlib
 import dataclasses
 import os
 
 import pytest
 import torch
 from parallel_harness import COUNTING_BACKEND, compiled_graph_runs
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan.config.job_config import ActivationCheckpoint, Compile
+from titan.config.checks import Converters
+from titan.config.job_config import ActivationCheckpoint, Compile, Float8
+from titan.converters import apply_converters
 from titan.models.llama3 import FLAVORS, Transformer
 from titan.parallelisms.activation_checkpoint import apply_ac
 from titan.parallelisms.compile import apply_compile
@@ -24,14 +30,17 @@ def build() -> Transformer:
     return model
 
 
-def loss_and_grads(model: Transformer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: Transformer, in_backward: contextlib.AbstractContextManager | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 65), generator=g)
     loss = cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:]) / tokens[:, 1:].numel()
-    loss.backward()
+    with in_backward or contextlib.nullcontext():
+        loss.backward()
     params = model.named_parameters()
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in params}
     return loss.detach(), grads
@@ -60,6 +69,90 @@ def test_activation_checkpointing_matches_plain(reference, mode, option):
 def test_selective_option_must_be_op_or_positive_int():
     with pytest.raises(ValueError, match="use 'op' or a positive integer N"):
         apply_ac(build(), ActivationCheckpoint(mode="selective", selective_ac_option="0"))
+
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default)
+
+
+class MatmulCount(TorchDispatchMode):
+    """Counts the matmuls dispatched under it. A dispatch mode runs before tensor subclasses:
+    a float8 linear's matmul counts once, as the aten.mm on its float8 tensors, and what torchao
+    runs inside it (a dequantized mm here, torch._scaled_mm on float8 GPUs) is not seen again."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def float8(model: Transformer) -> Transformer:
+    """Every block linear in float8 (torchao, emulated on CPU); the output layer stays fp32."""
+    cfg = Float8(auto_filter_small_kn=False)
+    apply_converters(model, Converters(float8=cfg), torch.device("cpu"), fsdp=False)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.startswith("layers.")}
+    assert "Float8Linear" in kinds and "Linear" not in kinds
+    return model
+
+
+def test_op_level_ac_recomputes_no_more_float8_matmuls_than_fp32_ones():
+    """The op policy saves every second matmul of a block whether its linears are float8 or
+    not: the checkpointed backward runs 3 more matmuls per block than the plain backward (wk,
+    wo and w3 recomputed, of the 7) in both, and the float8 model's loss and gradients are the
+    un-checkpointed float8 model's."""
+    recomputed = {}
+    for precision, convert in (("fp32", lambda m: m), ("float8", float8)):
+        plain, checkpointed = convert(build()), convert(build())
+        apply_ac(checkpointed, ActivationCheckpoint(mode="selective", selective_ac_option="op"))
+        counts = [MatmulCount(), MatmulCount()]
+        (ref_loss, ref_grads), (loss, grads) = (
+            loss_and_grads(model, in_backward=count)
+            for model, count in zip((plain, checkpointed), counts, strict=True)
+        )
+        recomputed[precision] = counts[1].count - counts[0].count
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=0, msg=name)
+    assert recomputed == {"fp32": 3 * ARGS.n_layers, "float8": 3 * ARGS.n_layers}
+
+
+class ScaledMatmuls(nn.Module):
+    """A plain mm, then two torch._scaled_mm on plain float8 tensors, each output scaled by a
+    parameter (so backward needs it: saved, or recomputed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales = nn.Parameter(torch.ones(3, 16, 16))
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 32, generator=g)
+        self.w = torch.randn(16, 32, generator=g)
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        one = torch.ones(())
+        x8, w8 = (t.to(torch.float8_e4m3fn) for t in (self.x, self.w))
+        outs = [torch.mm(self.x, self.w.t())] + [
+            torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            for _ in range(2)
+        ]
+        return sum((o * s).sum() for o, s in zip(outs, self.scales, strict=True))
+
+
+def test_op_level_ac_counts_scaled_mm_among_the_matmuls():
+    """torch._scaled_mm reaching the policy as itself is a matmul, counted with aten.mm: of the
+    three, the first and the third are saved and only the second is recomputed."""
+    plain = ScaledMatmuls()
+    plain(torch.zeros(())).backward()
+    model = nn.Module()
+    model.layers = nn.ModuleDict({"0": ScaledMatmuls()})
+    apply_ac(model, ActivationCheckpoint(mode="selective", selective_ac_option="op"))
+    loss = model.layers["0"](torch.zeros(()))
+    with MatmulCount() as count:
+        loss.backward()
+    assert count.count == 1
+    grad = model.layers["0"]._checkpoint_wrapped_module.scales.grad
+    assert torch.equal(grad, plain.scales.grad)  # each scale's gradient is its matmul's output
 
 
 def test_per_block_compile_matches_eager(reference):

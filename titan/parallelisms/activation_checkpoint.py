@@ -8,15 +8,20 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from titan.config.job_config import ActivationCheckpoint
 
-# Outputs of these ops are kept in op-level selective AC; everything else is recomputed.
-# Matmuls are the expensive ops to recompute, and attention the most expensive per byte.
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
+# Op-level selective AC keeps the outputs of attention and of every second matmul; everything
+# else is recomputed. Matmuls are the expensive ops to recompute, attention the most per byte.
+_ATTENTION = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
 }
+# The matmuls, counted together whatever their precision. A policy runs as a dispatch mode,
+# before any tensor subclass: torchao's float8 (and MX) linears reach it as aten.mm on their
+# float8 tensors, and compute it inside with torch._scaled_mm (float8 GPUs) or a dequantized mm
+# (emulation), which it does not see. torch._scaled_mm called on plain float8 tensors reaches it
+# as itself, and counts as a matmul too.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default}
 
 
 def _op_policy():
@@ -24,13 +29,15 @@ def _op_policy():
     counts = {"forward": 0, "recompute": 0}
 
     def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-        if func not in _SAVE_OPS:
+        if func in _ATTENTION:
+            return CheckpointPolicy.MUST_SAVE
+        if func not in _MATMULS:
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if func is torch.ops.aten.mm.default:
-            mode = "recompute" if ctx.is_recompute else "forward"
-            counts[mode] += 1
-            if counts[mode] % 2 == 0:
-                return CheckpointPolicy.PREFER_RECOMPUTE
+        # torch < 2.13 asks again while recomputing (2.13+ replay the forward's decisions)
+        mode = "recompute" if ctx.is_recompute else "forward"
+        counts[mode] += 1
+        if counts[mode] % 2 == 0:
+            return CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.MUST_SAVE
 
     return create_selective_checkpoint_contexts(policy)
