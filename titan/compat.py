@@ -75,6 +75,10 @@ PRIVATE_APIS = (
         "torch.distributed.tensor._sharding_prop.ShardingPropagator", "memory_tracer: placeholders"
     ),
     PrivateApi(
+        "torch.distributed.tensor._utils.compute_local_shape_and_global_offset",
+        "hf_load: the block of a tensor a rank holds (FSDP x TP's nested shards too)",
+    ),
+    PrivateApi(
         "torch.distributed.tensor.experimental._context_parallel._attention."
         "_templated_ring_attention",
         "context_parallel: ring attention",

@@ -23,7 +23,6 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -55,24 +54,17 @@ def complete_steps(folder: Path) -> list[int]:
 
 
 def load_initial_weights(
-    model: nn.Module,
-    path: str,
-    read_hf: Callable[[str], dict[str, torch.Tensor]] | None = None,
+    model: nn.Module, path: str, load_hf: Callable[..., None] | None = None
 ) -> None:
     """Start from other weights: a DCP folder (e.g. a seed checkpoint), or, given the model's
-    reader of Hugging Face folders (`read_hf(path)` -> full tensors under titan's names), one
-    of those. LoRA adapters load from a DCP folder that holds them (a LoRA run's checkpoint);
-    base weights without them leave them at their init (DoRA's magnitudes become the loaded
-    weights' row norms)."""
+    loader of Hugging Face folders (`load_hf(model, path, skip=keys)` loads in place every
+    tensor but `keys`, each rank reading only its own pieces), one of those. LoRA adapters load
+    from a DCP folder that holds them (a LoRA run's checkpoint); base weights without them leave
+    them at their init (DoRA's magnitudes become the loaded weights' row norms)."""
     adapters = adapter_keys(model)
     found: set[str] = set()  # adapters the folder holds
-    if read_hf is not None:
-        state = read_hf(path)  # checked: every weight of the base model is there
-        keys = get_model_state_dict(model).keys()  # a pipeline rank holds some stages only
-        state = {k: v.to(torch.float32) for k, v in state.items() if k in keys}
-        # full tensors: each rank keeps its own shards of them
-        options = StateDictOptions(full_state_dict=True, strict=not adapters)
-        set_model_state_dict(model, state, options=options)
+    if load_hf is not None:
+        load_hf(model, path, skip=adapters)  # checked: every weight of the base model is there
     else:
         stored = read_dcp_metadata(Path(path)).state_dict_metadata
         found = adapters & stored.keys()
@@ -92,12 +84,12 @@ def build_checkpointer(
     ckpt: Checkpoint,
     dump_folder: str,
     world_size: int,
-    read_hf: Callable[[str], dict[str, torch.Tensor]],
+    load_hf: Callable[..., None],
     **parts: Any,
 ) -> tuple["CheckpointManager | None", int]:
     """(the run's manager or None, the step to start from): resume from the run's own newest
     (or checkpoint.load_step's) checkpoint, else load checkpoint.initial_load_path's weights (a
-    Hugging Face folder through `read_hf` with initial_load_in_hf). `parts`: model, optimizer,
+    Hugging Face folder through `load_hf` with initial_load_in_hf). `parts`: model, optimizer,
     lr_scheduler and dataloader, as CheckpointManager takes them."""
     if ckpt.create_seed_checkpoint and world_size > 1:
         raise ConfigError(
@@ -112,7 +104,7 @@ def build_checkpointer(
         if complete_steps(manager.folder) or ckpt.load_step != -1:
             return manager, manager.load()
     if ckpt.initial_load_path:
-        hf = read_hf if ckpt.initial_load_in_hf else None
+        hf = load_hf if ckpt.initial_load_in_hf else None
         load_initial_weights(parts["model"], ckpt.initial_load_path, hf)
     return manager, 0
 

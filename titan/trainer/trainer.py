@@ -24,7 +24,7 @@ from titan.data.tokenizer import build_tokenizer
 from titan.errors import DataError, NonFiniteLossError
 from titan.logger import logger
 from titan.models.llama3.build import build_model, check_layout, model_args_for
-from titan.models.llama3.hf_io import titan_state_dict_from_hf
+from titan.models.llama3.hf_load import load_hf_weights
 from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
 from titan.parallelisms.context_parallel import shard_batch
 from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, local_tensor
@@ -160,9 +160,9 @@ class Trainer:
             if ckpt.enable or ckpt.initial_load_path or ckpt.create_seed_checkpoint:
                 logger.warning("dry run: checkpoint loading and saving are off")
             return None
-        read_hf = functools.partial(titan_state_dict_from_hf, args=self.model_args)
+        load_hf = functools.partial(load_hf_weights, args=self.model_args)
         manager, self.step = build_checkpointer(
-            ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, read_hf,
+            ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, load_hf,
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader,
         )  # fmt: skip

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from titan.checkpoint.dcp_io import atomic_dir
@@ -174,43 +175,62 @@ def check_titan_state_dict(
 
 
 def titan_state_dict_from_hf(hf_dir: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """A transformers checkpoint's weights under titan's names, checked against `args`."""
-    hf_sd = load_hf_state_dict(hf_dir)
+    """A transformers checkpoint's weights under titan's names, checked against `args`: the
+    whole model in memory (to convert a folder; `hf_load` loads a model's own pieces)."""
+    return titan_from_hf_checked(load_hf_state_dict(hf_dir), args, str(hf_dir))
+
+
+def titan_from_hf_checked(
+    hf_sd: dict[str, torch.Tensor], args: ModelArgs, source: str
+) -> dict[str, torch.Tensor]:
+    """`from_hf`, then CheckpointError unless the result has exactly the model's keys and
+    shapes. Meta tensors check a folder from its headers alone."""
     if args.tie_word_embeddings:
         hf_sd.pop("lm_head.weight", None)  # some exports repeat the tied matrix; titan re-ties
     try:
         sd = from_hf(hf_sd, args)
     except KeyError as e:
-        raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
-    check_titan_state_dict(sd, args, str(hf_dir))
+        raise CheckpointError(f"{source}: {e.args[0]}") from None
+    check_titan_state_dict(sd, args, source)
     return sd
 
 
 # ---- Hugging Face safetensors folders ---------------------------------------------------------
 
 
-def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers safetensors checkpoint (one file or an index of shards)."""
+def hf_tensor_files(hf_dir: str | Path) -> dict[str, Path]:
+    """Each tensor of a transformers safetensors checkpoint (one file or an index of shards)
+    and the file that holds it, from the files' headers."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"Hugging Face checkpoint folder not found: {hf_dir}")
     if (hf_dir / INDEX_FILE).is_file():
         weight_map: dict[str, str] = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"]
-        state_dict: dict[str, torch.Tensor] = {}
+        files: dict[str, Path] = {}
         for shard in sorted(set(weight_map.values())):
             if not (hf_dir / shard).is_file():
                 raise FileNotFoundError(f"{hf_dir / shard} (listed in {INDEX_FILE}) not found")
-            state_dict.update(load_file(hf_dir / shard))
-        missing = sorted(weight_map.keys() - state_dict.keys())
+            with safe_open(hf_dir / shard, framework="pt") as f:
+                files.update(dict.fromkeys(f.keys(), hf_dir / shard))
+        missing = sorted(weight_map.keys() - files.keys())
         if missing:
             raise CheckpointError(f"{hf_dir}: tensors in {INDEX_FILE} but in no shard: {missing}")
-        return state_dict
+        return files
     if (hf_dir / SINGLE_FILE).is_file():
-        return load_file(hf_dir / SINGLE_FILE)
+        with safe_open(hf_dir / SINGLE_FILE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), hf_dir / SINGLE_FILE)
     raise FileNotFoundError(
         f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}: expected a transformers "
         "checkpoint saved as safetensors (.bin and Meta's .pth files are not read)"
     )
+
+
+def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers safetensors checkpoint (one file or an index of shards)."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in dict.fromkeys(hf_tensor_files(hf_dir).values()):
+        state_dict.update(load_file(file))
+    return state_dict
 
 
 def _tokenizer_bos_eos(tokenizer_dir: Path) -> tuple[int, int] | None:

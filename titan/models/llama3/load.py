@@ -7,14 +7,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan.checkpoint.dcp_io import load_dcp_model, read_dcp_metadata
 from titan.converters.lora import is_adapter_key
 from titan.errors import CheckpointError
 from titan.models.llama3.args import ModelArgs
-from titan.models.llama3.hf_io import read_hf_config, resolve_model_args, titan_state_dict_from_hf
+from titan.models.llama3.hf_io import read_hf_config, resolve_model_args
+from titan.models.llama3.hf_load import load_hf_weights
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.parallelize import apply_tp, check_tp_degree
 
@@ -88,7 +88,5 @@ def load_model(
             )
         load_dcp_model(path, model, stored)  # reads only this rank's shards of DTensors
     else:
-        state = {k: v.to(dtype) for k, v in titan_state_dict_from_hf(path, args).items()}
-        # full tensors: under TP each rank keeps its own shards of them
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        load_hf_weights(model, path, args)  # reads only this rank's shards of DTensors
     return model.eval()

@@ -89,6 +89,23 @@ def from_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, t
     return out
 
 
+def hf_name(name: str, args: ModelArgs) -> str:
+    """The transformers tensor that titan's `name` is read from (a tied output: the embedding)."""
+    if args.tie_word_embeddings and name == "output.weight":
+        name = "tok_embeddings.weight"
+    return _rename(name, _TO_HF)
+
+
+def hf_rows(name: str, n_rows: int, args: ModelArgs) -> torch.Tensor | None:
+    """For wq and wk, the transformers row each of titan's rows comes from (from_hf's
+    permutation); None for the other tensors, whose rows are the same."""
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    n = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
+    if n is None:
+        return None
+    return _hf_to_meta_rows(torch.arange(n_rows).unsqueeze(1), n).squeeze(1)
+
+
 def lora_to_peft(adapters: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """titan adapter tensors (`layers.0.attention.wq.lora_b`) -> the state dict of a PEFT
     adapter_model.safetensors (`base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight`).
