@@ -78,7 +78,6 @@ def block_activation_bytes(
     tp: int,
     sequence_parallel: bool,
     ac_mode: str,
-    float8_layers: frozenset[str] = frozenset(),
     autocast: bool = False,
 ) -> tuple[float, float]:
     """(bytes one block keeps for backward per token, bytes it keeps with no AC per token).
@@ -92,7 +91,7 @@ def block_activation_bytes(
     and its fp32 output, and each of wq, wk, wv, w1 and w3 saves its own bf16 cast of its input.
     Sequence parallel shards what lies between the matmuls by tp. Full AC: the block input.
     Selective op (titan's policy): the block input, attention's output and logsumexp, and every
-    second aten.mm output (float8 linears run torch._scaled_mm, which the policy does not save).
+    second matmul output, float8 or not.
     """
     d, hd, t = args.dim, args.head_dim, tp
     s = tp if sequence_parallel and tp > 1 else 1
@@ -111,7 +110,7 @@ def block_activation_bytes(
     if ac_mode == "full":
         return block_input, none
     outputs = {"wq": h * hd, "wk": kv * hd, "wv": kv * hd, "wo": d, "w1": ffn, "w3": ffn, "w2": d}
-    saved_mm = sum(2 * outputs[n] for n in sac_saved_linears(float8_layers))
+    saved_mm = sum(2 * outputs[n] for n in sac_saved_linears())
     return block_input + 2 * h * hd + 4 * h + saved_mm, none
 
 
@@ -204,10 +203,9 @@ class _Step:
     def per_token(self) -> tuple[float, float]:
         """block_activation_bytes for this step: (kept per token, kept with no AC)."""
         a, d = self.args, self.dims
-        f8 = float8_linears(a) if self.float8 else frozenset()
         autocast = d.fsdp_degree == 1
         sp = self.par.enable_sequence_parallel
-        return block_activation_bytes(a, d.tp, sp, self.ac_mode, f8, autocast)
+        return block_activation_bytes(a, d.tp, sp, self.ac_mode, autocast)
 
     @property
     def edge(self) -> float:

@@ -202,9 +202,8 @@ def output_flops(args: ModelArgs) -> int:
     return 6 * (args.vocab_size * args.dim + args.dim)
 
 
-def sac_saved_linears(float8_layers: frozenset[str] = frozenset()) -> list[str]:
-    """The block linears whose outputs titan's op-level selective AC saves: every second
-    aten.mm in forward order, from the first; float8 linears run torch._scaled_mm, which the
-    policy neither counts nor saves."""
-    plain = [n for n in LINEAR_ORDER if n not in float8_layers]
-    return plain[::2]
+def sac_saved_linears() -> list[str]:
+    """The block linears whose outputs titan's op-level selective AC saves: every second matmul
+    in forward order, from the first, float8 or not (the policy sees a float8 linear's matmul
+    as aten.mm on torchao's float8 tensors, and counts it with the others)."""
+    return list(LINEAR_ORDER[::2])

@@ -39,9 +39,9 @@ EAGER_EFFICIENCY = 0.85
 # A float8 linear's matmuls run this much faster than in bf16 (casts and scales included),
 # calibrated on torchao's float8 README: Llama3-8B on 8 H100 (FSDP, seq 8192, compile, per-op
 # SAC), tensorwise with float8 all-gather, +25.0 % tokens/s over bf16; this model gives that
-# layout +25 % (titan's SAC policy, like torchtitan's, recomputes float8 matmuls: _scaled_mm is
-# not saved), 70B/405B +30 % with SAC and +45-50 % with full AC (the README: up to 1.5x).
-FLOAT8_MATMUL_SPEEDUP = 1.65
+# layout +25 % (titan's SAC policy keeps float8 matmul outputs as it keeps bf16 ones: it sees
+# them as aten.mm on torchao's float8 tensors), 70B/405B +30 % (the README: up to 1.5x).
+FLOAT8_MATMUL_SPEEDUP = 1.39
 # Seconds each step of a ring collective waits besides moving its bytes (the alpha of an
 # alpha-beta model; assumed: a few microseconds, as NCCL's ring protocols take per hop). A ring
 # over n ranks takes n - 1 steps, which prices very large FSDP groups.
@@ -84,11 +84,11 @@ Throughput model (titan.planning.throughput_model), per optimizer step:
 - Compute: each rank's FLOPs by titan's count (metrics.model_flops: 6 per parameter per
   token plus 12 x layers x heads x head_dim x seq_len for attention, output layer included;
   tp and cp split a rank's FLOPs evenly), plus recompute (full AC: every block's forward
-  again; selective op: the forward of the linears titan's policy does not save: wk, wo, w3
-  in bf16, every linear with float8), at {BF16_EFFICIENCY:.0%} of the dense bf16 peak (x
+  again; selective op: the forward of the linears titan's policy does not save: wk, wo, w3,
+  float8 or not), at {BF16_EFFICIENCY:.0%} of the dense bf16 peak (x
   {EAGER_EFFICIENCY} where titan refuses compiled blocks for the layout). float8: the converted
   linears' matmuls run {FLOAT8_MATMUL_SPEEDUP}x faster (8B FSDP with SAC: +25 % end to end, as
-  torchao's float8 README measured; 70B/405B: +30 % with SAC, +45-50 % with full AC).
+  torchao's float8 README measured; 70B/405B: +30 %).
   A pipeline runs at the pace of its slowest rank.
 - Collectives: a ring all-gather or reduce-scatter over n ranks takes n-1 steps of a fixed
   latency ({STEP_LATENCY["nvlink"] * 1e6:g} us on NVLink, {STEP_LATENCY["network"] * 1e6:g} us \
@@ -216,7 +216,7 @@ class _Pass:
         if self.ac_mode == "full":
             redo, extra = list(LINEAR_ORDER), (attention + norms) / 3
         elif self.ac_mode == "selective":
-            redo, extra = [n for n in LINEAR_ORDER if n not in sac_saved_linears(f8)], 0
+            redo, extra = [n for n in LINEAR_ORDER if n not in sac_saved_linears()], 0
         else:
             return 0.0, 0.0
         fast = 2 * sum(sizes[n] for n in redo if n in f8)
