@@ -167,6 +167,73 @@ def test_pipeline_in_3d_and_with_hsdp(batches, reference):
     check_cases(cases, 8, batches, reference)
 
 
+@pytest.mark.heavy
+def test_grad_reduce_per_microbatch_matches_one_process(batches, reference):
+    """PP 2 x FSDP 2 with pipeline_parallel_grad_reduce: each stage's gradients reduce-scattered
+    after every micro-batch (sharded accumulation) or once after the stage's last backward, under
+    1F1B (one stage per rank), Interleaved1F1B (three per rank, each with its own last backward)
+    and GPipe with two steps' micro-batches accumulated."""
+    fsdp_pp = dict(layout="pp 2 x dp_shard 2", stages=ONE)
+    per_mb = ["--parallelism.pipeline_parallel_grad_reduce", "microbatch"]
+    two = [*PP, "--training.local_batch_size", "2"]
+    interleaved = [*two, SCHEDULE, "Interleaved1F1B"]
+    accumulated = [*PP, "--training.local_batch_size", "1", "--training.global_batch_size", "4"]
+    cases = {
+        "1F1B, per micro-batch": ([*two, *per_mb], fsdp(**fsdp_pp)),
+        "Interleaved1F1B, per stage": (
+            [*interleaved, *ONE_BLOCK_EACH], fsdp(**{**fsdp_pp, "stages": LOOPED_3}),
+        ),
+        "Interleaved1F1B, per micro-batch": (
+            [*interleaved, *ONE_BLOCK_EACH, *per_mb], fsdp(**{**fsdp_pp, "stages": LOOPED_3}),
+        ),
+        "GPipe accumulated, per micro-batch, reshard always": (
+            [*accumulated, SCHEDULE, "GPipe", *per_mb,
+             "--parallelism.fsdp_reshard_after_forward", "always"],
+            fsdp(**fsdp_pp, reshard="always"),
+        ),
+    }  # fmt: skip
+    check_cases(cases, 4, batches, reference)
+
+
+@pytest.mark.heavy
+def test_grad_reduce_per_microbatch_with_hsdp():
+    """PP 2 x HSDP 2x2 (eight ranks), two micro-batches per rank: each one's gradients are
+    reduce-scattered and all-reduced across the replicas, and the step matches one process."""
+    batches = ignore_some_labels(make_batches(2, 8))
+    reference = run_single(["--training.local_batch_size", "8"], batches)
+    hsdp = ["--parallelism.data_parallel_replicate_degree", "2"]
+    per_mb = ["--parallelism.pipeline_parallel_grad_reduce", "microbatch"]
+    expect = fsdp(
+        "pp 2 x dp_replicate 2 x dp_shard 2", fsdp_mesh=("dp_replicate", "dp_shard"), stages=ONE
+    )
+    case = [*PP, *hsdp, "--training.local_batch_size", "2", *per_mb]
+    check_cases({"pp 2 x hsdp 2x2, 1F1B, per micro-batch": (case, expect)}, 8, batches, reference)
+
+
+@pytest.mark.parametrize("when", ["stage", "microbatch"])
+def test_grad_reduce_in_the_dry_run(tmp_path, when):
+    """PP 2 x FSDP 2, four micro-batches, traced: each rank's stage reduce-scatters its fp32
+    gradients once a step per FSDP unit (three blocks and the root), or once per unit and
+    micro-batch; per micro-batch the rank holds only sharded gradients at its peak."""
+    from dry_run_harness import dry_run
+
+    args = ["--training.seq_len", "32", "--training.local_batch_size", "4"]
+    args += [*PP, "--parallelism.pipeline_parallel_grad_reduce", when]
+    log, out = dry_run(tmp_path, *args, ngpu=4)
+    first, last = out["ranks"]
+    per_step = 4 if when == "stage" else 4 * 4
+    embedding, block = 2304 * 256, 754_176  # debugmodel
+    for rank, params in ((first, embedding + 3 * block), (last, embedding + 256 + 3 * block)):
+        assert rank["reduce_scatters"] == per_step, rank
+        assert rank["reduce_scatter_bytes"] == per_step // 4 * 4 * params, rank
+        sharded = rank["held"]["gradients"]
+        if when == "stage":
+            assert rank["peak"]["gradients"] > 1.5 * sharded, rank
+        else:
+            assert rank["peak"]["gradients"] == sharded, rank
+    assert f"FSDP gradient reduce-scatters: {per_step} a step" in log
+
+
 def test_split_and_placement():
     p = Parallelism(pipeline_parallel_degree=2, pipeline_parallel_layers_per_stage=2)
     names = split_module_names(DEBUG, p, 3)
@@ -238,6 +305,15 @@ def _pp(**kw) -> Parallelism:
             "computes weight gradients after the input gradients.*use 'default' or 'never'",
         ),
         (
+            _pp(
+                pipeline_parallel_schedule="ZBVZeroBubble",
+                pipeline_parallel_grad_reduce="microbatch",
+            ),
+            4,
+            "FSDP can reduce-scatter a micro-batch's gradients only after a whole backward: set "
+            "pipeline_parallel_grad_reduce = 'stage'",
+        ),
+        (
             _pp(pipeline_parallel_schedule_csv="/nonexistent.csv"),
             4,
             "pipeline_parallel_schedule_csv = '/nonexistent.csv': no such file",
@@ -301,6 +377,12 @@ def test_bad_csv_and_explicit_splits_are_named(tmp_path):
             "pipeline parallel with DDP",
         ),
         ([*PP, "--training.local_batch_size", "1"], 2, "needs at least as many micro-batches"),
+        (
+            ["--parallelism.pipeline_parallel_grad_reduce", "micro_batch"],
+            1,
+            "pipeline_parallel_grad_reduce = 'micro_batch' is not one of stage, microbatch; did "
+            "you mean 'microbatch'",
+        ),
     ],  # fmt: skip
 )
 def test_trainer_stops_before_starting_processes(monkeypatch, args, world, message):

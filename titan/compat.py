@@ -35,7 +35,7 @@ PRIVATE_APIS = (
     PrivateApi("torch._functorch.config.activation_memory_budget", "activation_checkpoint"),
     PrivateApi("torch._guards.active_fake_mode", "memory_tracer"),
     PrivateApi("torch._inductor.config._micro_pipeline_tp", "tensor_parallel: async TP"),
-    PrivateApi("torch._subclasses.fake_tensor.FakeTensor", "memory_tracer"),
+    PrivateApi("torch._subclasses.fake_tensor.FakeTensor", "memory_tracer, dry_run"),
     PrivateApi("torch._subclasses.fake_tensor.FakeTensorMode", "distributed"),
     PrivateApi("torch._subclasses.fake_tensor.unset_fake_temporarily", "trainer"),
     PrivateApi("torch.cuda.memory._record_memory_history", "profiling: memory snapshots"),
@@ -56,6 +56,13 @@ PRIVATE_APIS = (
     ),
     PrivateApi("torch.distributed.fsdp.FSDPModule._get_fsdp_state", "memory_tracer, pipeline"),
     PrivateApi("torch.distributed.pipelining._utils.InferenceMode", "here", since="2.12"),
+    # undocumented, not underscored: every schedule calls it with last_backward (2.11 to 2.15),
+    # and the stage's FSDP handling applies only to an FSDPModule submodule (both read in
+    # stage.py of 2.13 and 2.15)
+    PrivateApi(
+        "torch.distributed.pipelining.PipelineStage.backward_one_chunk",
+        "pipeline: FSDP's reduce-scatter per micro-batch (pipeline_parallel_grad_reduce)",
+    ),
     PrivateApi("torch.distributed.pipelining.schedules._Action", "pipeline: CSV schedules"),
     PrivateApi(
         "torch.distributed.pipelining.schedules._PipelineScheduleRuntime._load_csv",
@@ -97,7 +104,10 @@ PRIVATE_APIS = (
         "context_parallel",
     ),
     PrivateApi("torch.testing._internal.distributed.fake_pg.FakeStore", "distributed: dry runs"),
-    PrivateApi("torch.utils._python_dispatch.TorchDispatchMode", "memory_tracer"),
+    PrivateApi(
+        "torch.utils._python_dispatch.TorchDispatchMode",
+        "memory_tracer; dry_run: counting FSDP's reduce-scatters",
+    ),
     PrivateApi("torch.utils._python_dispatch.is_traceable_wrapper_subclass", "memory_tracer"),
     PrivateApi("torch.utils._pytree.tree_flatten", "memory_tracer"),
     PrivateApi("torchao.float8._auto_filter_for_recipe", "float8: filter_fqns = ['auto_filter']"),

@@ -203,6 +203,11 @@ class Parallelism:
     """Give the first stage this many blocks fewer, for the cost of the embedding."""
     pipeline_parallel_last_stage_less_layers: int = 0
     """Give the last stage this many blocks fewer, for the cost of the norm, output and loss."""
+    pipeline_parallel_grad_reduce: str = "stage"
+    """With FSDP, when a stage's gradients are reduce-scattered: stage (once, after the stage's
+    last backward of the step; its unsharded fp32 gradients are held until then) or microbatch
+    (after every micro-batch's backward, accumulated sharded: less memory, one reduce-scatter
+    per micro-batch)."""
     context_parallel_degree: int = 1
     """Ranks splitting each sequence (context parallel)."""
     context_parallel_rotate_method: str = "allgather"

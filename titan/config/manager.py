@@ -264,6 +264,7 @@ _CHOICES = {
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallelism.context_parallel_rotate_method": ("allgather", "alltoall"),
+    "parallelism.pipeline_parallel_grad_reduce": ("stage", "microbatch"),
     # titan.parallelisms.pipeline.SCHEDULES (a test keeps the two equal)
     "parallelism.pipeline_parallel_schedule": (
         "GPipe",

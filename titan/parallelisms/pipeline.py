@@ -6,7 +6,9 @@ InterleavedZeroBubble) give rank r the stages r, r + pp, r + 2 pp, ...; V schedu
 (ZBVZeroBubble, DualPipeV) give rank r exactly two, r and 2 pp - 1 - r, so the first and last
 stage share rank 0; a CSV schedule's rows say which rank runs which stage. Each
 data-parallel rank's local batch is cut into micro-batches of
-`pipeline_parallel_microbatch_size` sequences that flow through the stages.
+`pipeline_parallel_microbatch_size` sequences that flow through the stages. With FSDP,
+`pipeline_parallel_grad_reduce` says when a stage's gradients are reduce-scattered: once per
+step after the stage's last backward (torch's stage), or after every micro-batch's backward.
 """
 
 import csv
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
@@ -181,6 +184,13 @@ def check_pipeline(
             "(2.13) cannot do through compiled blocks (the input-gradient pass fails): use "
             "1F1B, Interleaved1F1B, GPipe or LoopedBFS with compile, or turn compile off"
         )
+    if kind.zero_bubble and cfg.pipeline_parallel_grad_reduce == "microbatch":
+        raise ValueError(
+            f"schedule {what} splits backward into input and weight gradients, and FSDP can "
+            "reduce-scatter a micro-batch's gradients only after a whole backward: set "
+            "pipeline_parallel_grad_reduce = 'stage', or use 1F1B, Interleaved1F1B, GPipe or "
+            "LoopedBFS"
+        )
     if kind.zero_bubble and cfg.fsdp_reshard_after_forward == "always":
         raise ValueError(
             f"schedule {what} computes weight gradients after the input gradients, when FSDP "
@@ -254,10 +264,16 @@ def build_schedule(
     group = mesh.get_group()
     # static_shapes: each stage's example inputs/outputs, so that no shapes are exchanged
     shapes = static_shapes or [{} for _ in parts]
-    stages = [
-        PipelineStage(part, stage_id, n_stages, device, group=group, **stage_metadata(kw))
-        for part, stage_id, kw in zip(parts, stage_ids, shapes, strict=True)
-    ]
+    per_microbatch = cfg.pipeline_parallel_grad_reduce == "microbatch"
+    stages = []
+    for part, stage_id, kw in zip(parts, stage_ids, shapes, strict=True):
+        args = (stage_id, n_stages, device)
+        kwargs = {"group": group, **stage_metadata(kw)}
+        if per_microbatch and isinstance(part, FSDPModule):
+            keep = cfg.fsdp_reshard_after_forward != "always"
+            stages.append(MicrobatchReduceStage(part, *args, keep_gathered=keep, **kwargs))
+        else:
+            stages.append(PipelineStage(part, *args, **kwargs))
     # The loss function returns sum / global target count already: no scaling by micro-batches.
     if cfg.pipeline_parallel_schedule_csv:
         schedule = _PipelineScheduleRuntime(
@@ -278,6 +294,46 @@ def build_schedule(
     if static_shapes is not None:
         decide_static_shapes_on_fake_backend(schedule)
     return _losses_only(schedule)
+
+
+class _Plain(nn.Module):
+    """Runs the FSDP stage inside it: torch's stage sees no FSDPModule, so leaves FSDP's
+    gradient sync as MicrobatchReduceStage sets it."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args, **kwargs):
+        return self.stage(*args, **kwargs)
+
+
+class MicrobatchReduceStage(PipelineStage):
+    """A pipeline stage whose FSDP module reduce-scatters its gradients after every
+    micro-batch's backward and accumulates them sharded, in fp32 (FSDP's reduce dtype).
+
+    torch's PipelineStage turns FSDP's gradient sync off before each backward of an FSDP module
+    it holds, so the module accumulates unsharded fp32 gradients until the stage's last
+    backward of the step (then one reduce-scatter). This stage hands torch the module in a plain
+    wrapper and sets FSDP's own knobs before each backward instead: sync on (with HSDP, the
+    all-reduce across replicas too), gathered weights kept until the stage's last backward
+    (`keep_gathered`, as torch's stage keeps them), and each backward finished as a last one,
+    so that no reduce-scatter buffer outlives it.
+    """
+
+    def __init__(self, fsdp_stage: nn.Module, *args, keep_gathered: bool, **kwargs):
+        super().__init__(_Plain(fsdp_stage), *args, **kwargs)
+        self.fsdp_stage = fsdp_stage
+        self.keep_gathered = keep_gathered
+
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        fsdp = self.fsdp_stage
+        fsdp.set_requires_gradient_sync(True)  # with HSDP also the all-reduce across replicas
+        fsdp.set_reshard_after_backward(last_backward or not self.keep_gathered)
+        fsdp.set_is_last_backward(True)
+        return super().backward_one_chunk(
+            bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward
+        )
 
 
 def _losses_only(schedule):
