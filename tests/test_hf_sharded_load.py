@@ -1,8 +1,9 @@
 """Hugging Face weights loaded shard by shard (titan/models/llama3/hf_load.py): under FSDP 2/4,
-HSDP, TP 2, FSDP 2 x TP 2, PP 2 (alone and with FSDP), tied embeddings, LoRA and generation's
-TP loader, every rank's pieces put together equal, bit for bit, the full load the trainer used
-before (`titan_state_dict_from_hf`, cast to the parameter's dtype); shard boundaries fall inside
-heads, between the two rows of a rotary pair; the errors are the full load's."""
+HSDP, TP 2, FSDP 2 x TP 2, PP 2 (alone and with FSDP), tied embeddings, LoRA, float8 and
+generation's TP loader, every rank's pieces put together equal, bit for bit, the full load the
+trainer used before (`titan_state_dict_from_hf`, cast to the parameter's dtype); shard
+boundaries fall inside heads, between the two rows of a rotary pair; the errors are the full
+load's."""
 
 import dataclasses
 import json
@@ -24,7 +25,7 @@ from titan.config import load_config
 from titan.converters.lora import adapter_keys
 from titan.errors import CheckpointError
 from titan.models.llama3 import hf_load
-from titan.models.llama3.args import ModelArgs
+from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.build import build_model, check_layout
 from titan.models.llama3.hf_io import (
     INDEX_FILE,
@@ -45,6 +46,9 @@ ARGS = ModelArgs(dim=36, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=102, mu
 TIED = dataclasses.replace(ARGS, tie_word_embeddings=True)
 # titan's CPU init of FSDP x TP (distribute_tensor of a _StridedShard) needs even shards
 EVEN = dataclasses.replace(ARGS, vocab_size=104)
+DEBUG = FLAVORS["debugmodel"]  # float8 converts linears of 16-multiple sizes only
+F8 = ["--model.converters", "float8", "--quantize.linear.float8.auto_filter_small_kn", "false"]
+F8_ALL_GATHER = [*F8, "--quantize.linear.float8.enable_fsdp_float8_all_gather", "true"]
 BASE = ["--job.config_file", DEBUG_TOML, "--training.device", "cpu"]
 FSDP_ONLY = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
@@ -55,7 +59,7 @@ PP2_ALONE = [*PP2, "--parallelism.data_parallel_shard_degree", "1"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """HF folders of random weights: bf16 in several shards + index; tied in one file; fp32;
-    bf16 of vocabulary 104."""
+    bf16 of vocabulary 104; the debug model's, bf16."""
     tmp = tmp_path_factory.mktemp("hf_sharded")
     out = {}
     for key, args, dtype, shard_bytes in (
@@ -63,6 +67,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         ("tied", TIED, torch.bfloat16, 10**9),
         ("fp32", ARGS, torch.float32, 10**9),
         ("even", EVEN, torch.bfloat16, 10**9),
+        ("debug", DEBUG, torch.bfloat16, 10**9),
     ):
         torch.manual_seed(len(key))
         with torch.device("meta"):
@@ -172,6 +177,7 @@ def test_every_layout_loads_the_full_load_bitwise_2_ranks(folders):
         ("fsdp 2, tied, one file", TIED, str(folders["tied"]), FSDP_ONLY),
         ("tp 2, tied, one file", TIED, str(folders["tied"]), TP2),
         ("fsdp 2, DoRA", ARGS, str(folders["bf16"]), lora),
+        ("fsdp 2, float8 all-gather", DEBUG, str(folders["debug"]), [*FSDP_ONLY, *F8_ALL_GATHER]),
         ("generation's loader, tp 2, bf16", ARGS, str(folders["fp32"]), None),
     ]
     results = _run(2, cases)
