@@ -196,9 +196,10 @@ def test_grad_reduce_per_microbatch_matches_one_process(batches, reference):
 
 
 @pytest.mark.heavy
-def test_grad_reduce_per_microbatch_with_hsdp():
-    """PP 2 x HSDP 2x2 (eight ranks), two micro-batches per rank: each one's gradients are
-    reduce-scattered and all-reduced across the replicas, and the step matches one process."""
+def test_grad_reduce_per_microbatch_with_hsdp_and_in_3d():
+    """Eight ranks, gradients reduce-scattered per micro-batch: PP 2 x HSDP 2x2 (two
+    micro-batches per rank, all-reduced across the replicas each time) and PP 2 x FSDP 2 x TP 2
+    (four micro-batches) match one process."""
     batches = ignore_some_labels(make_batches(2, 8))
     reference = run_single(["--training.local_batch_size", "8"], batches)
     hsdp = ["--parallelism.data_parallel_replicate_degree", "2"]
@@ -206,8 +207,17 @@ def test_grad_reduce_per_microbatch_with_hsdp():
     expect = fsdp(
         "pp 2 x dp_replicate 2 x dp_shard 2", fsdp_mesh=("dp_replicate", "dp_shard"), stages=ONE
     )
-    case = [*PP, *hsdp, "--training.local_batch_size", "2", *per_mb]
-    check_cases({"pp 2 x hsdp 2x2, 1F1B, per micro-batch": (case, expect)}, 8, batches, reference)
+    three_d = [*PP, "--parallelism.tensor_parallel_degree", "2"]
+    cases = {
+        "pp 2 x hsdp 2x2, 1F1B, per micro-batch": (
+            [*PP, *hsdp, "--training.local_batch_size", "2", *per_mb], expect,
+        ),
+        "pp 2 x fsdp 2 x tp 2, 1F1B, per micro-batch": (
+            [*three_d, "--training.local_batch_size", "4", *per_mb],
+            fsdp_tp("pp 2 x dp_shard 2 x tp 2", stages=ONE),
+        ),
+    }  # fmt: skip
+    check_cases(cases, 8, batches, reference)
 
 
 @pytest.mark.parametrize("when", ["stage", "microbatch"])
