@@ -143,7 +143,7 @@ def estimate_memory(
     per parameter (8 fp32, 4 with optimizer.state_dtype bfloat16)."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
-    ranks = rank_stages(args.n_layers, *pipeline_split(par))
+    ranks = rank_stages(args.n_layers, pipeline_split(par))
     step = _Step(
         args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
         float8 and float8_all_gather, compiled_loss, grad_accumulation, moment_bytes,
@@ -158,7 +158,7 @@ def estimate_memory(
 def state_bytes(args: ModelArgs, par: Parallelism, dims: ParallelDims) -> int:
     """fp32 weights and AdamW's two fp32 moments of pipeline rank 0's shards: a lower bound on
     estimate_memory, for ruling layouts out quickly."""
-    ranks = rank_stages(args.n_layers, *pipeline_split(par))
+    ranks = rank_stages(args.n_layers, pipeline_split(par))
     return 12 * stage_params(args, list(ranks[0]), dims.tp, dims.fsdp_degree)
 
 
@@ -226,11 +226,13 @@ class _Step:
         each point, the micro-batches in flight, gradients, gathered weights and transients."""
         d, schedule = self.dims, self.par.pipeline_parallel_schedule
         local = stage_params(self.args, list(stages), d.tp, d.fsdp_degree)
-        held = rank_stage_ids(self.args.n_layers, *pipeline_split(self.par))
+        split = pipeline_split(self.par)
+        held = rank_stage_ids(self.args.n_layers, split)
         terms = [self.stage(st) for st in stages]
         n_micro = self.n_micro if d.pp > 1 else min(self.grad_accumulation, 2)
-        points = peak_points(schedule, d.pp, pp_rank, n_micro, held[pp_rank])
+        points = peak_points(schedule, d.pp, pp_rank, n_micro, held[pp_rank], split.csv)
         prior = d.pp > 1 and self.grad_accumulation > 1  # earlier schedule steps' gradients
+        # the first point of the highest total: points come in the order of the step
         where = max(points, key=lambda p: point_total(p, terms, prior))
         best = point_parts(where, terms, prior)
         best["parameters"] += 4 * local

@@ -89,67 +89,84 @@ def untied(args: ModelArgs, names: list[str]) -> list[str]:
     return names
 
 
-def pipeline_split(par: Parallelism) -> tuple[int, str, int | None]:
-    """(pp, schedule, layers_per_stage): the [parallelism] keys the stage functions below take
-    (hashable, for their caches)."""
-    return (
+class Split(NamedTuple):
+    """The [parallelism] keys that decide a pipeline's stages and which rank runs them
+    (hashable, for the caches below): the degree, the schedule, the split (layers_per_stage,
+    first/last_stage_less_layers, or explicit module names per stage) and a CSV schedule."""
+
+    pp: int
+    schedule: str = "1F1B"
+    layers_per_stage: int | None = None
+    first_less: int = 0
+    last_less: int = 0
+    module_names: tuple[str, ...] = ()
+    csv: str = ""
+
+    def parallelism(self) -> Parallelism:
+        """A [parallelism] section with these keys (titan's defaults elsewhere)."""
+        return Parallelism(
+            pipeline_parallel_degree=self.pp,
+            pipeline_parallel_schedule=self.schedule,
+            pipeline_parallel_layers_per_stage=self.layers_per_stage,
+            pipeline_parallel_first_stage_less_layers=self.first_less,
+            pipeline_parallel_last_stage_less_layers=self.last_less,
+            pipeline_parallel_module_names_per_stage=list(self.module_names),
+            pipeline_parallel_schedule_csv=self.csv,
+        )
+
+
+def pipeline_split(par: Parallelism) -> Split:
+    """The keys of `par` that the stage functions below read."""
+    return Split(
         par.pipeline_parallel_degree,
         par.pipeline_parallel_schedule,
         par.pipeline_parallel_layers_per_stage,
+        par.pipeline_parallel_first_stage_less_layers,
+        par.pipeline_parallel_last_stage_less_layers,
+        tuple(par.pipeline_parallel_module_names_per_stage),
+        par.pipeline_parallel_schedule_csv,
     )
 
 
 @functools.lru_cache(maxsize=4096)
-def _rank_stage_names(
-    n_layers: int, pp: int, schedule: str, layers_per_stage: int | None
-) -> tuple[tuple[tuple[str, ...], ...], ...]:
+def _rank_stage_names(n_layers: int, split: Split) -> tuple[tuple[tuple[str, ...], ...], ...]:
     from titan.models.llama3.pipeline import split_module_names
     from titan.parallelisms.pipeline import num_stages, rank_stages
 
-    cfg = Parallelism(
-        pipeline_parallel_degree=pp, pipeline_parallel_schedule=schedule,
-        pipeline_parallel_layers_per_stage=layers_per_stage,
-    )  # fmt: skip
+    cfg = split.parallelism()
     n_stages = num_stages(cfg, n_layers)
     names = split_module_names(ModelArgs(n_layers=n_layers), cfg, n_stages)  # blocks only matter
     return tuple(tuple(tuple(names[s]) for s in held) for held in rank_stages(cfg, n_stages))
 
 
-def rank_modules(
-    args: ModelArgs, pp: int, schedule: str = "1F1B", layers_per_stage: int | None = None
-) -> list[list[list[str]]]:
+def rank_modules(args: ModelArgs, split: Split) -> list[list[list[str]]]:
     """Per pipeline rank, its stages' top-level module names, from titan's own split
     (titan.models.llama3.pipeline.split_module_names) and stage placement (rank_stages)."""
-    held = _rank_stage_names(args.n_layers, pp, schedule, layers_per_stage)
+    held = _rank_stage_names(args.n_layers, split)
     return [[list(stage) for stage in stages] for stages in held]
 
 
 @functools.lru_cache(maxsize=4096)
-def rank_stage_ids(
-    n_layers: int, pp: int, schedule: str, layers_per_stage: int | None
-) -> tuple[tuple[int, ...], ...]:
+def rank_stage_ids(n_layers: int, split: Split) -> tuple[tuple[int, ...], ...]:
     """Per pipeline rank, the indices of the stages it holds (titan's rank_stages); pp 1: 0."""
-    if pp == 1:
+    if split.pp == 1:
         return ((0,),)
     from titan.parallelisms.pipeline import num_stages
     from titan.parallelisms.pipeline import rank_stages as placement
 
-    cfg = Parallelism(
-        pipeline_parallel_degree=pp, pipeline_parallel_schedule=schedule,
-        pipeline_parallel_layers_per_stage=layers_per_stage,
-    )  # fmt: skip
+    cfg = split.parallelism()
     return tuple(tuple(held) for held in placement(cfg, num_stages(cfg, n_layers)))
 
 
 @functools.lru_cache(maxsize=4096)
-def rank_stages(
-    n_layers: int, pp: int, schedule: str, layers_per_stage: int | None
-) -> tuple[tuple[Stage, ...], ...]:
+def rank_stages(n_layers: int, split: Split) -> tuple[tuple[Stage, ...], ...]:
+    """Per pipeline rank, its stages' contents (block count and other modules), in order."""
+
     def stage(names: tuple[str, ...]) -> Stage:
         blocks = sum(n.startswith("layers.") for n in names)
         return Stage(blocks, tuple(n for n in names if not n.startswith("layers.")))
 
-    held = _rank_stage_names(n_layers, pp, schedule, layers_per_stage)
+    held = _rank_stage_names(n_layers, split)
     return tuple(tuple(stage(names) for names in stages) for stages in held)
 
 

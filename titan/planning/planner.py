@@ -161,7 +161,7 @@ def plan(req: Request) -> Result:
     for cand in candidates(req):
         # the layout (a Parallelism holds a list, unhashable): its degrees and pipeline split,
         # all that candidates() varies in it
-        key = (cand.dims, *pipeline_split(cand.parallelism), cand.ac_mode, cand.float8)
+        key = (cand.dims, pipeline_split(cand.parallelism), cand.ac_mode, cand.float8)
         groups.setdefault(key, []).append(cand)
     for group in groups.values():
         for cand in sorted(group, key=lambda c: c.local_batch_size):

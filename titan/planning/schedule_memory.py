@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 NONE, ACCUMULATING, SYNCED = 0, 1, 2  # a stage's gradients: none yet, between syncs, synced
+COMPUTE = ("F", "B", "I", "W")  # forward, backward, its input- and weight-gradient halves
 PARTS = (
     "parameters", "gradients", "optimizer_state", "activations", "backward_temporaries",
     "gathered_parameters", "communication_buffers", "buffers",
@@ -64,12 +65,16 @@ def _single_stage_actions(schedule: str, n_micro: int, warmup: int) -> list[tupl
 
 
 def rank_actions(
-    schedule: str, pp: int, rank: int, n_micro: int, stages: tuple[int, ...]
+    schedule: str, pp: int, rank: int, n_micro: int, stages: tuple[int, ...], csv: str = ""
 ) -> list[tuple[str, int, int]]:
-    """(kind F/B/I/W, local stage, micro-batch) of the rank's compute actions in torch's order.
-    pp 1: a plain step's gradient-accumulation micro-batches (forward, backward, ...)."""
+    """(kind F/B/I/W, local stage, micro-batch) of the rank's compute actions in torch's order,
+    or in the order of its row of the CSV schedule `csv`. pp 1: a plain step's
+    gradient-accumulation micro-batches (forward, backward, ...)."""
     if pp == 1:
         return [(k, 0, m) for m in range(n_micro) for k in ("F", "B")]
+    local = {s: i for i, s in enumerate(stages)}
+    if csv:
+        return [(kind, local[s], m) for kind, s, m in _csv_actions(csv)[rank]]
     if schedule in ("GPipe", "1F1B"):
         return [(k, 0, m) for k, m in _single_stage_actions(schedule, n_micro, pp - rank)]
     from torch.distributed.pipelining.schedules import get_schedule_class
@@ -82,7 +87,6 @@ def rank_actions(
         microbatches_per_round=n_micro // rounds, _stages=[None] * len(stages), rank=rank,
     )  # fmt: skip
     ops = get_schedule_class(schedule)._calculate_single_rank_operations(state, rank)
-    local = {s: i for i, s in enumerate(stages)}
     out = []
     for op in (op for op in ops if op is not None):  # None: a bubble
         for a in op.sub_actions or (op,):  # DualPipeV's overlapped forward and backward
@@ -90,9 +94,27 @@ def rank_actions(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _csv_actions(path: str) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """Per row (pipeline rank) of a CSV schedule, its compute actions (kind, stage, micro-batch)
+    in order; communication and FSDP actions left out."""
+    import csv
+
+    from torch.distributed.pipelining.schedules import _Action
+
+    with open(path, newline="") as f:
+        rows = [[a for a in map(_Action.from_str, row) if a is not None] for row in csv.reader(f)]
+    out = []
+    for row in rows:
+        subs = [sub for a in row for sub in a.sub_actions or (a,)]  # overlapped F and B
+        out.append(tuple((a.computation_type.value, a.stage_index, a.microbatch_index)
+                         for a in subs if a.computation_type.value in COMPUTE))  # fmt: skip
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=8192)
 def peak_points(
-    schedule: str, pp: int, rank: int, n_micro: int, stages: tuple[int, ...]
+    schedule: str, pp: int, rank: int, n_micro: int, stages: tuple[int, ...], csv: str = ""
 ) -> tuple[Point, ...]:
     """The points of the rank's step where memory can peak: the start and the end of every
     backward (B, or I then W for zero-bubble schedules), deduplicated and without the points
@@ -102,12 +124,12 @@ def peak_points(
     n = len(stages)
     held, grads, gathered = [0] * n, [NONE] * n, [pp == 1] * n
     done = [0] * n
-    points: set[Point] = set()
+    points: dict[Point, None] = {}  # in the order of the step (a set's order varies by process)
 
     def mark(stage: int, moment: str) -> None:
-        points.add(Point(tuple(held), tuple(grads), tuple(gathered), stage, moment))
+        points.setdefault(Point(tuple(held), tuple(grads), tuple(gathered), stage, moment))
 
-    for kind, s, _ in rank_actions(schedule, pp, rank, n_micro, stages):
+    for kind, s, _ in rank_actions(schedule, pp, rank, n_micro, stages, csv):
         if kind == "F":
             held[s] += 1
             gathered[s] = True
@@ -125,24 +147,26 @@ def peak_points(
     return _undominated(points)
 
 
-def _undominated(points: set[Point]) -> tuple[Point, ...]:
+def _undominated(points: dict[Point, None]) -> tuple[Point, ...]:
     """The points that no other point of the same stage and moment holds at least as much as:
     as many micro-batches in flight, gradients as large (none < synced < accumulating: the
-    sharded gradients are smaller than the unsharded ones) and weights gathered, everywhere."""
+    sharded gradients are smaller than the unsharded ones) and weights gathered, everywhere.
+    In the step's order, so that of equal peaks the first is reported, in every process."""
     grade = {NONE: 0, SYNCED: 1, ACCUMULATING: 2}
+    order = {p: i for i, p in enumerate(points)}
     groups: dict[tuple, list[tuple[tuple[int, ...], Point]]] = {}
     for p in points:
         vector = (*p.held, *(grade[g] for g in p.grads), *p.gathered)
         groups.setdefault((p.stage, p.moment), []).append((vector, p))
     out = []
     for members in groups.values():
-        members.sort(key=lambda m: sum(m[0]), reverse=True)
+        members.sort(key=lambda m: (-sum(m[0]), order[m[1]]))
         kept: list[tuple[tuple[int, ...], Point]] = []
         for vector, p in members:
             if not any(all(a >= b for a, b in zip(k, vector, strict=True)) for k, _ in kept):
                 kept.append((vector, p))
         out += [p for _, p in kept]
-    return tuple(out)
+    return tuple(sorted(out, key=order.__getitem__))
 
 
 def point_total(p: Point, stages: list[StageBytes], prior_synced: bool) -> float:

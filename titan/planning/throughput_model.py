@@ -308,8 +308,14 @@ def estimate_step(
 ) -> StepTime:
     """Seconds per optimizer step of `global_batch_size` sequences of seq_len tokens (see
     THROUGHPUT_MODEL); args.max_seq_len should be seq_len (titan sizes RoPE to it)."""
+    if par.pipeline_parallel_schedule_csv:
+        raise ValueError(
+            "the throughput model has no bubble for a CSV schedule "
+            f"({par.pipeline_parallel_schedule_csv!r}): name one of {', '.join(SCHEDULES)} in "
+            "pipeline_parallel_schedule instead (its memory: plan_config.config_estimate)"
+        )
     one = _Pass(args, par, dims, seq_len, local_batch_size, ac_mode, float8, gpu, compile_blocks)
-    ranks = rank_stages(args.n_layers, *pipeline_split(par))
+    ranks = rank_stages(args.n_layers, pipeline_split(par))
     blocks = [sum(st.blocks for st in stages) for stages in ranks]
     parts = []
     for r in sorted({0, dims.pp - 1, blocks.index(max(blocks))}):
