@@ -9,10 +9,11 @@ Writes DIR/gpu_check.json, DIR/gpu_check.md and DIR/gpu_check.log (the end of ea
 output). Each case runs in its own process with its own time limit (benchmarks/gpucheck/:
 cases.py says what each measures); titan's dry runs of the titan cases run beside them on the
 CPU. A case the budget has no time left for is recorded as out_of_time, never overrun. --wheels
-installs the packages the device lacks (benchmarks/gpucheck/wheels.txt) with pip, offline, into
-a folder the cases import from. --smoke: tiny shapes, eager, on the CPU when there is no GPU
+installs the packages the device lacks (benchmarks/gpucheck/wheels-*.txt) with pip, offline,
+into a folder the cases import from. --smoke: tiny shapes, eager, on the CPU when there is no GPU
 (what CUDA alone can run is recorded as skipped, with the reason). Exit status: 0, or 1 when a
-case failed or timed out (the report says which), 2 when nothing could be measured.
+case failed or timed out (the report says which), 2 without a GPU (and without --smoke) or
+when the report came out malformed.
 """
 
 import argparse
@@ -138,19 +139,23 @@ def last_error(log_path: Path) -> str:
 
 
 def install_wheels(ns: argparse.Namespace) -> dict:
-    """pip install, offline, the wheels wheels.txt names from ns.wheels into ns.site."""
+    """pip install, offline, from the folder ns.wheels into ns.site: titan's wheels, then
+    torchtitan's (gpucheck/wheels-*.txt), each set apart so that one failing spares the other."""
     if not ns.wheels:
         return {"status": "none asked", "reason": "", "seconds": 0.0}
-    requirements = HERE / "gpucheck" / "wheels.txt"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", ns.wheels,
-           "--no-deps", "--upgrade", "--target", ns.site, "-r", str(requirements)]  # fmt: skip
-    start = time.monotonic()
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    if run.returncode != 0:
-        tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"status": "failed", "reason": tail[0][:300], "seconds": seconds}
-    return {"status": f"installed into {ns.site}", "reason": "", "seconds": seconds}
+    start, failed = time.monotonic(), {}
+    for group in ("titan", "torchtitan"):
+        reqs = str(HERE / "gpucheck" / f"wheels-{group}.txt")
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+        cmd = [*pip, "--find-links", ns.wheels, "--upgrade", "--target", ns.site, "-r", reqs]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            tail = [line for line in (run.stderr or run.stdout).splitlines() if line.strip()]
+            failed[group] = (tail or ["no output"])[-1][:300]
+    status = "failed" if "titan" in failed else "partly installed" if failed else "installed"
+    reason = "; ".join(f"{group}'s wheels: {why}" for group, why in failed.items())
+    return {"status": status, "reason": reason, "seconds": time.monotonic() - start,
+            "site": ns.site}  # fmt: skip
 
 
 def probe(env: dict) -> dict:
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     started, start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
     runner = Runner(ns, start)
     install = install_wheels(ns)
-    if install["status"].startswith("installed"):
+    if install["status"] != "none asked" and Path(ns.site).is_dir():
         paths = [ns.site, runner.env.get("PYTHONPATH", "")]
         runner.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env = probe(runner.env) | {"install": install}

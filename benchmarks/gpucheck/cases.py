@@ -17,6 +17,7 @@ ORDER = [
     "titan_float8_tensorwise",
     "titan_float8_rowwise",
     "titan_flex_block_causal",
+    "titan_bf16_eager",
 ]
 STATUSES = ("ok", "skipped", "failed", "timeout", "out_of_time")
 
@@ -49,6 +50,7 @@ COMPARISONS = [
     Comparison("float8 tensorwise / bf16", "titan_float8_tensorwise", "titan_bf16"),
     Comparison("float8 rowwise / bf16", "titan_float8_rowwise", "titan_bf16"),
     Comparison("flex block_causal / causal", "titan_flex_block_causal", "titan_bf16"),
+    Comparison("compile / eager", "titan_bf16", "titan_bf16_eager"),
 ]
 
 
@@ -144,6 +146,9 @@ def plan(shapes: Shapes, smoke: bool) -> list[Case]:
              **limits(180, 60), dry_run=True),
         Case("titan_flex_block_causal", "titan", f"titan, {dt}, block_causal (flex on CUDA)",
              _training_spec(s, mask="block_causal"), **limits(180, 60), dry_run=True),
+        # the dry run traces the eager step: this is the case its estimate should match
+        Case("titan_bf16_eager", "titan", f"titan, {dt}, causal (SDPA), eager",
+             _training_spec(s, compile=False), **limits(120, 40), dry_run=True),
     ]  # fmt: skip
     assert [c.name for c in cases] == ORDER
     return cases

@@ -8,8 +8,8 @@ config is torchtitan's Python config (0.3.0 moved it there): its shipped 8B reci
 optimizer and selective AC, flex attention (every torchtitan language model masks by document
 positions; each synthetic row is one document, so the mask is causal), bf16 autocast with fp32
 master weights on one GPU, its default CUDA-graph capture of forward and backward. Each step is
-timed here around Trainer.train_step (synchronized); RESULT_JSON gets tokens/s over the steps
-after the warmup and torch.cuda.max_memory_allocated over the run. If torchtitan cannot be
+timed here around Trainer.train_step (synchronized); RESULT_JSON gets tokens/s and
+torch.cuda.max_memory_allocated over the steps after the warmup. If torchtitan cannot be
 imported (not installed, or a torch older than it needs) RESULT_JSON says why, as a skip.
 """
 
@@ -19,8 +19,11 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # titan, for its FLOP count
 
 # torchtitan's own release (docs/release.md of its repository) pins this torch for 0.3.0.
 RELEASE_TORCH = "2.14.0"
@@ -138,6 +141,18 @@ def _configurable_classes():
     return NoTokenizer, RandomTokens
 
 
+def titan_flops_per_token(spec: dict, n_params: int) -> int:
+    """titan's count (6N + 12·L·H·Q·T, trainer/metrics.py) for torchtitan's model of the same
+    shape, so that every leg's MFU is measured the same way."""
+    from titan.models.llama3.args import FLAVORS
+    from titan.trainer.metrics import flops_per_token
+
+    a = FLAVORS[spec["flavor"]]
+    embedding = 0 if a.tie_word_embeddings else a.vocab_size * a.dim
+    return flops_per_token(n_params, embedding, spec["layers"], a.n_heads, a.head_dim,
+                           spec["seq_len"])  # fmt: skip
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,6 +185,8 @@ def run(spec: dict, dump_folder: str) -> dict:
     inner = trainer.train_step
 
     def timed_step(data_iterator) -> None:
+        if len(step_s) == spec["warmup"] and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak, as titan's
         _sync(device)
         start = time.perf_counter()
         inner(data_iterator)
@@ -183,17 +200,25 @@ def run(spec: dict, dump_folder: str) -> dict:
         trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+    from titan.trainer.metrics import peak_flops
+
     timed = step_s[spec["warmup"] :]
-    tokens = spec["batch"] * spec["seq_len"] * len(timed)
-    on_cuda = device.type == "cuda"
+    tokens_per_s = spec["batch"] * spec["seq_len"] * len(timed) / sum(timed)
+    n_params = sum(p.numel() for m in trainer.model_parts for p in m.parameters())
+    fpt = titan_flops_per_token(spec, n_params)
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, "bfloat16")
     return {
         "status": "ok",
-        "tokens_per_s": tokens / sum(timed),
+        "tokens_per_s": tokens_per_s,
         "step_ms": 1e3 * sum(timed) / len(timed),
-        "max_memory_allocated": torch.cuda.max_memory_allocated(device) if on_cuda else None,
-        "max_memory_reserved": torch.cuda.max_memory_reserved(device) if on_cuda else None,
-        "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "cuda_graphs": on_cuda,
+        "mfu": tokens_per_s * fpt / peak if peak else None,
+        "flops_per_token": fpt,
+        "n_params": n_params,
+        "max_memory_allocated": torch.cuda.max_memory_allocated(device),
+        "max_memory_reserved": torch.cuda.max_memory_reserved(device),
+        "device_name": name,
+        "cuda_graphs": not config.training.disable_cuda_graphs,
     }
 
 
