@@ -183,6 +183,24 @@ def test_default_layers_fit_the_hf_loop_on_an_h100_and_an_h200():
     assert cases.default_layers(16 * 1024 * mib) == 1  # never fewer than one block
 
 
+def test_dry_run_of_a_full_gpu_case_traces_off_the_gpu(tmp_path):
+    """The full check dry-runs its CUDA cases with the GPU hidden: 8B shape, 2 blocks, seq 8192."""
+    cases = load_gpu_check().cases_mod
+    case = cases.plan(cases.full_shapes(2), smoke=False)[0]
+    assert case.name == "titan_bf16" and case.spec["device"] == "cuda" and case.spec["compile"]
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps(case.spec | {"dump_folder": str(tmp_path / "dump")}))
+    env = dict(os.environ, COMM_MODE="fake_backend", WORLD_SIZE="1", CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS="1")  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks/gpucheck/worker.py"), "dry_run", spec, result]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    done = json.loads(result.read_text())
+    assert done["status"] == "ok" and sum(done["parts"].values()) == done["estimate_bytes"]
+    # 8B with 2 blocks: fp32 weights and AdamW moments alone are 16 bytes x 1.49 B parameters
+    assert done["estimate_bytes"] > 16 * (2 * 218_112_000 + 2 * 128_256 * 4096)
+
+
 @pytest.mark.heavy
 def test_full_smoke_runs_every_case(tmp_path):
     rc, report, markdown = run_check(tmp_path, timeout=600)

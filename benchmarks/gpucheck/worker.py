@@ -137,9 +137,10 @@ def run_dry_run(spec: dict) -> dict:
     from titan import train
 
     dump = Path(spec["dump_folder"])
+    # off the GPU (the caller hides it): the trace is of the GPU run whatever training.device
     argv = ["--job.config_file", spec["config"], *titan_overrides(spec),
             "--job.dump_folder", str(dump), "--data.dataset", "synthetic",
-            "--dry_run.memory_gib", "100000"]  # fmt: skip
+            "--training.device", "auto", "--dry_run.memory_gib", "100000"]  # fmt: skip
     rc = train.main(argv)
     if rc != 0:
         return {"status": "failed", "reason": f"titan's dry run exited {rc}"}
