@@ -22,12 +22,12 @@ from titan.converters import apply_converters
 from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
 from titan.models.llama3.parallelize import check_supported_layout, check_tp_degree
-from titan.models.llama3.pipeline import stage_module
+from titan.models.llama3.pipeline import split_module_names, stage_module
 from titan.parallelisms import activation_checkpoint as ac_module
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import check_pipeline, num_stages
 from titan.planning import memory_model as mm
-from titan.planning.memory_model import GIB, estimate_memory
+from titan.planning.memory_model import GIB, estimate_memory, ring_attention_steps
 from titan.planning.model_sizes import (
     LINEAR_ORDER,
     Split,
@@ -409,19 +409,104 @@ def _rank(plans: list[Plan], **want) -> int:
     return 0
 
 
-@pytest.mark.parametrize(
-    "seq, layout",
-    [(8192, dict(tp=8, cp=1, pp=16, dp=128)), (131072, dict(tp=8, cp=16, pp=16, dp=8))],
-)
-def test_llama3_papers_405b_layouts_are_feasible_and_in_the_top_fifth(plans_405b, seq, layout):
-    """Llama 3 paper, Table 4: 16,384 H100s, 16M tokens a step. Stated: the paper's layout is
-    listed, within the best 20 % of rows and at 70 % or more of the best row's tokens/s (titan
-    can only interleave 2 stages per rank for 126 blocks on 16 ranks: a 24 % bubble)."""
-    req, plans = plans_405b[seq]
-    rank = _rank(plans, **layout)
-    assert 0 < rank <= 0.2 * len(plans)
+PAPER_8K, PAPER_128K = dict(tp=8, cp=1, pp=16, dp=128), dict(tp=8, cp=16, pp=16, dp=8)
+
+
+def test_llama3_papers_8k_layout_ranks_near_the_top(plans_405b):
+    """Llama 3 paper, Table 4: 405B on 16,384 H100s, 16M tokens a step, seq 8192, TP 8 x PP 16
+    x DP 128. Stated: within the best 2 % of rows and at 95 % or more of the best row's
+    tokens/s (measured: 15th of 1,529, 98.4 %), as 4 stages per rank of about 2 blocks
+    (Interleaved1F1B; 64 stages of 126 blocks only written out: no layers_per_stage gives 64).
+    """
+    _, plans = plans_405b[8192]
+    rank = _rank(plans, **PAPER_8K)
+    assert 0 < rank <= 0.02 * len(plans)
     best, ours = plans[0].time.tokens_per_s_per_gpu, plans[rank - 1].time.tokens_per_s_per_gpu
-    assert ours >= 0.7 * best
+    assert ours >= 0.95 * best
+    step = plans[rank - 1].time.step
+    tied = [p for p in plans if _rank([p], **PAPER_8K) and p.time.step == step]
+    splits = [p.candidate.parallelism.pipeline_parallel_module_names_per_stage for p in tied]
+    assert {len(names) for names in splits} == {64}
+    # the paper's split (one block fewer at each end) ties with the even one, which rounds
+    # 126 / 64 to 7 blocks on the first and the last rank as well
+    assert ["tok_embeddings layers.0", "layers.1 layers.2"] in [names[:2] for names in splits]
+    assert "layers.125 norm output" in [names[-1] for names in splits]
+
+
+def test_llama3_papers_128k_layout_fits_only_with_full_ac(plans_405b):
+    """Seq 131,072, TP 8 x CP 16 x PP 16 x DP 8: titan's selective AC keeps every causal ring
+    step's attention output, which puts the last cp rank at 129 GiB (traced, TRACED_PAPER);
+    with full AC (every block's forward again: 1.5 x the compute of selective AC here) the
+    layout is listed at 70 % or more of the best row (measured: 121st of 2,704, 72.3 %)."""
+    req, plans = plans_405b[131072]
+    rows = [p for p in plans if _rank([p], **PAPER_128K)]
+    assert rows and {p.candidate.ac_mode for p in rows} == {"full"}
+    assert rows[0].time.tokens_per_s_per_gpu >= 0.7 * plans[0].time.tokens_per_s_per_gpu
+    selective = dataclasses.replace(rows[0].candidate, ac_mode="selective")
+    need = evaluate(req, selective)
+    assert re.fullmatch(r"needs 1[23]\d\.\d GiB per GPU with the reserve, over 80 GiB", need)
+
+
+# Traced peaks (dry_run.json "total", bytes, plain loss) of the paper's layouts as the planner
+# lists them with selective AC (_paper_config), by (pp rank, cp rank): the config that
+# titan-plan's TOML makes of llama3_405b.toml, COMM_MODE=fake_backend NGPU=16384 ./run_train.sh
+# --training.loss_chunk_tokens 0 --dry_run.ranks R (R = 1024 x pp rank + 8 x cp rank)
+TRACED_PAPER = {
+    8192: {(0, 0): 64_739_767_516, (1, 0): 72_476_164_344, (15, 0): 58_749_414_236},
+    131072: {(0, 0): 94_602_969_308, (1, 0): 106_518_094_072, (15, 0): 85_542_396_124,
+             (0, 15): 122_516_848_860, (1, 15): 138_466_894_072},
+}  # fmt: skip
+
+
+def _paper_config(seq: int):
+    """The paper's layout at seq as the planner writes it (Interleaved1F1B over 64 stages, the
+    first and last a block lighter; 16 micro-batches, selective AC, float8) merged into
+    llama3_405b.toml, with the plain loss."""
+    req = Request("405B", 16384, seq, parse_tokens("16M"), H100, 80)
+    split = Parallelism(pipeline_parallel_first_stage_less_layers=1,
+                        pipeline_parallel_last_stage_less_layers=1)  # fmt: skip
+    names = [" ".join(s) for s in split_module_names(req.args, split, 64)]
+    rep, shard, cp = (1, 128, 1) if seq == 8192 else (8, 1, 16)
+    par, dims = parallelism(
+        16384, data_parallel_replicate_degree=rep, data_parallel_shard_degree=shard,
+        tensor_parallel_degree=8, context_parallel_degree=cp, pipeline_parallel_degree=16,
+        pipeline_parallel_schedule="Interleaved1F1B",
+        pipeline_parallel_module_names_per_stage=names,
+    )  # fmt: skip
+    tables = toml_tables(req, Candidate(par, dims, 16, "selective", True))
+    toml = str(ROOT / "titan/train_configs/llama3_405b.toml")
+    return load_config([*overrides(tables), *PLAIN_LOSS], config_file=toml)
+
+
+@pytest.mark.parametrize("seq", [8192, 131072])
+def test_memory_matches_the_traced_peaks_of_the_papers_layouts(seq):
+    """Each traced rank within 3 % (measured: +1.0 % to +2.1 %). At 128K the causal ring's
+    attention outputs, all kept by selective AC, are 8.5 whole-query outputs per block on cp
+    rank 0 and 16 on cp rank 15 (modelled as one, the estimate was 28 % low on every rank)."""
+    cfg = _paper_config(seq)
+    assert ring_attention_steps(16, 0, True) == 8.5 and ring_attention_steps(16, 15, True) == 16
+    for (pp_rank, cp_rank), traced in TRACED_PAPER[seq].items():
+        estimate = config_estimate(cfg, 16384, pp_rank, cp_rank=cp_rank)
+        assert estimate.total == pytest.approx(traced, rel=0.03), (pp_rank, cp_rank)
+
+
+def test_lighter_ends_take_the_output_layer_off_the_slowest_rank():
+    """405B on PP 16, Interleaved1F1B over 32 stages (layers_per_stage 4), no AC: split evenly,
+    the last rank runs 8 blocks and the output layer; a block lighter at each end, the slowest
+    runs 8 blocks, (8 blocks + output) / 8 blocks less compute."""
+    args = dataclasses.replace(FLAVORS["405B"], max_seq_len=8192)
+    times = []
+    for ends in (0, 1):
+        par, dims = parallelism(
+            16384, data_parallel_shard_degree=128, tensor_parallel_degree=8,
+            pipeline_parallel_degree=16, pipeline_parallel_schedule="Interleaved1F1B",
+            pipeline_parallel_layers_per_stage=4, pipeline_parallel_first_stage_less_layers=ends,
+            pipeline_parallel_last_stage_less_layers=ends,
+        )  # fmt: skip
+        times.append(estimate_step(args, par, dims, 8192, 16, 2048, "none", False, H100))
+    block, output = block_flops(args, 8192), output_flops(args)
+    assert times[0].compute / times[1].compute == pytest.approx((8 * block + output) / (8 * block))
+    assert times[0].bubble == times[1].bubble == 15 / 31 / 2
 
 
 def test_a_bubble_dominated_schedule_ranks_lower(plans_405b):
@@ -499,7 +584,11 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
     cfg = load_config(overrides(tables), config_file=str(shipped / "llama3_405b.toml"))
     stages = num_stages(row.candidate.parallelism, 126)
     _titan_accepts(cfg, 16384, stages)
-    assert stages == 2 * 16 and cfg.training.global_batch_size == 2048
+    assert stages == 4 * 16 and cfg.training.global_batch_size == 2048
+    # the explicit split replaces the shipped config's (titan reads it first)
+    assert cfg.parallelism.pipeline_parallel_module_names_per_stage == list(
+        row.candidate.parallelism.pipeline_parallel_module_names_per_stage
+    )
 
 
 def test_write_merges_the_best_row_into_a_base_config(tmp_path, capsys):

@@ -49,6 +49,7 @@ from titan.planning.planner import (
     memory_of,
     nothing_fits,
     plan,
+    split_label,
     time_of,
 )
 from titan.planning.throughput_model import GPUS, THROUGHPUT_MODEL
@@ -59,7 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the titan 
 SHORT = {"optimizer_state": "optimizer", "backward_temporaries": "bw temps",
          "gathered_parameters": "gathered", "communication_buffers": "comm"}  # fmt: skip
 HEADER = (
-    f"{'rank':>4} {'dp_rep':>6} {'dp_shard':>8} {'tp':>2} {'pp':>3} {'schedule':<21} {'cp':>2} "
+    f"{'rank':>4} {'dp_rep':>6} {'dp_shard':>8} {'tp':>2} {'pp':>3} {'schedule':<38} {'cp':>2} "
     f"{'lbs':>3} {'mb':>3} {'acc':>3} {'AC':<9} {'f8':<3} {'memory GiB':<20} {'step s':>7} "
     f"{'tok/s/GPU':>9} {'MFU':>5} {'bubble':>6}"
 )
@@ -98,15 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def row(rank: int, p: Plan) -> str:
     c, t, m = p.candidate, p.time, p.memory
     d, par = c.dims, c.parallelism
-    schedule = par.pipeline_parallel_schedule if d.pp > 1 else "-"
-    if par.pipeline_parallel_layers_per_stage:
-        schedule += f" lps {par.pipeline_parallel_layers_per_stage}"
+    schedule = f"{par.pipeline_parallel_schedule} {split_label(par)}".strip() if d.pp > 1 else "-"
     micro = c.local_batch_size // par.pipeline_parallel_microbatch_size if d.pp > 1 else 1
     ac = c.ac_mode if c.compile_blocks else f"{c.ac_mode}*"
     memory = f"{m.total / GIB:5.1f} ({SHORT.get(m.dominant, m.dominant)})"
     return (
         f"{rank:>4} {d.dp_replicate:>6} {d.dp_shard:>8} {d.tp:>2} {d.pp:>3} "
-        f"{schedule:<21} {d.cp:>2} {c.local_batch_size:>3} {micro:>3} {p.accumulation:>3} "
+        f"{schedule:<38} {d.cp:>2} {c.local_batch_size:>3} {micro:>3} {p.accumulation:>3} "
         f"{ac:<9} {'yes' if c.float8 else 'no':<3} {memory:<20} {t.step:>7.2f} "
         f"{t.tokens_per_s_per_gpu:>9,.0f} {t.mfu:>5.1%} {t.bubble:>6.1%}"
     )

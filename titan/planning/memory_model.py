@@ -79,6 +79,7 @@ def block_activation_bytes(
     sequence_parallel: bool,
     ac_mode: str,
     autocast: bool = False,
+    ring_steps: float = 1.0,
 ) -> tuple[float, float]:
     """(bytes one block keeps for backward per token, bytes it keeps with no AC per token).
 
@@ -91,7 +92,9 @@ def block_activation_bytes(
     and its fp32 output, and each of wq, wk, wv, w1 and w3 saves its own bf16 cast of its input.
     Sequence parallel shards what lies between the matmuls by tp. Full AC: the block input.
     Selective op (titan's policy): the block input, attention's output and logsumexp, and every
-    second matmul output, float8 or not.
+    second matmul output, float8 or not. Context parallel's causal ring runs attention once per
+    rotation step and the policy keeps every step's output and logsumexp: ring_steps of them,
+    counted in whole-query outputs (ring_attention_steps).
     """
     d, hd, t = args.dim, args.head_dim, tp
     s = tp if sequence_parallel and tp > 1 else 1
@@ -111,7 +114,17 @@ def block_activation_bytes(
         return block_input, none
     outputs = {"wq": h * hd, "wk": kv * hd, "wv": kv * hd, "wo": d, "w1": ffn, "w3": ffn, "w2": d}
     saved_mm = sum(2 * outputs[n] for n in sac_saved_linears())
-    return block_input + 2 * h * hd + 4 * h + saved_mm, none
+    return block_input + ring_steps * (2 * h * hd + 4 * h) + saved_mm, none
+
+
+def ring_attention_steps(cp: int, cp_rank: int, causal: bool) -> float:
+    """Attention outputs, in whole-query outputs, that context-parallel rank cp_rank's attention
+    makes per block: torch's load-balanced causal ring attends all of the rank's queries at
+    rotation steps 0 to cp_rank and their second half at the cp - 1 - cp_rank later ones;
+    block_causal (titan's all-gathered keys and values) attends once."""
+    if cp == 1 or not causal:
+        return 1.0
+    return (cp + 1 + cp_rank) / 2
 
 
 # ---- the estimate --------------------------------------------------------------------------
@@ -131,6 +144,7 @@ def estimate_memory(
     grad_accumulation: int = 1,
     pp_rank: int | None = None,
     moment_bytes: int = 8,
+    cp_rank: int | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of a training step of the layout `par` (`dims`: its degrees, as titan
     resolves them) on pipeline rank `pp_rank`, or (None) on the one that peaks highest among
@@ -140,13 +154,15 @@ def estimate_memory(
     in float8 (quantize.linear.float8.enable_fsdp_float8_all_gather); compiled_loss:
     compile.components includes "loss" (the dry run traces the eager loss); grad_accumulation:
     micro-batch steps of local_batch_size per optimizer step; moment_bytes: Adam's two moments
-    per parameter (8 fp32, 4 with optimizer.state_dtype bfloat16)."""
+    per parameter (8 fp32, 4 with optimizer.state_dtype bfloat16); cp_rank: the context-parallel
+    rank (None: the last, whose causal ring attention keeps the most under selective AC)."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
     ranks = rank_stages(args.n_layers, pipeline_split(par))
     step = _Step(
         args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
         float8 and float8_all_gather, compiled_loss, grad_accumulation, moment_bytes,
+        dims.cp - 1 if cp_rank is None else cp_rank,
     )  # fmt: skip
     if pp_rank is not None:
         return step.rank(pp_rank, ranks[pp_rank])
@@ -178,6 +194,7 @@ class _Step:
     compiled_loss: bool = False
     grad_accumulation: int = 1
     moment_bytes: int = 8  # Adam's two moments per parameter (bf16: 4)
+    cp_rank: int = 0
 
     @property
     def n_micro(self) -> int:
@@ -205,7 +222,8 @@ class _Step:
         a, d = self.args, self.dims
         autocast = d.fsdp_degree == 1
         sp = self.par.enable_sequence_parallel
-        return block_activation_bytes(a, d.tp, sp, self.ac_mode, autocast)
+        ring = ring_attention_steps(d.cp, self.cp_rank, a.attn_mask_type == "causal")
+        return block_activation_bytes(a, d.tp, sp, self.ac_mode, autocast, ring)
 
     @property
     def edge(self) -> float:

@@ -156,11 +156,21 @@ def toml_tables(req: Request, cand: Candidate) -> dict[str, dict]:
     if d.pp > 1:
         par["pipeline_parallel_schedule"] = p.pipeline_parallel_schedule
         par["pipeline_parallel_microbatch_size"] = p.pipeline_parallel_microbatch_size
-        # written out even where titan's default (unset) gives the same stages: a base config's
-        # value would otherwise stay, and TOML cannot unset a key
-        lps = _layers_per_stage(req.args.n_layers, p)
-        if lps is not None:
-            par["pipeline_parallel_layers_per_stage"] = lps
+        # the split written out in full, even where titan's defaults give the same stages: a
+        # base config's values would otherwise stay, and TOML cannot unset a key (an explicit
+        # split wins over layers_per_stage and the lighter ends, so a plain one is [])
+        names = list(p.pipeline_parallel_module_names_per_stage)
+        if not names:
+            lps = _layers_per_stage(req.args.n_layers, p)
+            if lps is not None:
+                par["pipeline_parallel_layers_per_stage"] = lps
+            par["pipeline_parallel_first_stage_less_layers"] = (
+                p.pipeline_parallel_first_stage_less_layers
+            )
+            par["pipeline_parallel_last_stage_less_layers"] = (
+                p.pipeline_parallel_last_stage_less_layers
+            )
+        par["pipeline_parallel_module_names_per_stage"] = names
     tables = {
         "model": {"flavor": req.flavor, "converters": ["float8"] if cand.float8 else []},
         "training": {
@@ -202,7 +212,8 @@ def toml_block(req: Request, p: Plan, rank: int) -> str:
         lines += ["", f"[{table}]"]
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         if table == "parallelism" and p.candidate.dims.pp > 1:
-            if "pipeline_parallel_layers_per_stage" not in values:
+            explicit = values["pipeline_parallel_module_names_per_stage"]
+            if "pipeline_parallel_layers_per_stage" not in values and not explicit:
                 lines.append("# and no pipeline_parallel_layers_per_stage (one stage per rank)")
     return "\n".join(lines) + "\n"
 
@@ -225,11 +236,16 @@ def overrides(tables: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def config_estimate(
-    cfg: JobConfig, world_size: int, pp_rank: int | None = None, compiled_loss: bool = False
+    cfg: JobConfig,
+    world_size: int,
+    pp_rank: int | None = None,
+    compiled_loss: bool = False,
+    cp_rank: int | None = None,
 ) -> MemoryEstimate:
     """memory_model's estimate for a titan config at world_size ranks, of pipeline rank pp_rank
-    (None: the one that peaks); the loss eager, as the dry run traces it, unless compiled_loss
-    (what a run of a config whose compile.components has "loss" holds)."""
+    and context-parallel rank cp_rank (None: the ones that peak); the loss eager, as the dry run
+    traces it, unless compiled_loss (what a run of a config whose compile.components has "loss"
+    holds)."""
     t, p = cfg.training, cfg.parallelism
     dims = resolve_parallel_dims(p, world_size)
     args = dataclasses.replace(
@@ -244,5 +260,5 @@ def config_estimate(
         args, p, dims, t.seq_len, t.local_batch_size, ac.mode, f8 is not None,
         ac.selective_ac_option, f8 is not None and f8.enable_fsdp_float8_all_gather, compiled_loss,
         grad_accumulation=accumulation, pp_rank=pp_rank,
-        moment_bytes=4 if cfg.optimizer.state_dtype == "bfloat16" else 8,
+        moment_bytes=4 if cfg.optimizer.state_dtype == "bfloat16" else 8, cp_rank=cp_rank,
     )  # fmt: skip

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from titan.config.job_config import Parallelism
+from titan.models.llama3.args import ModelArgs
+from titan.models.llama3.pipeline import split_module_names
 from titan.parallelisms.parallel_dims import resolve_parallel_dims
 from titan.parallelisms.pipeline import SCHEDULES
 from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory, state_bytes
@@ -23,11 +25,15 @@ CP_DEGREES = (1, 2, 4, 8, 16, 32)
 # which this model does not price: the planner does not go below
 MIN_CP_TOKENS = 4096
 AC_CHOICES = ("none", "selective", "full")  # selective: titan's op-level policy
-# (schedule, stages per rank): looped schedules get layers_per_stage for that many
+# (schedule, stages per rank): looped schedules get layers_per_stage for that many, or the
+# explicit split that gives that many where no layers_per_stage does (126 blocks in 64 stages)
 PP_SCHEDULES = (
     ("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("Interleaved1F1B", 4), ("LoopedBFS", 2),
     ("InterleavedZeroBubble", 2), ("ZBVZeroBubble", 2), ("DualPipeV", 2),
 )  # fmt: skip
+# Blocks fewer on the first and on the last stage: 0, an even split; 1, the Llama 3 paper's, the
+# embedding and the output (with the loss) each taking a block's place
+LIGHTER_ENDS = (0, 1)
 
 
 def _divisors(n: int, up_to: int) -> list[int]:
@@ -42,15 +48,35 @@ def _replicas(dp: int, tp: int, cp: int, node: int) -> list[int]:
     return sorted({1, dp, *hsdp})
 
 
-def _schedules(pp: int, n_layers: int) -> list[tuple[str, int | None]]:
-    """(schedule, layers_per_stage) choices for pp ranks."""
+def _splits(pp: int, args: ModelArgs) -> list[dict[str, Any]]:
+    """The pipeline keys of each (schedule, stage split) choice for pp ranks, without two that
+    give the same stages (126 blocks in 64 even stages already have the lighter ends)."""
     if pp == 1:
-        return [("1F1B", None)]
-    out = []
-    for name, per_rank in PP_SCHEDULES:
-        looped = SCHEDULES[name].placement == "loop"
-        lps = math.ceil(n_layers / (per_rank * pp)) if looped else None
-        out.append((name, lps))
+        return [{"pipeline_parallel_schedule": "1F1B"}]
+    out, seen = [], set()
+    for (name, per_rank), ends in itertools.product(PP_SCHEDULES, LIGHTER_ENDS):
+        placement = SCHEDULES[name].placement
+        n_stages = pp * {"single": 1, "v": 2}.get(placement, per_rank)
+        keys = {"pipeline_parallel_schedule": name,
+                "pipeline_parallel_first_stage_less_layers": ends,
+                "pipeline_parallel_last_stage_less_layers": ends}  # fmt: skip
+        try:  # titan's own weighted split
+            names = split_module_names(args, Parallelism(**keys), n_stages)
+        except ValueError:  # a stage without a block: left to titan's checks to refuse
+            names = None
+        if names is not None:
+            if (name, str(names)) in seen:
+                continue
+            seen.add((name, str(names)))
+        if placement == "loop":
+            lps = math.ceil(args.n_layers / n_stages)
+            if math.ceil(args.n_layers / lps) == n_stages or names is None:
+                keys["pipeline_parallel_layers_per_stage"] = lps
+            else:  # no layers_per_stage gives n_stages: the split written out
+                stages = [" ".join(stage) for stage in names]
+                keys = {"pipeline_parallel_schedule": name,
+                        "pipeline_parallel_module_names_per_stage": stages}  # fmt: skip
+        out.append(keys)
     return out
 
 
@@ -91,14 +117,14 @@ def candidates(req: Request, fixed: dict[str, Any] | None = None) -> Iterator[Ca
             for rep in (
                 r for r in pick("dp_replicate", _replicas(dp, tp, cp, node)) if dp % r == 0
             ):
-                for schedule, lps in _schedules(pp, args.n_layers):
+                for split in _splits(pp, args):
+                    schedule = split["pipeline_parallel_schedule"]
                     if fixed.get("schedule", schedule) != schedule:
                         continue
                     par = Parallelism(
                         data_parallel_replicate_degree=rep, data_parallel_shard_degree=dp // rep,
                         tensor_parallel_degree=tp, pipeline_parallel_degree=pp,
-                        context_parallel_degree=cp, pipeline_parallel_schedule=schedule,
-                        pipeline_parallel_layers_per_stage=lps,
+                        context_parallel_degree=cp, **split,
                     )  # fmt: skip
                     dims = resolve_parallel_dims(par, req.gpus)  # the run's own degree check
                     lbs = pick("local_batch_size", _local_batches(req.global_batch // dp, pp))
@@ -250,8 +276,25 @@ def describe(cand: Candidate) -> str:
     parts = [f"{n} {v}" for n, v in (("dp_replicate", d.dp_replicate),
              ("dp_shard", d.dp_shard), ("tp", d.tp), ("cp", d.cp)) if v > 1]  # fmt: skip
     if d.pp > 1:
-        lps = p.pipeline_parallel_layers_per_stage
-        lps = f" (layers_per_stage {lps})" if lps else ""
-        parts.append(f"pp {d.pp} {p.pipeline_parallel_schedule}{lps}")
+        split = split_label(p)
+        parts.append(f"pp {d.pp} {p.pipeline_parallel_schedule}" + (f" ({split})" if split else ""))
     parts += [f"local batch {cand.local_batch_size}", f"{cand.ac_mode} AC"]
     return ", ".join(parts + (["float8"] if cand.float8 else []))
+
+
+def split_label(p: Parallelism) -> str:
+    """The stage split in short: 'lps 4', 'lps 4 ends-1' (first and last stage a block
+    lighter), '64 stages ends-1' (explicit), '' (even, one stage per rank or two)."""
+    names = p.pipeline_parallel_module_names_per_stage
+    if names:
+        blocks = [sum(n.startswith("layers.") for n in stage.split()) for stage in names]
+        lighter = max(blocks) - max(blocks[0], blocks[-1])
+        return f"{len(names)} stages" + (f" ends-{lighter}" if lighter > 0 else "")
+    parts = []
+    if p.pipeline_parallel_layers_per_stage:
+        parts.append(f"lps {p.pipeline_parallel_layers_per_stage}")
+    first = p.pipeline_parallel_first_stage_less_layers
+    last = p.pipeline_parallel_last_stage_less_layers
+    if first or last:
+        parts.append(f"ends-{first}" if first == last else f"ends-{first}/-{last}")
+    return " ".join(parts)
