@@ -167,22 +167,6 @@ def test_context_parallel_seq_len_is_checked_before_any_process_group():
         os.environ.pop("WORLD_SIZE")
 
 
-def test_cpu_offload_is_refused_where_it_cannot_apply(monkeypatch):
-    from titan.errors import ConfigError
-    from titan.parallelisms.data_parallel import check_cpu_offload
-
-    debug = str(ROOT / "titan/train_configs" / "debug_model.toml")
-    cfg = load_config(["--job.config_file", debug, "--training.device", "cpu",
-                       "--parallelism.fsdp_cpu_offload", "true"])  # fmt: skip
-    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group starts
-    with pytest.raises(ConfigError, match="fsdp_cpu_offload .* needs CUDA"):
-        Trainer(cfg)
-    with pytest.raises(ValueError, match="applies no FSDP"):
-        check_cpu_offload(True, fsdp_enabled=False, device_type="cuda")
-    check_cpu_offload(True, fsdp_enabled=True, device_type="cuda")
-    check_cpu_offload(False, fsdp_enabled=False, device_type="cpu")
-
-
 def test_comm_modes_other_than_fake_backend_fail_clearly(monkeypatch):
     from titan.errors import ConfigError
     from titan.parallelisms.distributed import comm_mode

@@ -108,7 +108,9 @@ PRIVATE_APIS = (
         "torch.utils._python_dispatch.TorchDispatchMode",
         "memory_tracer; dry_run: counting FSDP's reduce-scatters",
     ),
-    PrivateApi("torch.utils._python_dispatch.is_traceable_wrapper_subclass", "memory_tracer"),
+    PrivateApi(
+        "torch.utils._python_dispatch.is_traceable_wrapper_subclass", "memory_tracer, offload"
+    ),
     PrivateApi("torch.utils._pytree.tree_flatten", "memory_tracer"),
     PrivateApi("torchao.float8._auto_filter_for_recipe", "float8: filter_fqns = ['auto_filter']"),
     PrivateApi(

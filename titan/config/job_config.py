@@ -217,8 +217,8 @@ class Parallelism:
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: whether FSDP frees gathered parameters after forward."""
     fsdp_cpu_offload: bool = False
-    """Keep FSDP's sharded parameters, gradients and optimizer state in pinned CPU memory
-    (CUDA with data_parallel_shard_degree > 1; the optimizer then steps on the CPU)."""
+    """Keep FSDP's sharded parameters, gradients and optimizer state in host memory (pinned on
+    CUDA; data_parallel_shard_degree > 1); the optimizer then steps on the CPU."""
 
 
 @dataclass
@@ -229,6 +229,9 @@ class ActivationCheckpoint:
     """For selective: op (save matmul outputs by policy) or N (checkpoint every N-th block)."""
     memory_budget: float = 0.5
     """For memory_budget: fraction of activation memory to keep (0 = recompute all, 1 = none)."""
+    offload: bool = False
+    """Keep what each transformer block saves for backward in host memory until backward (not
+    the last block's); with mode none, or selective every N-th block (the others offload)."""
 
 
 @dataclass

@@ -11,22 +11,25 @@ from torch.distributed.fsdp import (
 )
 
 
-def check_cpu_offload(enabled: bool, fsdp_enabled: bool, device_type: str) -> None:
+def check_cpu_offload(enabled: bool, fsdp_enabled: bool) -> None:
     """Stop before start-up where `parallelism.fsdp_cpu_offload` cannot apply."""
-    if not enabled:
-        return
-    if device_type != "cuda":
-        # FSDP pins the offloaded shards, which needs an accelerator; on CPU they are host memory
-        raise ValueError(
-            "parallelism.fsdp_cpu_offload keeps FSDP's shards in pinned host memory between GPU "
-            "uses and needs CUDA; on CPU they are in host memory already: set it false (for a "
-            "CPU dry run of a GPU config too)"
-        )
-    if not fsdp_enabled:
+    if enabled and not fsdp_enabled:
         raise ValueError(
             "parallelism.fsdp_cpu_offload offloads FSDP's shards, but this layout applies no FSDP "
             "(data_parallel_shard_degree is 1): shard over more than one rank, or set it false"
         )
+
+
+def offload_policy(cpu_offload: bool, device_type: str) -> OffloadPolicy:
+    """FSDP's policy: the shards, their gradients and the optimizer step on the host.
+
+    Pinned host memory lets the copies to and from a GPU run asynchronously; on a CPU run (the
+    parity tests, dry runs) there is nothing to pin and FSDP's copies are no-ops, but its
+    offload code path (host shards, host gradients, the optimizer stepping there) still runs.
+    """
+    if not cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda")
 
 
 def apply_fsdp(
@@ -46,7 +49,7 @@ def apply_fsdp(
     the average is the sum it needs).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = offload_policy(cpu_offload, mesh.device_type)
     if reshard_after_forward not in ("default", "always", "never"):
         raise ValueError(
             f"parallelism.fsdp_reshard_after_forward = {reshard_after_forward!r}: "

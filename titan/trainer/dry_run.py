@@ -25,6 +25,7 @@ from titan.parallelisms.distributed import clip_grad_norm_tensor_, fake_mode
 from titan.trainer.memory_tracer import (
     DENSE_MASKS,
     GIB,
+    HOST,
     PARTS,
     static_state,
     tensor_bytes,
@@ -46,6 +47,8 @@ class MemoryEstimate:
     # FSDP's gradient reduce-scatters in the step, and the bytes they reduce (their inputs)
     reduce_scatters: int = 0
     reduce_scatter_bytes: int = 0
+    # what offload keeps in host memory, by part, at the host's own peak (not in `peak`)
+    host: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -76,6 +79,10 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
         for part in PARTS:
             if e.peak[part]:
                 lines.append(f"    {part:>22}: {e.peak[part] / GIB:9.3f} GiB")
+        if e.host:
+            parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in e.host.items() if v)
+            lines.append(f"    {'host (offloaded)':>22}: {sum(e.host.values()) / GIB:9.3f} GiB "
+                         f"({parts}; not in the peak)")  # fmt: skip
         if e.dense_masks >= 2**20:
             lines.append(f"    (left out: {e.dense_masks / GIB:.3f} GiB of {DENSE_MASKS}, "
                          "CPU only: flex attention's block mask replaces them on GPU)")  # fmt: skip
@@ -183,7 +190,11 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     params = list(model.parameters())
-    with tracing(model, static_state(model, optimizer)) as tracer:
+    cfg = trainer.cfg
+    host = frozenset()
+    if cfg.parallelism.fsdp_cpu_offload:  # FSDP keeps them on the host; the optimizer runs there
+        host = frozenset(("parameters", "gradients", "optimizer state", "optimizer temporaries"))
+    with tracing(model, static_state(model, optimizer), host) as tracer:
         with CountReduceScatters() as reduce_scatters:
             trainer.forward_backward(microbatches)
         held = {name: tensor_bytes(ts) for name, ts in static_state(model, optimizer).items()}
@@ -201,6 +212,7 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         rank, label, peak, dense_masks=tracer.peak[DENSE_MASKS], held=held,
         trace_s=time.perf_counter() - start, notes=notes,
         reduce_scatters=reduce_scatters.count, reduce_scatter_bytes=reduce_scatters.bytes,
+        host={k.removeprefix(HOST): v for k, v in tracer.host_peak.items()},
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from titan.parallelisms.distributed import fake_mode
+from titan.parallelisms.offload import in_host_copy
 
 GIB = 2**30
 # The parts of a rank's memory, in report order. Parameters, buffers and optimizer state are
@@ -30,6 +31,10 @@ PARTS = (
     "optimizer temporaries",  # made by the optimizer step (foreach intermediates)
     "buffers",  # module buffers (RoPE table)
 )
+# What offload keeps in host memory is tracked apart from the device and left out of its peak:
+# "host: <part>" for FSDP's CPU offload (parameters, gradients, optimizer state, and the
+# optimizer step, which runs on the host there) and activation offload (activations).
+HOST = "host: "
 # SDPA's dense boolean document masks exist only off-GPU: on CUDA, flex attention's block
 # mask (a few KiB) replaces them. Tracked apart and left out of the peak.
 DENSE_MASKS = "dense attention masks"
@@ -40,8 +45,14 @@ class MemoryTracer(TorchDispatchMode):
     FSDP uses to gather and free unsharded weights) with the part it belongs to, and keeps
     the composition at the highest total."""
 
-    def __init__(self, model: nn.Module, static: dict[str, list[torch.Tensor]]):
+    def __init__(
+        self, model: nn.Module, static: dict[str, list[torch.Tensor]], host: frozenset = frozenset()
+    ):
         super().__init__()
+        self.host = host  # the PARTS kept in host memory (offload)
+        self.host_total = 0
+        self.host_peak: dict[str, int] = {}  # host bytes by part at the host's own peak
+        self._grad_hooks: list = []
         self.model = model
         self.params = list(model.parameters())  # the stored ones: FSDP's shards hold the grads
         self.fsdp_params = _fsdp_params(model)
@@ -59,11 +70,14 @@ class MemoryTracer(TorchDispatchMode):
         for part, tensors in static.items():
             for t in tensors:
                 for st in _tensor_storages(t):
-                    self._add(st, part)
+                    self._add(st, self._where(part))
         self.peak_total = self.total
         self.peak = self._composition()
 
     # -- storages --
+    def _where(self, part: str) -> str:
+        return HOST + part if part in self.host else part
+
     def _add(self, st: torch.UntypedStorage, part: str) -> None:
         key = st._cdata
         if key in self.live:
@@ -82,6 +96,11 @@ class MemoryTracer(TorchDispatchMode):
                 self._snapshot()
             self.pending = False
         self.current[info[1]] += nbytes
+        if info[1].startswith(HOST):
+            self.host_total += nbytes
+            if self.host_total > sum(self.host_peak.values()):
+                self.host_peak = {k: v for k, v in self.current.items() if k.startswith(HOST)}
+            return
         self.total += nbytes
         if self.total > self.peak_total:
             self.peak_total = self.total
@@ -97,6 +116,13 @@ class MemoryTracer(TorchDispatchMode):
         entry = self.live.get(st._cdata)
         if entry is not None and entry[0][1] != part:
             info = entry[0]
+            if info[1].startswith(HOST) and not part.startswith(HOST):
+                return  # host shards stay host memory when a collective (its copy-in) reads them
+            if info[1].startswith(HOST) != part.startswith(HOST):  # onto the host
+                self._grow(info, -info[0])
+                info[1] = part
+                self._grow(info, info[0])
+                return
             self.current[info[1]] -= info[0]
             info[1] = part
             self.current[part] += info[0]
@@ -120,14 +146,16 @@ class MemoryTracer(TorchDispatchMode):
         parts = dict.fromkeys(PARTS, 0)
         parts[DENSE_MASKS] = 0
         for part, n in self.current.items():
-            parts[part] += n
+            if not part.startswith(HOST):
+                parts[part] += n
         seen = set()
 
         def move(t: torch.Tensor, to: str) -> None:
             for st in _tensor_storages(t):  # no dispatch: reads the subclasses' attributes
                 key = st._cdata
                 entry = self.live.get(key)
-                if entry is not None and key not in seen and entry[0][1] != "parameters":
+                keep = entry is None or entry[0][1] == "parameters" or entry[0][1].startswith(HOST)
+                if not keep and key not in seen:
                     seen.add(key)
                     parts[entry[0][1]] -= entry[0][0]
                     parts[to] += entry[0][0]
@@ -157,8 +185,17 @@ class MemoryTracer(TorchDispatchMode):
         return self.peak
 
     # -- dispatch --
+    def _offloaded_grad(self, p: torch.Tensor) -> None:
+        """FSDP's CPU offload copies each reduced gradient shard to the host (a no-op when the
+        trace runs on CPU): from then on it is host memory."""
+        for st in _tensor_storages(p.grad):
+            self._retag(st, HOST + "gradients")
+
     def __enter__(self):
         self._fake_on_entry = active_fake_mode()
+        if "gradients" in self.host:  # FSDP runs a parameter's hooks once it set its gradient
+            hook = self._offloaded_grad
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
         torch.UntypedStorage.resize_ = lambda st, size: self._resize(st, size)
         tracer = self
 
@@ -174,6 +211,8 @@ class MemoryTracer(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *args):
+        for handle in self._grad_hooks:
+            handle.remove()
         torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE
         if _ORIGINAL_PROPAGATE is not None:
             ShardingPropagator._propagate_tensor_meta_non_cached = _ORIGINAL_PROPAGATE
@@ -200,7 +239,9 @@ class MemoryTracer(TorchDispatchMode):
                 self._retag(st, part)
             return out
         if self.optimizer_phase:
-            part = "optimizer temporaries"
+            part = self._where("optimizer temporaries")
+        elif in_host_copy():
+            part = HOST + "activations"  # activation offload's copy to the host
         elif torch._C._current_graph_task_id() != -1:
             part = "backward temporaries"
         else:
@@ -260,9 +301,10 @@ def _storages(tree) -> list[torch.UntypedStorage]:
 
 
 @contextlib.contextmanager
-def tracing(model: nn.Module, static: dict[str, list[torch.Tensor]]):
-    """Trace under the fake mode: yields the tracer (its `peak` is final on exit)."""
-    tracer = MemoryTracer(model, static)
+def tracing(model: nn.Module, static: dict[str, list[torch.Tensor]], host: frozenset = frozenset()):
+    """Trace under the fake mode: yields the tracer (its `peak` is final on exit). `host`: the
+    PARTS that offload keeps in host memory."""
+    tracer = MemoryTracer(model, static, host)
     with fake_mode(), tracer:
         yield tracer
     tracer.finish()

@@ -54,7 +54,7 @@ def check_layout(
         dims = resolve_parallel_dims(p, world_size)
         check_supported_layout(dims, args, cfg)
         check_pipeline(p, args.n_layers, cfg.training.local_batch_size, cfg.compile.blocks)
-        check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled, device.type)
+        check_cpu_offload(p.fsdp_cpu_offload, dims.fsdp_enabled)
     except (NotImplementedError, ValueError) as e:
         raise ConfigError(f"[parallelism] {e}") from None
     return dims
@@ -90,7 +90,8 @@ def build_model(
             built.float8_flops = apply_converters(model, converters, device, dims.fsdp_enabled)
         built.n_params = sum(p.numel() for p in model.parameters())
         built.n_trainable = _trainable(model)
-        # (3) pipeline-split, then parallelize each part: TP, CP, AC, compile, FSDP/DDP, in order
+        # (3) pipeline-split, then parallelize each part: TP, CP, AC, activation offload, compile,
+        # FSDP/DDP, in order
         parallelize = functools.partial(
             parallelize_llama, dims=dims, meshes=meshes, p=cfg.parallelism,
             ac=cfg.activation_checkpoint, compile=cfg.compile, converters=converters,
@@ -117,9 +118,11 @@ def build_model(
                 part.init_buffers(buffer_device=device)
                 part.train()
         return built
-    # (4) allocate on the device (this rank's shards only)
+    # (4) allocate on the device (this rank's shards only); FSDP's CPU offload keeps the shards
+    # in host memory, where it needs them before its first gather
+    on_host = device if not cfg.parallelism.fsdp_cpu_offload else torch.device("cpu")
     for part in built.parts:
-        part.to_empty(device=device)
+        part.to_empty(device=on_host)
     # (5) initialize the weights (seeded, so every run with this seed starts identically)
     with torch.no_grad():
         if meshes and device.type == "cpu":

@@ -1,5 +1,5 @@
-"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, CP, AC, compile,
-FSDP/DDP.
+"""Apply titan's transforms to a Llama 3 model in the one fixed order: TP, CP, AC, activation
+offload, compile, FSDP/DDP.
 
 The tensor-parallel plan is keyed by Meta's layer names. With sequence parallel the residual
 stream between blocks is sharded on the sequence dimension (Shard(1)); attention and the FFN
@@ -38,6 +38,7 @@ from titan.parallelisms.compile import apply_compile
 from titan.parallelisms.context_parallel import apply_cp, check_cp
 from titan.parallelisms.data_parallel import apply_ddp, apply_fsdp
 from titan.parallelisms.distributed import comm_mode
+from titan.parallelisms.offload import apply_activation_offload, check_activation_offload
 from titan.parallelisms.parallel_dims import ParallelDims
 from titan.parallelisms.tensor_parallel import (
     VocabParallelEmbedding,
@@ -77,6 +78,7 @@ def check_transforms(
             "selective_ac_option = 'op', or compile only the loss (compile.components = "
             "['loss']), or turn compile off"
         )
+    check_activation_offload(ac.offload, ac, compile_blocks)
     if dims.tp > 1 and converters.mx is not None:
         # measured on torch 2.13 / torchao 0.18: the TP-sharded matmuls of MXFP8 training
         # weights dispatch as plain matmuls, so TP x mx silently trains in high precision
@@ -216,6 +218,7 @@ def parallelize_llama(
     if dims.cp > 1:
         apply_cp(model, meshes["cp"], model.args.attn_mask_type, p.context_parallel_rotate_method)
     apply_ac(model, ac)
+    apply_activation_offload(model, ac.offload)  # the blocks AC did not wrap
     apply_compile(model, compile)
     if dims.fsdp_enabled:
         # HSDP: shard within each replica, all-reduce gradients across replicas
