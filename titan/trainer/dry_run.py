@@ -80,7 +80,7 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
             if e.peak[part]:
                 lines.append(f"    {part:>22}: {e.peak[part] / GIB:9.3f} GiB")
         if e.host:
-            parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in e.host.items() if v)
+            parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in e.host.items() if v >= 2**20)
             lines.append(f"    {'host (offloaded)':>22}: {sum(e.host.values()) / GIB:9.3f} GiB "
                          f"({parts}; not in the peak)")  # fmt: skip
         if e.dense_masks >= 2**20:
