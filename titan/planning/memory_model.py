@@ -145,6 +145,8 @@ def estimate_memory(
     pp_rank: int | None = None,
     moment_bytes: int = 8,
     cp_rank: int | None = None,
+    loss_chunk_tokens: int = 1024,
+    activation_offload: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of a training step of the layout `par` (`dims`: its degrees, as titan
     resolves them) on pipeline rank `pp_rank`, or (None) on the one that peaks highest among
@@ -155,14 +157,18 @@ def estimate_memory(
     compile.components includes "loss" (the dry run traces the eager loss); grad_accumulation:
     micro-batch steps of local_batch_size per optimizer step; moment_bytes: Adam's two moments
     per parameter (8 fp32, 4 with optimizer.state_dtype bfloat16); cp_rank: the context-parallel
-    rank (None: the last, whose causal ring attention keeps the most under selective AC)."""
+    rank (None: the last, whose causal ring attention keeps the most under selective AC);
+    loss_chunk_tokens: training.loss_chunk_tokens (0: the plain loss, eager or compiled);
+    activation_offload: activation_checkpoint.offload (what blocks save kept on the host, but
+    the last block's of each stage and what AC keeps). parallelism.fsdp_cpu_offload: the weight,
+    gradient and optimizer state shards on the host. Host memory is left out of the estimate."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
     ranks = rank_stages(args.n_layers, pipeline_split(par))
     step = _Step(
         args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
         float8 and float8_all_gather, compiled_loss, grad_accumulation, moment_bytes,
-        dims.cp - 1 if cp_rank is None else cp_rank,
+        dims.cp - 1 if cp_rank is None else cp_rank, loss_chunk_tokens, activation_offload,
     )  # fmt: skip
     if pp_rank is not None:
         return step.rank(pp_rank, ranks[pp_rank])
@@ -195,6 +201,19 @@ class _Step:
     grad_accumulation: int = 1
     moment_bytes: int = 8  # Adam's two moments per parameter (bf16: 4)
     cp_rank: int = 0
+    loss_chunk: int = 0  # tokens per chunk of the loss (0: the plain loss)
+    activation_offload: bool = False  # blocks' saved tensors on the host (but the last's)
+
+    @property
+    def per_micro_sync(self) -> bool:
+        """Pipelined FSDP stages reduce-scatter after every micro-batch's backward
+        (parallelism.pipeline_parallel_grad_reduce = microbatch): sharded accumulation."""
+        d = self.dims
+        return (
+            d.pp > 1
+            and d.fsdp_degree > 1
+            and self.par.pipeline_parallel_grad_reduce == "microbatch"
+        )
 
     @property
     def n_micro(self) -> int:
@@ -248,13 +267,16 @@ class _Step:
         held = rank_stage_ids(self.args.n_layers, split)
         terms = [self.stage(st) for st in stages]
         n_micro = self.n_micro if d.pp > 1 else min(self.grad_accumulation, 2)
-        points = peak_points(schedule, d.pp, pp_rank, n_micro, held[pp_rank], split.csv)
+        points = peak_points(
+            schedule, d.pp, pp_rank, n_micro, held[pp_rank], split.csv, self.per_micro_sync
+        )
         prior = d.pp > 1 and self.grad_accumulation > 1  # earlier schedule steps' gradients
         # the first point of the highest total: points come in the order of the step
         where = max(points, key=lambda p: point_total(p, terms, prior))
         best = point_parts(where, terms, prior)
-        best["parameters"] += 4 * local
-        best["optimizer_state"] += self.moment_bytes * local
+        if not self.par.fsdp_cpu_offload or d.fsdp_degree == 1:  # else on the host
+            best["parameters"] += 4 * local
+            best["optimizer_state"] += self.moment_bytes * local
         best["buffers"] += self.seq_len * self.args.head_dim * 4  # RoPE's cos and sin, fp32
         moment = f"{where.moment} of stage {held[pp_rank][where.stage]}'s backward"
         return MemoryEstimate(
@@ -273,14 +295,19 @@ class _Step:
         self.weights(st, out)
         if last:
             logits = tokens * self.vocab
-            if self.compiled_loss:  # inductor's backward writes the bf16 gradient directly
+            if self.loss_chunk:  # the loss's forward: its fp32 chunk beside the logits and
+                # its gradient buffer (pipelined, both are in saved: micro-batches in flight)
+                chunk = 4 * min(self.loss_chunk, tokens) * self.vocab
+                out.at_start = {"activations": chunk + (4 * logits if d.pp == 1 else 0)}
+            elif self.compiled_loss:  # inductor's backward writes the bf16 gradient directly
                 out.at_start = {"backward_temporaries": 2 * logits}
             else:  # nll_loss's and log_softmax's fp32 gradients (loss parallel: 3 of them)
                 n = 3 if d.tp > 1 and not self.par.disable_loss_parallel else 2
                 out.at_start = {"backward_temporaries": 4 * n * logits}
         if first:  # the embedding's bf16 weight gradient (TP: the rank's vocabulary rows)
             out.at_end = {"backward_temporaries": 2 * a.vocab_size / d.tp * a.dim}
-            if d.pp == 1 and d.fsdp_degree > 1:  # the root's fp32 reduce-scatter input
+            if (d.pp == 1 or self.per_micro_sync) and d.fsdp_degree > 1:  # the root's fp32
+                # reduce-scatter input
                 extras = untied(a, ["tok_embeddings", "norm", "output"])
                 root = sum(module_params(a, n, d.tp) for n in extras)
                 out.at_end["communication_buffers"] = 4 * root
@@ -290,8 +317,9 @@ class _Step:
         """Bytes one micro-batch leaves on the stage for its backward: the blocks' saved
         tensors and FSDP's bf16 copy of the RoPE table per block, the stage's output (pp),
         and on the last stage the final norm's and the output layer's inputs and the loss's:
-        eager, fp32 log-probs (loss.py upcasts); compiled, bf16 logits and two fp32 per token;
-        pipelined, the stage's output (the bf16 logits) until backward."""
+        chunked, its gradient in the logits' dtype (bf16); plain and eager, fp32 log-probs;
+        compiled, bf16 logits and two fp32 per token; pipelined, the stage's output (the bf16
+        logits) until backward."""
         a, d, tokens, s = self.args, self.dims, self.tokens, self.sp
         autocast = d.fsdp_degree == 1
         kept, none = self.per_token
@@ -302,6 +330,14 @@ class _Step:
             per_token = wrapped * block_input + (st.blocks - wrapped) * none
         else:
             per_token = st.blocks * kept
+        if self.activation_offload and st.blocks:  # the stage's last block keeps its own
+            if self.ac_mode == "selective" and self.ac_option != "op":
+                every = int(self.ac_option)
+                wrapped = math.ceil(st.blocks / every)
+                last_kept = (st.blocks - 1) % every != 0  # an unwrapped last block
+                per_token = wrapped * block_input + last_kept * none
+            else:  # mode none (full and op-level AC refuse offload at start-up)
+                per_token = kept
         out = tokens * per_token
         if d.fsdp_degree > 1:  # FSDP casts the fp32 table to bf16 as each block's input
             rope = self.seq_len / d.cp * a.head_dim
@@ -314,7 +350,11 @@ class _Step:
         if last:  # the final norm's saves (autocast: and its fp32 input), the output's input
             out += tokens * ((8 if autocast else 6) * a.dim + 4) / s + tokens * 2 * a.dim
             logits = tokens * self.vocab
-            if self.compiled_loss:
+            if self.loss_chunk:  # pipelined: the output and its gradient, until backward
+                # (one micro-batch at a time otherwise: in stage()'s at_start, spent before
+                # the blocks' backward starts)
+                out += 4 * logits if d.pp > 1 else 0
+            elif self.compiled_loss:
                 out += 2 * logits + 8 * tokens
             else:
                 out += 4 * logits + (2 * logits if d.pp > 1 else 0)
@@ -340,6 +380,10 @@ class _Step:
         out.gathered = blocks * self.gathered_block + root
         out.synced = 4 * stage_params(a, [st], d.tp, d.fsdp_degree)
         out.accumulating = 4 * stage_params(a, [st], d.tp)
+        if self.par.fsdp_cpu_offload:  # reduced shards go to the host
+            out.synced = 0.0
+        if self.per_micro_sync:  # never unsharded (peak_points: synced from the first)
+            out.accumulating = out.synced
 
     @functools.cached_property
     def block_backward(self) -> dict[str, float]:
@@ -359,6 +403,8 @@ class _Step:
         comm = 0.0
         if d.fsdp_degree > 1 and d.pp == 1:
             out["gathered_parameters"] = self.gathered_block
+            comm += 4 * block
+        elif self.per_micro_sync:  # the block's fp32 reduce-scatter input, each micro-batch
             comm += 4 * block
         elif d.fsdp_degree == 1 and d.dp_replicate > 1:
             comm += 2 * DDP_BUCKET_BYTES

@@ -156,6 +156,7 @@ def toml_tables(req: Request, cand: Candidate) -> dict[str, dict]:
     if d.pp > 1:
         par["pipeline_parallel_schedule"] = p.pipeline_parallel_schedule
         par["pipeline_parallel_microbatch_size"] = p.pipeline_parallel_microbatch_size
+        par["pipeline_parallel_grad_reduce"] = p.pipeline_parallel_grad_reduce
         # the split written out in full, even where titan's defaults give the same stages: a
         # base config's values would otherwise stay, and TOML cannot unset a key (an explicit
         # split wins over layers_per_stage and the lighter ends, so a plain one is [])
@@ -261,4 +262,5 @@ def config_estimate(
         ac.selective_ac_option, f8 is not None and f8.enable_fsdp_float8_all_gather, compiled_loss,
         grad_accumulation=accumulation, pp_rank=pp_rank,
         moment_bytes=4 if cfg.optimizer.state_dtype == "bfloat16" else 8, cp_rank=cp_rank,
+        loss_chunk_tokens=t.loss_chunk_tokens, activation_offload=ac.offload,
     )  # fmt: skip

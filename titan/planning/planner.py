@@ -12,7 +12,7 @@ from typing import Any
 from titan.config.job_config import Parallelism
 from titan.models.llama3.args import ModelArgs
 from titan.models.llama3.pipeline import split_module_names
-from titan.parallelisms.parallel_dims import resolve_parallel_dims
+from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.parallelisms.pipeline import SCHEDULES
 from titan.planning.memory_model import GIB, MemoryEstimate, estimate_memory, state_bytes
 from titan.planning.model_sizes import float8_linears, pipeline_split
@@ -89,6 +89,14 @@ def _local_batches(per_dp: int, pp: int) -> list[int]:
     return [s for s in sizes if s >= pp] or sizes[-1:]
 
 
+def _grad_reduces(dims: ParallelDims, schedule: str) -> tuple[str, ...]:
+    """pipeline_parallel_grad_reduce's values for the layout: per micro-batch only where
+    pipelined FSDP stages accumulate gradients and the schedule's backward is whole."""
+    if dims.pp == 1 or dims.fsdp_degree == 1 or SCHEDULES[schedule].zero_bubble:
+        return ("stage",)
+    return ("stage", "microbatch")
+
+
 def _cp_degrees(seq_len: int) -> list[int]:
     """Context parallel degrees that leave each rank at least MIN_CP_TOKENS of a sequence."""
     return [c for c in CP_DEGREES if c == 1 or seq_len // c >= MIN_CP_TOKENS]
@@ -130,7 +138,9 @@ def candidates(req: Request, fixed: dict[str, Any] | None = None) -> Iterator[Ca
                     lbs = pick("local_batch_size", _local_batches(req.global_batch // dp, pp))
                     inner = itertools.product(lbs, pick("ac", AC_CHOICES), pick("float8", f8s))
                     for size, ac, f8 in inner:
-                        yield Candidate(par, dims, size, ac, f8)
+                        for reduce in _grad_reduces(dims, schedule):
+                            p = dataclasses.replace(par, pipeline_parallel_grad_reduce=reduce)
+                            yield Candidate(p, dims, size, ac, f8)
 
 
 def memory_of(req: Request, cand: Candidate, compiled_loss: bool = True) -> MemoryEstimate | None:
@@ -284,13 +294,15 @@ def describe(cand: Candidate) -> str:
 
 def split_label(p: Parallelism) -> str:
     """The stage split in short: 'lps 4', 'lps 4 ends-1' (first and last stage a block
-    lighter), '64 stages ends-1' (explicit), '' (even, one stage per rank or two)."""
+    lighter), '64 stages ends-1' (explicit), '' (even, one stage per rank or two); 'rs/mb':
+    gradients reduce-scattered every micro-batch (pipeline_parallel_grad_reduce)."""
     names = p.pipeline_parallel_module_names_per_stage
     if names:
         blocks = [sum(n.startswith("layers.") for n in stage.split()) for stage in names]
         lighter = max(blocks) - max(blocks[0], blocks[-1])
-        return f"{len(names)} stages" + (f" ends-{lighter}" if lighter > 0 else "")
-    parts = []
+        label = f"{len(names)} stages" + (f" ends-{lighter}" if lighter > 0 else "")
+        return label + (" rs/mb" if p.pipeline_parallel_grad_reduce == "microbatch" else "")
+    parts = ["rs/mb"] if p.pipeline_parallel_grad_reduce == "microbatch" else []
     if p.pipeline_parallel_layers_per_stage:
         parts.append(f"lps {p.pipeline_parallel_layers_per_stage}")
     first = p.pipeline_parallel_first_stage_less_layers

@@ -114,13 +114,20 @@ def _csv_actions(path: str) -> tuple[tuple[tuple[str, int, int], ...], ...]:
 
 @functools.lru_cache(maxsize=8192)
 def peak_points(
-    schedule: str, pp: int, rank: int, n_micro: int, stages: tuple[int, ...], csv: str = ""
+    schedule: str,
+    pp: int,
+    rank: int,
+    n_micro: int,
+    stages: tuple[int, ...],
+    csv: str = "",
+    sync_every: bool = False,
 ) -> tuple[Point, ...]:
     """The points of the rank's step where memory can peak: the start and the end of every
     backward (B, or I then W for zero-bubble schedules), deduplicated and without the points
     another point holds at least as much as. A stage's weights are gathered from its first
     forward to its last backward; its gradients accumulate from its first backward and are
-    synced (reduce-scattered) at its last, its n_micro-th (pp 1: at every backward)."""
+    synced (reduce-scattered) at its last, its n_micro-th (pp 1 or `sync_every`: at every
+    backward)."""
     n = len(stages)
     held, grads, gathered = [0] * n, [NONE] * n, [pp == 1] * n
     done = [0] * n
@@ -140,7 +147,7 @@ def peak_points(
             held[s] -= 1
             done[s] += 1
             last = pp == 1 or done[s] == n_micro
-            grads[s] = SYNCED if last else ACCUMULATING
+            grads[s] = SYNCED if last or sync_every else ACCUMULATING
             mark(s, "end")
             if last and pp > 1:
                 gathered[s] = False  # FSDP reshards after the last backward

@@ -98,8 +98,9 @@ on the network) plus (n-1)/n x bytes / bandwidth; an
   group stays inside a node while its stride x its size <= 8.
   FSDP (over dp_shard x cp): a bf16 all-gather of the rank's weights (float8 linears in
   float8) twice per accumulation pass (forward and backward; pipelined once: titan keeps
-  stages gathered) and an fp32 reduce-scatter of the gradients each pass; HSDP adds an fp32
-  all-reduce of the gradient shards over dp_replicate, DDP one of all gradients.
+  stages gathered) and an fp32 reduce-scatter of the gradients each pass (pipelined with
+  pipeline_parallel_grad_reduce = microbatch: each micro-batch's backward); HSDP adds an fp32
+  all-reduce of the gradient shards over dp_replicate (as often), DDP one of all gradients.
   TP (sequence parallel): per block 2 all-gathers and 2 reduce-scatters of a (tokens, dim)
   bf16 activation in forward, 4 in backward, 4 more when AC recomputes (float8: forward
   all-gathers in float8). CP: per block an all-gather of the keys and values in forward, an
@@ -107,8 +108,9 @@ on the network) plus (n-1)/n x bytes / bandwidth; an
   micro-batch's activation out and its gradient back at every stage boundary.
 - Overlap: FSDP/HSDP/DDP collectives overlap the compute of the pass they serve (pipelined:
   the all-gather the first micro-batch's forward, the reduce-scatter the last one's
-  backward); what exceeds it is exposed, plus one block's all-gather and reduce-scatter
-  (the first and the last). TP, CP and PP transfers are not overlapped (async TP is off).
+  backward, or each micro-batch's its own); what exceeds it is exposed, plus one block's
+  all-gather and reduce-scatter (the first and the last). TP, CP and PP transfers are not
+  overlapped (async TP is off).
 - Bubble, a fraction of the pipeline's time (p ranks, m micro-batches, v stages per rank):
   GPipe, 1F1B: (p-1)/(m+p-1); Interleaved1F1B, LoopedBFS: that / v; zero-bubble schedules
   ({", ".join(ZERO_BUBBLE)}): 0 when m >= 2p (the weight-gradient
@@ -290,7 +292,11 @@ class _Pass:
         ends = _collective(gathered, n, link) + _collective(4 * block, n, link)
         if d.pp == 1:
             return max(0.0, gather + scatter + all_reduce - compute) + ends
-        micro = compute / (self.local_batch_size // self.par.pipeline_parallel_microbatch_size)
+        n_micro = self.local_batch_size // self.par.pipeline_parallel_microbatch_size
+        micro = compute / n_micro
+        if self.par.pipeline_parallel_grad_reduce == "microbatch":  # each micro-batch's own
+            per_micro = max(0.0, scatter + all_reduce - 2 * micro / 3)
+            return max(0.0, gather - micro / 3) + n_micro * per_micro + ends
         return max(0.0, gather - micro / 3) + max(0.0, scatter + all_reduce - 2 * micro / 3) + ends
 
 
