@@ -153,7 +153,7 @@ PAPER_8K, PAPER_128K = dict(tp=8, cp=1, pp=16, dp=128), dict(tp=8, cp=16, pp=16,
 def test_llama3_papers_8k_layout_ranks_near_the_top(plans_405b):
     """Llama 3 paper, Table 4: 405B on 16,384 H100s, 16M tokens a step, seq 8192, TP 8 x PP 16
     x DP 128. Stated: within the best 2 % of rows and at 95 % or more of the best row's
-    tokens/s (measured: 15th of 1,529, 98.4 %), as 4 stages per rank of about 2 blocks
+    tokens/s (measured: 15th of 2,411, 98.4 %), as 4 stages per rank of about 2 blocks
     (Interleaved1F1B; 64 stages of 126 blocks only written out: no layers_per_stage gives 64).
     """
     _, plans = plans_405b[8192]
@@ -175,7 +175,7 @@ def test_llama3_papers_128k_layout_fits_only_with_full_ac(plans_405b):
     """Seq 131,072, TP 8 x CP 16 x PP 16 x DP 8: titan's selective AC keeps every causal ring
     step's attention output, which puts the last cp rank at 129 GiB (traced, TRACED_PAPER);
     with full AC (every block's forward again: 1.5 x the compute of selective AC here) the
-    layout is listed at 70 % or more of the best row (measured: 121st of 2,704, 72.3 %)."""
+    layout is listed at 70 % or more of the best row (measured: 168th of 4,205, 72.3 %)."""
     req, plans = plans_405b[131072]
     rows = [p for p in plans if _rank([p], **PAPER_128K)]
     assert rows and {p.candidate.ac_mode for p in rows} == {"full"}
