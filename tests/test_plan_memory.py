@@ -20,8 +20,8 @@ from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
 from titan.models.llama3.pipeline import split_module_names, stage_module
 from titan.parallelisms import activation_checkpoint as ac_module
 from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
-from titan.planning import memory_model as mm
-from titan.planning.memory_model import GIB, estimate_memory, ring_attention_steps
+from titan.planning.activation_sizes import block_activation_bytes, ring_attention_steps
+from titan.planning.memory_model import GIB, estimate_memory
 from titan.planning.model_sizes import (
     LINEAR_ORDER,
     Split,
@@ -127,7 +127,7 @@ def test_no_ac_block_activations_are_what_autograd_saves():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, rope)
-    per_token, none = mm.block_activation_bytes(args, 1, True, "none")
+    per_token, none = block_activation_bytes(args, 1, True, "none")
     assert per_token == none
     assert sum(saved.values()) == per_token * bs * seq == 1_479_680
 
