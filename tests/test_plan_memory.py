@@ -5,11 +5,11 @@ model's layouts and stage splits, the Llama 3 paper's layouts at 16,384 ranks.""
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from dry_run_harness import dry_run
+from test_plan import DEBUG_TOML, H100, ROOT, parallelism  # the planner tests' own helpers
 
 from titan.config import load_config
 from titan.config.checks import Converters
@@ -19,7 +19,6 @@ from titan.models.llama3.args import FLAVORS, ModelArgs
 from titan.models.llama3.model import Transformer, TransformerBlock, rope_cache
 from titan.models.llama3.pipeline import split_module_names, stage_module
 from titan.parallelisms import activation_checkpoint as ac_module
-from titan.parallelisms.parallel_dims import ParallelDims, resolve_parallel_dims
 from titan.planning.activation_sizes import block_activation_bytes, ring_attention_steps
 from titan.planning.memory_model import GIB, estimate_memory
 from titan.planning.model_sizes import (
@@ -42,26 +41,9 @@ from titan.planning.plan_config import (
     toml_tables,
 )
 from titan.planning.throughput_model import (
-    GPUS,
     flops_per_token,
 )
 from titan.trainer.loss import cross_entropy_sum
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG_TOML = ROOT / "titan/train_configs" / "debug_model.toml"
-H100 = GPUS["h100"]
-
-
-def parallelism(gpus: int, **degrees: int) -> tuple[Parallelism, ParallelDims]:
-    """A [parallelism] section with these degrees (data_parallel_shard_degree: 1 unless given)
-    and the dims titan resolves from it on `gpus` ranks."""
-    par = Parallelism(**{"data_parallel_shard_degree": 1, **degrees})
-    return par, resolve_parallel_dims(par, gpus)
 
 
 def meta_model(flavor: str) -> Transformer:
