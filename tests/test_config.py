@@ -118,6 +118,23 @@ def test_effective_config_round_trips(tmp_path):
             "parallelism.tensor_parallel_degree = 0 must be >= 1",
         ),
         (["--activation_checkpoint.mode", "memory_budget"], "set compile.enable = true"),
+        (
+            ["--resilience.preemption_signals", "SIGTERM,SIGKILL"],
+            "resilience.preemption_signals: 'SIGKILL' is not a signal a process can catch",
+        ),
+        (
+            ["--resilience.preemption_signals", "USR1"],
+            "resilience.preemption_signals: 'USR1' is not a signal",
+        ),
+        (
+            ["--resilience.on_anomaly", "ignore"],
+            "resilience.on_anomaly = 'ignore' is not one of stop, skip, rollback",
+        ),
+        (["--resilience.on_anomaly", "rollback"], "add --checkpoint.enable"),
+        (["--resilience.grad_norm_spike_factor", "0.5"], "must be > 1"),
+        (["--resilience.spike_sigma", "-1"], "resilience.spike_sigma = -1.0 must be >= 0"),
+        (["--resilience.spike_window", "1"], "resilience.spike_window = 1 must be >= 2"),
+        (["--resilience.straggler_report_freq", "-1"], "must be >= 0 (0: off)"),
         (["training.steps", "3"], "unexpected argument 'training.steps'"),
         (["--job.config_file", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
     ],

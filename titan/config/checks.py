@@ -4,10 +4,21 @@ The components import their constants from here; `validate` calls every check on
 start-up, and resolve_parallel_dims calls check_degrees again for layouts built outside a
 config (the planner's), so each is written once."""
 
+import signal
 from dataclasses import dataclass
 
 from titan.compat import mx_training_unsupported
-from titan.config.job_config import MX, Data, Float8, JobConfig, Lora, Parallelism, QuantizeLinear
+from titan.config.job_config import (
+    MX,
+    Checkpoint,
+    Data,
+    Float8,
+    JobConfig,
+    Lora,
+    Parallelism,
+    QuantizeLinear,
+    Resilience,
+)
 from titan.errors import ConfigError
 
 # The registry of model.converters: each name and the section that configures it.
@@ -133,4 +144,46 @@ def check_degrees(p: Parallelism) -> None:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}: "
             "use >= 1 or -1"
+        )
+
+
+ANOMALY_POLICIES = ("stop", "skip", "rollback")
+
+
+def check_resilience(r: Resilience, ckpt: Checkpoint) -> None:
+    for name in r.preemption_signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals) or name in (
+            "SIGKILL",
+            "SIGSTOP",
+        ):
+            raise ConfigError(
+                f"resilience.preemption_signals: {name!r} is not a signal a process can catch "
+                "(use names such as SIGTERM, SIGUSR1)"
+            )
+    if r.on_anomaly not in ANOMALY_POLICIES:
+        raise ConfigError(
+            f"resilience.on_anomaly = {r.on_anomaly!r} is not one of {', '.join(ANOMALY_POLICIES)}"
+        )
+    if r.on_anomaly == "rollback" and not ckpt.enable:
+        raise ConfigError(
+            "resilience.on_anomaly = 'rollback' rolls back to the newest checkpoint: add "
+            "--checkpoint.enable (or choose 'stop' or 'skip')"
+        )
+    for key in ("spike_sigma", "grad_norm_spike_factor", "watchdog_timeout_s"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"resilience.{key} = {getattr(r, key)} must be >= 0 (0: off)")
+    if 0 < r.grad_norm_spike_factor <= 1:
+        raise ConfigError(
+            f"resilience.grad_norm_spike_factor = {r.grad_norm_spike_factor} must be > 1 (a "
+            "jump above the recent mean), or 0 for off"
+        )
+    if r.spike_window < 2:
+        raise ConfigError(f"resilience.spike_window = {r.spike_window} must be >= 2")
+    if r.rollback_skip_batches < 1:
+        raise ConfigError(
+            f"resilience.rollback_skip_batches = {r.rollback_skip_batches} must be >= 1"
+        )
+    if r.straggler_report_freq < 0:
+        raise ConfigError(
+            f"resilience.straggler_report_freq = {r.straggler_report_freq} must be >= 0 (0: off)"
         )

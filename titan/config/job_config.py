@@ -7,6 +7,10 @@ and validates the result. Builders take their own section only:
 
 from dataclasses import dataclass, field
 
+from titan.config.converter_config import MX, Float8, Lora, Quantize, QuantizeLinear
+
+__all__ = ["MX", "Float8", "Lora", "Quantize", "QuantizeLinear"]  # with the sections below
+
 
 @dataclass
 class Job:
@@ -275,6 +279,9 @@ class Checkpoint:
     """initial_load_path holds Hugging Face safetensors rather than DCP."""
     create_seed_checkpoint: bool = False
     """Write step-0 weights from one process and exit."""
+    checksums: bool = True
+    """Record a checksum of every file a save writes, and verify them before loading: a changed
+    file is treated like a missing one."""
 
 
 @dataclass
@@ -312,66 +319,36 @@ class Profiling:
 
 
 @dataclass
-class Float8:
-    recipe_name: str = "tensorwise"
-    """tensorwise (dynamic per-tensor scales; e4m3 weights and activations, e5m2 gradients),
-    hybrid (the same formats, named as in Megatron-LM), rowwise (per-row power-of-2 scales,
-    e4m3 throughout) or rowwise_with_gw_hp (rowwise, weight gradients in high precision)."""
-    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
-    """Linears whose name contains any of these stay in high precision."""
-    auto_filter_small_kn: bool = True
-    """Also keep linears too small to gain from float8 in high precision (torchao's H100
-    thresholds for the recipe; rowwise's for rowwise_with_gw_hp)."""
-    enable_fsdp_float8_all_gather: bool = False
-    """FSDP all-gathers weights in float8 (tensorwise/hybrid only); their scales are computed
-    for all layers at once after each optimizer step."""
-    emulate: bool = False
-    """Emulate float8 matmuls in high precision even on GPUs with float8 tensor cores (CPU
-    and GPUs before SM 8.9 always emulate, with a log line)."""
-    debug_log_freq: int = 0
-    """Every N steps, record each float8 layer's amax, scale and the fractions of values that
-    saturate or underflow in its casts (float8_stats.jsonl in job.dump_folder); 0 is off."""
-
-
-@dataclass
-class MX:
-    recipe_name: str = "mxfp8_rceil"
-    """mxfp8_rceil (MXFP8 with RCEIL block scales) or mxfp8_rceil_wgrad_with_hp (weight gradients
-    in high precision)."""
-    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
-    """Linears whose name contains any of these stay in high precision."""
-    emulate: bool = False
-    """Emulate MXFP8 matmuls even on SM 10.0+ GPUs (elsewhere they are always emulated, with a
-    log line)."""
-
-
-@dataclass
-class QuantizeLinear:
-    float8: Float8 = field(default_factory=Float8)
-    """[quantize.linear.float8]: the float8 converter's settings."""
-    mx: MX = field(default_factory=MX)
-    """[quantize.linear.mx]: the mx converter's settings."""
-
-
-@dataclass
-class Quantize:
-    linear: QuantizeLinear = field(default_factory=QuantizeLinear)
-    """[quantize.linear]: low-precision training linears (model.converters turns them on)."""
-
-
-@dataclass
-class Lora:
-    rank: int = 8
-    """Rank r of each adapter: A is (r, in_features), B is (out_features, r)."""
-    alpha: float = 16.0
-    """The update B A x is scaled by alpha / rank (PEFT's lora_alpha)."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input during training (PEFT's lora_dropout), in [0, 1)."""
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
-    """Linears that get adapters, by the last part of their name: wq, wk, wv, wo (attention),
-    w1, w2, w3 (feed-forward), output."""
-    use_dora: bool = False
-    """DoRA: also train a per-row magnitude m, y = m * (W + s B A) x / ||W + s B A||_row."""
+class Resilience:
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals (names) that make every rank finish its step, save a checkpoint (with
+    checkpoint.enable) and exit with status 143; empty: the signals' default action."""
+    on_anomaly: str = "stop"
+    """A non-finite loss or grad norm, or a spike, that a replay gives again (the data or the
+    numerics, not a hardware fault): 'stop' the run, 'skip' the step's update, or 'rollback' to
+    the newest checkpoint and skip the next rollback_skip_batches global batches."""
+    replay: bool = True
+    """Re-run an anomalous step from the same weights and data: a different result is a
+    transient fault (the ranks whose gradients differed are logged; training goes on with the
+    replayed step)."""
+    spike_sigma: float = 0.0
+    """A loss more than this many standard deviations above the mean of the last spike_window
+    steps' losses is a spike; 0: off."""
+    grad_norm_spike_factor: float = 0.0
+    """A grad norm above this factor times the mean of the last spike_window steps' norms is a
+    spike; 0: off."""
+    spike_window: int = 100
+    """Steps of loss and grad norm history the spike tests compare with (none before it fills)."""
+    rollback_skip_batches: int = 200
+    """With on_anomaly = 'rollback': global batches skipped after the checkpoint rolled back to
+    (recorded in the checkpoint folder, so a resume skips them too)."""
+    watchdog_timeout_s: float = 1800.0
+    """A rank on which no step (validation or checkpoint save) completes for this long writes
+    every thread's stack to the log and exits with status 1 (MAX_RESTARTS restarts the group);
+    0: off."""
+    straggler_report_freq: int = 100
+    """Every N steps, log the slowest ranks' step and data-loading times against the median;
+    0: off."""
 
 
 @dataclass
@@ -401,4 +378,5 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     quantize: Quantize = field(default_factory=Quantize)
     lora: Lora = field(default_factory=Lora)
+    resilience: Resilience = field(default_factory=Resilience)
     dry_run: DryRun = field(default_factory=DryRun)

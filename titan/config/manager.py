@@ -24,6 +24,7 @@ from titan.config.checks import (
     check_converters,
     check_degrees,
     check_lora,
+    check_resilience,
 )
 from titan.config.job_config import JobConfig
 from titan.errors import ConfigError
@@ -369,6 +370,7 @@ def validate(cfg: JobConfig) -> None:
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     check_lora(cfg.lora)
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
+    check_resilience(cfg.resilience, cfg.checkpoint)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
 

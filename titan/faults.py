@@ -1,0 +1,79 @@
+"""Faults made on purpose, for the tests of titan's resilience: off unless the environment
+variable TITAN_FAULT_INJECTION names some. Never set it in a real run.
+
+TITAN_FAULT_INJECTION is a comma-separated list of `kind@where[=value]`, `where` being
+`step` (every rank), `step/rank`, or `*/rank` (every step of that rank):
+  raise@3/1          rank 1 raises RuntimeError in step 3
+  config_error@0/1   rank 1 rejects the config at start-up (step 0)
+  corrupt_grad@3/1   rank 1 scales its gradients by 1e4 in step 3, once per process
+  nan_window@40      any micro-batch that reads global window 40 gives a NaN loss
+  sleep@3/1=60       rank 1 sleeps 60 s inside step 3 (a hang)
+  sleep@*/1=0.2      rank 1 sleeps 0.2 s in every step (a straggler)
+Each kind is read where titan acts on it; `fault(kind, step, rank)` says whether (and with what
+value) it is due there."""
+
+import os
+from dataclasses import dataclass
+
+ENV = "TITAN_FAULT_INJECTION"
+KINDS = ("raise", "config_error", "corrupt_grad", "nan_window", "sleep")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int | None  # None: every step
+    rank: int | None  # None: every rank
+    value: float | None
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            kind, rest = item.split("@", 1)
+            where, _, value = rest.partition("=")
+            step, _, rank = where.partition("/")
+            assert kind in KINDS
+            faults.append(
+                Fault(
+                    kind,
+                    None if step == "*" else int(step),
+                    int(rank) if rank else None,
+                    float(value) if value else None,
+                )
+            )
+        except (ValueError, AssertionError):
+            raise ValueError(
+                f"{ENV}: {item!r} is not kind@step[/rank][=value] with kind one of "
+                f"{', '.join(KINDS)}"
+            ) from None
+    return faults
+
+
+_FAULTS = parse(os.environ.get(ENV, ""))
+_FIRED: set[Fault] = set()
+
+
+def active() -> bool:
+    return bool(_FAULTS)
+
+
+def fault(kind: str, step: int, rank: int, once: bool = False) -> Fault | None:
+    """The fault of `kind` due at this step on this rank, or None. once: it fires a single time
+    in this process (a transient fault)."""
+    for f in _FAULTS:
+        if f.kind != kind or (f.step is not None and f.step != step):
+            continue
+        if f.rank is not None and f.rank != rank:
+            continue
+        if once and f in _FIRED:
+            continue
+        _FIRED.add(f)
+        return f
+    return None
+
+
+def windows(kind: str) -> set[int]:
+    """The global windows named by faults of `kind` (nan_window: its `step` field)."""
+    return {f.step for f in _FAULTS if f.kind == kind and f.step is not None}
