@@ -15,5 +15,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder exists but cannot be read, or does not fit the model."""
 
 
-class NonFiniteLossError(RuntimeError):
+class AnomalyError(RuntimeError):
+    """A step's loss or gradient norm spiked, and resilience.on_anomaly says stop."""
+
+
+class NonFiniteLossError(AnomalyError):
     """Loss or gradient norm became NaN/inf; the step was not applied."""

@@ -6,17 +6,20 @@ TITAN_FAULT_INJECTION is a comma-separated list of `kind@where[=value]`, `where`
   raise@3/1          rank 1 raises RuntimeError in step 3
   config_error@0/1   rank 1 rejects the config at start-up (step 0)
   corrupt_grad@3/1   rank 1 scales its gradients by 1e4 in step 3, once per process
-  nan_window@40      any micro-batch that reads global window 40 gives a NaN loss
+  poison_window@40   a step that reads global window 40 gives a NaN loss (=10: 10x the loss)
   sleep@3/1=60       rank 1 sleeps 60 s inside step 3 (a hang)
   sleep@*/1=0.2      rank 1 sleeps 0.2 s in every step (a straggler)
 Each kind is read where titan acts on it; `fault(kind, step, rank)` says whether (and with what
 value) it is due there."""
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 ENV = "TITAN_FAULT_INJECTION"
-KINDS = ("raise", "config_error", "corrupt_grad", "nan_window", "sleep")
+KINDS = ("raise", "config_error", "corrupt_grad", "poison_window", "sleep")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,33 @@ def fault(kind: str, step: int, rank: int, once: bool = False) -> Fault | None:
     return None
 
 
-def windows(kind: str) -> set[int]:
-    """The global windows named by faults of `kind` (nan_window: its `step` field)."""
-    return {f.step for f in _FAULTS if f.kind == kind and f.step is not None}
+def configure(spec: str) -> None:
+    """Replace the faults (tests that train in their own process set them here)."""
+    global _FAULTS
+    _FAULTS = parse(spec)
+    _FIRED.clear()
+
+
+def corrupt_grads(params: Iterable[torch.nn.Parameter], step: int, rank: int) -> None:
+    """corrupt_grad: once per process, multiply this rank's gradient pieces by the fault's value
+    (default 1e4; nan poisons them), as a transient hardware fault would."""
+    f = fault("corrupt_grad", step, rank, once=True) if _FAULTS else None
+    if f is None:
+        return
+    factor = 1e4 if f.value is None else f.value
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                grad.mul_(factor)
+
+
+def poison(first: int | None, end: int | None) -> float | None:
+    """poison_window: the factor on the loss of a step that read the global windows
+    [first, end) (NaN unless the fault gives one), or None (None: not read by window index)."""
+    if not _FAULTS or first is None or end is None:
+        return None
+    for f in _FAULTS:
+        if f.kind == "poison_window" and f.step is not None and first <= f.step < end:
+            return float("nan") if f.value is None else f.value
+    return None

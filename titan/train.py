@@ -16,7 +16,7 @@ import torch.distributed as dist
 from titan.config import load_config
 from titan.config.job_config import Parallelism
 from titan.config.manager import help_text, to_toml
-from titan.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from titan.errors import AnomalyError, CheckpointError, ConfigError, DataError
 from titan.logger import init_logger, logger
 from titan.parallelisms.distributed import comm_mode
 from titan.trainer.trainer import Trainer
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.checkpointer.save_model_only(step=0)
             return 0
         trainer.train()
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, AnomalyError) as e:
         logger.error(str(e))
         return 1
     finally:

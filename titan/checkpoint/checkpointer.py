@@ -7,6 +7,7 @@ layout titan-convert-to-hf and titan-convert-from-hf read and write); the rest u
 lr_scheduler, dataloader and train_state.
 """
 
+import dataclasses
 import pickle
 import re
 import shutil
@@ -121,6 +122,7 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         dataloader: Any,
+        guard: Any = None,
     ):
         self._stager = None
         if cfg.async_mode == "async_with_pinned_mem":
@@ -139,6 +141,7 @@ class CheckpointManager:
         self.folder = Path(dump_folder) / cfg.folder
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.dataloader = dataloader
+        self.guard = guard  # the anomaly tests' history (titan.trainer.anomaly), if any
         # "global" for a loader read by global window index (any layout loads it); a streamed
         # source's position only means something for the same sharding: "dp{rank}_of_{degree}"
         self.dp_key = dataloader.state_key
@@ -169,6 +172,8 @@ class CheckpointManager:
             state["train_state"] = {"step": step, "rng_cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 state["train_state"]["rng_cuda"] = torch.cuda.get_rng_state()
+            if self.guard is not None:
+                state["train_state"]["anomaly"] = pickle.dumps(self.guard.state_dict())
         return state
 
     def maybe_save(self, step: int, last_step: bool) -> None:
@@ -268,6 +273,12 @@ class CheckpointManager:
         logger.info(f"checkpoint: resumed from {path}")
         return step
 
+    def load_newest(self) -> int:
+        """Restore the newest whole checkpoint whatever load_step says (a rollback)."""
+        self._finish_pending(wait=True)
+        self.cfg = dataclasses.replace(self.cfg, load_step=-1)
+        return self.load()
+
     def _pick_step(self, steps: list[int]) -> tuple[int, Metadata] | str:
         """The step to load and its metadata, or why none can be. With load_step = -1, newer
         checkpoints whose files are missing or truncated are set aside as step-N.corrupt (kept,
@@ -309,6 +320,8 @@ class CheckpointManager:
                 "rank's data starts from the beginning"
             )
             state.pop("dataloader")
+        if "train_state.anomaly" not in stored:  # saved by a titan without it
+            state.get("train_state", {}).pop("anomaly", None)
         what = f"checkpoint step {step} at {path} cannot be loaded"
         dcp_load(state, path, what, process_group=self._pg)
         if model_keys:
@@ -323,6 +336,8 @@ class CheckpointManager:
             torch.set_rng_state(state["train_state"]["rng_cpu"])
             if "rng_cuda" in state["train_state"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["train_state"]["rng_cuda"])
+            if "anomaly" in state["train_state"] and self.guard is not None:
+                self.guard.load_state_dict(pickle.loads(state["train_state"]["anomaly"]))
 
 
 _PARTS = ("optimizer", "lr_scheduler", "dataloader", "train_state")  # besides the model

@@ -286,6 +286,13 @@ class GlobalBatchLoader:
             tokens = labels = torch.from_numpy(np.stack(rows))  # (local_batch_size, seq_len + 1)
         return tokens[:, :-1], labels[:, 1:]
 
+    def skip(self, steps: int) -> None:
+        """Move on by `steps` global batches without reading them (a rollback's skip)."""
+        if self.micro:
+            raise DataError("the data skips whole global batches only, at a step boundary")
+        for _ in range(steps):
+            self.consumed += self.global_batch
+
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.consumed, "micro": self.micro, "seq_len": self.windows.seq_len}
 

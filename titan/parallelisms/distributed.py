@@ -145,10 +145,30 @@ def clip_grad_norm_tensor_(
     if extra_mesh is not None and extra_mesh.size() > 1:
         dist.all_reduce(total_sq, group=extra_mesh.get_group())
     norm = total_sq.sqrt()
-    if max_norm > 0:
-        # below 1 when the norm is above max_norm; 1 (no change) otherwise or when not finite
-        coef = torch.where(norm.isfinite(), (max_norm / (norm + 1e-6)).clamp(max=1.0), 1.0)
-        # scale the local pieces in place: every DTensor shares its storage with them
-        for locals_ in groups.values():
-            torch._foreach_mul_(locals_, coef.to(locals_[0].device))
+    clip_to_norm_(params, max_norm, norm)
     return norm
+
+
+def clip_to_norm_(params: list[torch.nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients by max_norm / norm when above 1 (and the norm is finite), given their
+    global norm from clip_grad_norm_tensor_(params, 0.0, ...); max_norm 0: no clipping."""
+    if max_norm <= 0:
+        return
+    locals_ = [_local_and_sharded_dims(p.grad)[0] for p in params if p.grad is not None]
+    if not locals_:
+        return
+    # below 1 when the norm is above max_norm; 1 (no change) otherwise or when not finite
+    coef = torch.where(norm.isfinite(), (max_norm / (norm + 1e-6)).clamp(max=1.0), 1.0)
+    # scale the local pieces in place: every DTensor shares its storage with them
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in locals_:
+        by_device.setdefault(t.device, []).append(t)
+    for device, tensors in by_device.items():
+        torch._foreach_mul_(tensors, coef.to(device))
+
+
+def local_grad_sum_of_squares(params: list[torch.nn.Parameter]) -> float:
+    """This rank's own gradient pieces' sum of squares (float64): what a replayed step compares
+    to name the ranks whose gradients changed."""
+    locals_ = [_local_and_sharded_dims(p.grad)[0] for p in params if p.grad is not None]
+    return float(_sum_of_squares(locals_)) if locals_ else 0.0

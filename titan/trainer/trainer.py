@@ -4,7 +4,6 @@
 import contextlib
 import functools
 import gc
-import math
 import os
 import time
 
@@ -13,6 +12,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan import faults
 from titan.checkpoint.checkpointer import CheckpointManager, build_checkpointer
 from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig
@@ -21,24 +21,38 @@ from titan.converters import build_float8_stats
 from titan.converters.float8 import precompute_float8_scales
 from titan.data.dataloader import build_dataloader, document_ids
 from titan.data.tokenizer import build_tokenizer
-from titan.errors import DataError, NonFiniteLossError
+from titan.errors import AnomalyError, DataError
 from titan.logger import logger
 from titan.models.llama3.build import build_model, check_layout, model_args_for
 from titan.models.llama3.hf_load import load_hf_weights
-from titan.models.llama3.pipeline import StageUnion, static_stage_shapes
+from titan.models.llama3.pipeline import StageUnion
 from titan.parallelisms.context_parallel import shard_batch
-from titan.parallelisms.distributed import clip_grad_norm_, comm_mode, dist_sum, local_tensor
+from titan.parallelisms.distributed import (
+    clip_grad_norm_tensor_,
+    clip_to_norm_,
+    comm_mode,
+    dist_sum,
+    local_grad_sum_of_squares,
+    local_tensor,
+)
 from titan.parallelisms.parallel_dims import init_parallel
-from titan.parallelisms.pipeline import build_schedule
+from titan.trainer.anomaly import (
+    AnomalyGuard,
+    rng_state,
+    rollback,
+    set_rng_state,
+    skip_recorded,
+)
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
+from titan.trainer.pipelined import PipelineSteps
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from titan.trainer.runtime import grad_accumulation_steps, pick_device, set_determinism
 from titan.trainer.validate import build_validator
 
 
-class Trainer:
+class Trainer(PipelineSteps):
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         t = cfg.training
@@ -102,6 +116,7 @@ class Trainer:
         self.loss_parallel = dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_scale = 1.0  # 1 / the step's global target count (x FSDP's averaging)
         self.n_targets = 1.0  # the step's global target count
+        self.poison = None  # titan.faults' poison_window: the factor on this step's loss
         # the plain or the pipelined forward/backward (and forward-only loss), picked once
         self.forward_backward, self.forward_loss = self._forward_backward, self._forward_loss
         if dims.pp > 1:
@@ -115,27 +130,10 @@ class Trainer:
                 self.model_parts, self.float8, cfg.job, self.rank
             )
         self.step = 0
+        self.guard, self.rollback_due = AnomalyGuard(cfg.resilience, self.rank, self.device), False
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
-
-    def _build_pipeline(self) -> None:
-        """This rank's pipeline schedule, and the pipelined forward/backward and forward loss."""
-        cfg, dims = self.cfg, self.parallel_dims
-        shapes = None
-        if self.dry_run:  # no neighbour stage to learn shapes from: give them
-            shapes = static_stage_shapes(
-                self.model_parts, cfg.parallelism, cfg.training.seq_len,
-                self.meshes["tp"] if dims.tp > 1 else None, self.loss_parallel,
-            )  # fmt: skip
-        self.schedule = build_schedule(
-            self.model_parts, self.stage_ids, self.n_stages, self.pp_mesh, self.device,
-            cfg.parallelism, cfg.training.local_batch_size, self._pipeline_loss, shapes,
-        )  # fmt: skip
-        self.has_first_stage = 0 in self.stage_ids
-        self.has_last_stage = self.n_stages - 1 in self.stage_ids
-        self.forward_backward = self._forward_backward_pipelined
-        self.forward_loss = self._forward_loss_pipelined
 
     @property
     def grad_accum_steps(self) -> int:
@@ -164,7 +162,7 @@ class Trainer:
         manager, self.step = build_checkpointer(
             ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, load_hf,
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-            dataloader=self.dataloader,
+            dataloader=self.dataloader, guard=self.guard,
         )  # fmt: skip
         return manager
 
@@ -188,6 +186,8 @@ class Trainer:
             self.n_targets = dist_sum(torch.tensor(float(local_targets)), self.dp_mesh).item()
         # a step without targets (finetuning data may hold only prompts): zero loss and gradients
         self.loss_scale = self.grad_average_over / max(self.n_targets, 1.0)
+        if self.poison is not None:  # a test hook (titan.faults): this step's data is bad
+            self.loss_scale *= self.poison
 
     def _step_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
         """The step's mean token loss on every rank: each data-parallel rank (and, pipelined,
@@ -234,87 +234,75 @@ class Trainer:
                 return inputs, labels, kwargs
             return shard_batch(inputs, labels, kwargs, self.cp_mesh)
 
-    def _stage_inputs(self, inputs: torch.Tensor, labels: torch.Tensor):
-        """(the first stage's args, the last stage's target, keyword inputs) for the schedule.
-        The token ids are made contiguous: they are views of (seq_len + 1)-token windows, and
-        torch 2.11's stages check each micro-batch's strides against the first's shape
-        inference, which gives contiguous ones."""
-        inputs, labels, kwargs = self._model_inputs(inputs.to(self.device), labels)
-        args = (inputs.contiguous(),) if self.has_first_stage else ()
-        target = labels.to(self.device) if self.has_last_stage else None
-        return args, target, kwargs
-
-    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, labels, self.loss_scale)
-
-    def _forward_backward_pipelined(
-        self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """The same as _forward_backward, run by the pipeline schedule over this rank's stages:
-        the first stage takes the inputs, the last the labels and the loss."""
-        self._set_loss_scale(microbatches)
-        loss_total = torch.zeros((), device=self.device)
-        for inputs, labels in microbatches:
-            args, target, kwargs = self._stage_inputs(inputs, labels)
-            losses: list[torch.Tensor] = []  # the schedule clears it: one list per step()
-            with (
-                torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
-                loss_parallel() if self.loss_parallel else contextlib.nullcontext(),
-            ):
-                self.schedule.step(*args, target=target, losses=losses, **kwargs)
-            for loss in losses:  # the last stage's: one per pipeline micro-batch
-                loss_total += local_tensor(loss.detach())
-        return self._step_loss(loss_total)
-
-    def _forward_loss_pipelined(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """_forward_loss through the schedule's forward-only pass (the last stage's loss)."""
-        args, target, kwargs = self._stage_inputs(inputs, labels)
-        losses: list[torch.Tensor] = []
-        with (
-            torch.autocast(self.device.type, self.compute_dtype, enabled=self.use_autocast),
-            loss_parallel() if self.loss_parallel else contextlib.nullcontext(),
-        ):
-            self.schedule.eval(*args, target=target, losses=losses, **kwargs)
-        return sum((local_tensor(x) for x in losses), torch.zeros((), device=self.device))
-
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (mean token loss, grad norm)."""
         if self.float8_stats is not None:
             self.float8_stats.start_step(self.step)
+        rng = rng_state()  # a replay of the step draws the same random numbers (LoRA dropout)
         loss = self.forward_backward(microbatches)
+        faults.corrupt_grads(self.model.parameters(), self.step, self.rank)  # a test hook
         if self.float8_stats is not None:  # before the update: a non-finite step's too
             self.float8_stats.end_step(self.step)
-        return self.optimizer_step(loss)
+        return self.optimizer_step(loss, functools.partial(self._replay, microbatches, rng))
 
-    def optimizer_step(self, loss: torch.Tensor) -> tuple[float, float]:
-        """Clip and apply the accumulated gradients, unless the loss or their norm is not finite."""
-        params = list(self.model.parameters())
-        # the global norm over every parameter's shards and pipeline stages; clips if max_norm > 0
-        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, self.pp_mesh)
-        loss_value = loss.item()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"step {self.step}: loss {loss_value}, grad norm {grad_norm}; the update was not "
-                "applied. Lower optimizer.lr, raise lr_scheduler.warmup_steps, or check the data"
-            )
-        if self.n_targets:
-            self.optimizer.step()
-        else:  # Adam's moments and weight decay would still move the weights: no update
-            logger.warning(f"step {self.step}: no target tokens in the global batch; not applied")
-        self.lr_scheduler.step()
-        if self.float8 is not None:  # FSDP's float8 all-gather: every weight's scale at once
-            precompute_float8_scales(self.model_parts, self.float8)
+    def _replay(self, microbatches, rng) -> tuple[float, float]:
+        """The step's forward/backward again, from the same weights, data and random state."""
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
+        set_rng_state(rng)
+        loss = self.forward_backward(microbatches)
+        return loss.item(), self._grad_norm().item()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global norm over every parameter's shards and pipeline stages (not clipped)."""
+        self.norm = clip_grad_norm_tensor_(list(self.model.parameters()), 0.0, self.pp_mesh)
+        return self.norm
+
+    def optimizer_step(self, loss: torch.Tensor, replay=None) -> tuple[float, float]:
+        """Test the step ([resilience]: a non-finite or spiking loss or norm is replayed, then
+        stops the run, skips the update or asks for a rollback), then clip and apply the
+        gradients. `replay`: runs the step again (None: it cannot be)."""
+        params = list(self.model.parameters())
+        grad_norm = self._grad_norm().item()
+        try:
+            verdict = self.guard.check(
+                self.step, loss.item(), grad_norm, replay,
+                functools.partial(local_grad_sum_of_squares, params),
+            )  # fmt: skip
+        except AnomalyError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.rollback_due = verdict.action == "rollback"
+        if verdict.action == "apply" and self.n_targets:
+            clip_to_norm_(params, self.cfg.training.max_norm, self.norm)
+            self.optimizer.step()
+        elif verdict.action == "apply":  # Adam's moments and weight decay would move the weights
+            logger.warning(f"step {self.step}: no target tokens in the global batch; not applied")
+        if verdict.action != "rollback":  # a skipped step's schedule moves on with its data
+            self.lr_scheduler.step()
+        if self.float8 is not None and verdict.action == "apply":  # FSDP's float8 all-gather
+            precompute_float8_scales(self.model_parts, self.float8)  # every weight's scale at once
+        self.optimizer.zero_grad(set_to_none=True)
+        return verdict.loss, verdict.grad_norm
+
+    def _rollback(self):
+        """Reload the newest checkpoint and skip the global batches after it; returns the new
+        data iterator."""
+        self.rollback_due = False
+        n = self.cfg.resilience.rollback_skip_batches
+        self.step = rollback(self.checkpointer, self.guard, self.step, n)
+        data_iter = iter(self.dataloader)
+        skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
+        return data_iter
 
     def next_microbatches(self, data_iter) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The next step's micro-batches (inputs, labels) from the dataloader's iterator."""
+        first = getattr(self.dataloader, "consumed", None)  # indexed data: the first window
         try:
-            return [next(data_iter) for _ in range(self.grad_accum_steps)]
+            microbatches = [next(data_iter) for _ in range(self.grad_accum_steps)]
+            self.poison = faults.poison(first, getattr(self.dataloader, "consumed", None))
+            return microbatches
         except StopIteration:
             raise DataError(
                 f"the data ran out at step {self.step}: set data.infinite = true or lower "
@@ -332,7 +320,9 @@ class Trainer:
         )
         gc.disable()  # collections mid-step stall every rank; collect on a fixed schedule instead
         losses, ntokens, data_s, last = [], 0, 0.0, time.perf_counter()
-        data_iter = iter(self.dataloader)
+        data_iter, first = iter(self.dataloader), self.step
+        if self.checkpointer is not None:  # a rollback recorded at the step training starts from
+            skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -350,6 +340,10 @@ class Trainer:
                 data_s += time.perf_counter() - data_start
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(microbatches)
+                if self.rollback_due:  # resilience.on_anomaly = 'rollback'
+                    data_iter = self._rollback()
+                    del losses[max(0, self.step - first) :]
+                    continue
                 losses.append(loss)
                 # per device: ranks of one data-parallel rank (TP, CP, PP) share its tokens
                 n = sum(x.numel() for x, _ in microbatches)
@@ -367,6 +361,7 @@ class Trainer:
                     last += time.perf_counter() - paused  # not training: out of tokens/s
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
+                    skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
