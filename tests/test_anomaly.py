@@ -179,3 +179,26 @@ def test_fault_specs():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="'explode@3' is not kind@step"):
         faults.parse("explode@3")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(
+    "layout, reference",
+    [
+        (["--parallelism.data_parallel_shard_degree", "2"], ["--training.local_batch_size", "4"]),
+        (["--parallelism.pipeline_parallel_degree", "2"], []),
+    ],
+    ids=["fsdp2", "pp2"],
+)
+def test_two_ranks_name_the_faulty_rank_and_keep_the_losses(tmp_path, layout, reference):
+    """run_train.sh with 2 ranks, rank 1's gradients poisoned once in step 2: the replay names
+    rank 1 (on rank 0's log) and the run logs the losses of one fault-free process."""
+    from test_launch import SMALL as LAUNCH
+    from test_launch import _losses, _train
+
+    log = _train(tmp_path / "two", *LAUNCH, *layout, NGPU="2",
+                 TITAN_FAULT_INJECTION="corrupt_grad@2/1=nan")  # fmt: skip
+    assert "step 2: transient fault" in log and "differed on rank(s) [1]" in log, log[-3000:]
+    one = _losses(_train(tmp_path / "one", *LAUNCH, *reference, NGPU="1"))
+    two = _losses(log)
+    assert sorted(two) == [1, 2, 3] and all(abs(two[s] - one[s]) <= 2e-6 for s in one), (one, two)
