@@ -97,7 +97,7 @@ class AnomalyGuard:
         if why is None:
             self.history.append((loss, grad_norm))
             return Verdict(loss, grad_norm, "apply")
-        first = f"loss {loss}, grad norm {grad_norm}"
+        first = f"loss {loss:.6f}, grad norm {grad_norm:.4g}"
         if self.cfg.replay and replay is not None:
             logger.warning(f"step {step}: {why} ({first}); replaying the step")
             before = fingerprint()
