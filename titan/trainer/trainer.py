@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan import faults
 from titan.checkpoint.checkpointer import CheckpointManager, build_checkpointer
 from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig
@@ -32,6 +33,7 @@ from titan.parallelisms.parallel_dims import init_parallel
 from titan.parallelisms.pipeline import build_schedule
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
+from titan.trainer.monitor import StepMonitor
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from titan.trainer.runtime import grad_accumulation_steps, pick_device, set_determinism
@@ -115,6 +117,7 @@ class Trainer:
                 self.model_parts, self.float8, cfg.job, self.rank
             )
         self.step = 0
+        self.monitor: StepMonitor | None = None  # train() runs one: the watchdog, stragglers
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
@@ -286,6 +289,10 @@ class Trainer:
         loss = self.forward_backward(microbatches)
         if self.float8_stats is not None:  # before the update: a non-finite step's too
             self.float8_stats.end_step(self.step)
+        if (sleep := faults.fault("sleep", self.step, self.rank)) is not None:
+            time.sleep(sleep.value)  # a hang or a straggler made on purpose (tests)
+        if self.monitor is not None:  # arrived: the clip's all-reduce waits for the others
+            self.monitor.enter(self.step, "optimizer")
         return self.optimizer_step(loss)
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[float, float]:
@@ -333,6 +340,10 @@ class Trainer:
         gc.disable()  # collections mid-step stall every rank; collect on a fixed schedule instead
         losses, ntokens, data_s, last = [], 0, 0.0, time.perf_counter()
         data_iter = iter(self.dataloader)
+        monitor = StepMonitor(
+            self.cfg.resilience, job.dump_folder, self.rank, self.device, self.step + 1,
+            enabled=not self.dry_run,
+        )  # fmt: skip
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -340,14 +351,17 @@ class Trainer:
             maybe_enable_memory_snapshot(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as snap,
+            monitor as self.monitor,  # closed on an exception too: no watchdog left behind
         ):
             while self.step < t.steps:
                 self.step += 1
+                self.monitor.enter(self.step, "data")
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
                 data_start = time.perf_counter()
                 microbatches = self.next_microbatches(data_iter)
                 data_s += time.perf_counter() - data_start
+                self.monitor.enter(self.step, "forward-backward")
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(microbatches)
                 losses.append(loss)
@@ -362,14 +376,17 @@ class Trainer:
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
                 if self.validator is not None and self.validator.due(self.step, t.steps):
+                    self.monitor.enter(self.step, "validation")
                     paused = time.perf_counter()
                     self.validate()
                     last += time.perf_counter() - paused  # not training: out of tokens/s
                 if self.checkpointer is not None:
+                    self.monitor.enter(self.step, "checkpoint")
                     self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
+                self.monitor.step_done(self.step)
         gc.enable()
         if self.checkpointer is not None:
             self.checkpointer.close()
