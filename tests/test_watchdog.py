@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_launch import ROOT, _env, _losses, _start, _stop, _train
+from test_launch import ROOT, _env, _free_port, _losses, _start, _stop, _train
 
 from titan import faults
 from titan.config.job_config import Resilience
@@ -51,6 +51,7 @@ def test_watchdog_fires_on_a_stuck_thread_and_not_while_beaten(tmp_path):
     ended = time.monotonic()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
+    assert "beats done" in proc.stdout, out  # no report while beaten
     beats_done = float(re.search(r"beats done (\S+)", proc.stdout)[1])
     assert timeout < ended - beats_done < timeout + 3, out  # process start-up is before
     assert "watchdog: rank 3 made no progress for" in out and "step 2, phase data" in out, out
@@ -60,6 +61,47 @@ def test_watchdog_fires_on_a_stuck_thread_and_not_while_beaten(tmp_path):
     assert re.search(r"thread MainThread .*in stuck_in_io\n +time.sleep\(30\)", out, re.S), out
     assert "in stuck_in_io" in (tmp_path / "watchdog" / "rank3.txt").read_text()
     assert ended - start < 30
+
+
+WAITING = """
+import sys, time
+import torch, torch.distributed as dist
+from titan.logger import init_logger
+from titan.trainer.watchdog import Watchdog
+
+rank, port = int(sys.argv[1]), sys.argv[2]
+init_logger(rank)
+dist.init_process_group("gloo", init_method=f"tcp://localhost:{port}", rank=rank, world_size=2)
+dist.all_reduce(torch.ones(3))
+if rank == 1:  # never joins the second all-reduce
+    time.sleep(60)
+dog = Watchdog(1.0, rank=0, dump_folder=sys.argv[3], first_step=0)
+dog.beat(7, "optimizer")
+dist.all_reduce(torch.ones(5))
+"""
+
+
+def test_watchdog_names_the_collective_a_rank_waits_in(tmp_path):
+    """gloo, 2 processes: rank 0 waits in an all-reduce that rank 1 never joins; its report
+    names that all-reduce from torch's flight recorder."""
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING)
+    port, env = str(_free_port()), {"PYTHONPATH": str(ROOT), "TORCH_FR_BUFFER_SIZE": "100"}
+    cmd = [sys.executable, str(script)]
+    peer = _start([*cmd, "1", port, str(tmp_path)], subprocess.DEVNULL, **env)
+    try:
+        proc = subprocess.run(
+            [*cmd, "0", port, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+            env=_env(**env), timeout=60,
+        )  # fmt: skip
+    finally:
+        _stop(peer)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "rank 0 made no progress for" in out and "in step 7, phase optimizer" in out, out
+    waits = r"collectives in flight:\n +gloo:all_reduce on group .* inputs \[\[5\]\]"
+    assert re.search(waits, out), out
+    assert re.search(r"in <module>\n +dist.all_reduce\(torch.ones\(5\)\)", out), out
 
 
 def test_first_step_allowance_and_close(tmp_path):
@@ -112,18 +154,18 @@ SMALL = [
 
 
 def test_slow_rank_named_in_the_straggler_report(tmp_path):
-    """FSDP over 2 processes, rank 1 sleeping 0.5 s in every step: both reports name it (the
-    first step, a warm-up, is left out)."""
+    """FSDP over 2 processes, rank 1 sleeping 0.8 s in every step: both reports name it (the
+    first step, a warm-up, is left out; step 2 is still noisy by a few tenths on 2 cores)."""
     log = _train(
-        tmp_path, *SMALL, "--training.steps", "4", "--resilience.straggler_report_freq", "2",
-        NGPU="2", TITAN_FAULT_INJECTION="sleep@*/1=0.5",
+        tmp_path, *SMALL, "--training.steps", "6", "--resilience.straggler_report_freq", "3",
+        NGPU="2", TITAN_FAULT_INJECTION="sleep@*/1=0.8",
     )  # fmt: skip
     reports = re.findall(r"stragglers (steps? [\d-]+) .*?: rank (\d) step ([\d.]+) s.*SLOW", log)
     named = [(steps, rank) for steps, rank, _ in reports]
-    assert named == [("step 2", "1"), ("steps 3-4", "1")], log
+    assert named == [("steps 2-3", "1"), ("steps 4-6", "1")], log
     medians = [float(m) for m in re.findall(r"median step ([\d.]+) s", log)]
     for (_, _, slow), median in zip(reports, medians, strict=True):
-        assert float(slow) - median > 0.15, log  # half the sleep above a median of 2
+        assert float(slow) - median > 0.25, log  # half the sleep above a median of 2
 
 
 @pytest.mark.heavy

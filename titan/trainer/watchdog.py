@@ -30,16 +30,26 @@ def thread_stacks() -> str:
     return "\n".join(parts)
 
 
+def flight_records() -> list[dict]:
+    """The entries of torch's flight recorders: the generic one (gloo) and, in CUDA builds,
+    ProcessGroupNCCL's own (`_dump_nccl_trace`, read by name: CPU builds lack it)."""
+    from torch._C import _distributed_c10d as c10d
+
+    entries = []
+    for dump in (getattr(c10d, "_dump_nccl_trace", None), c10d._dump_fr_trace):
+        if dump is not None:  # (collectives, no stack traces, not only the active ones)
+            entries += pickle.loads(dump(True, False, False)).get("entries", [])
+    return entries
+
+
 def collectives_in_flight() -> str:
-    """The collectives this rank has issued and not finished, from torch's flight recorder
-    (NCCL and, since torch 2.8, gloo; on when TORCH_FR_BUFFER_SIZE > 0, which run_train.sh
-    sets): op, process group, sequence number, sizes and age. Else the last one finished."""
+    """The collectives this rank has issued and not finished, from torch's flight recorders
+    (on when TORCH_FR_BUFFER_SIZE > 0, which run_train.sh sets): op, process group, sequence
+    number, sizes and age. Else the last one finished."""
     if int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0") or 0) <= 0:
         return "collectives: unknown (the flight recorder is off: set TORCH_FR_BUFFER_SIZE)"
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace
-
-        entries = pickle.loads(_dump_fr_trace(True, False, False)).get("entries", [])
+        entries = flight_records()
     except Exception as e:  # a dump must not stop the report
         return f"collectives: the flight recorder could not be read ({e!r})"
     if not entries:
