@@ -47,6 +47,9 @@ if [ "$NODE_RANK" -ge "$NNODES" ]; then
 fi
 PYTHON=$("$ROOT/scripts/setup_env.sh")
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# torch's flight recorder keeps the last collectives of each process group (NCCL and gloo): the
+# hang watchdog (resilience.watchdog_timeout_s) reports the ones a stuck rank waits in.
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
 
 if [ "${COMM_MODE:-}" = fake_backend ]; then

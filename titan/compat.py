@@ -30,6 +30,9 @@ class PrivateApi:
 # schedule's _load_csv or FSDP's _get_fsdp_state, are listed by hand).
 PRIVATE_APIS = (
     PrivateApi("torch._C._current_graph_task_id", "memory_tracer: is autograd running"),
+    PrivateApi("torch._C._distributed_c10d._dump_fr_trace", "watchdog: collectives in flight"),
+    # and torch._C._distributed_c10d._dump_nccl_trace, NCCL's recorder: read with getattr by the
+    # watchdog where present (CUDA builds only, so not resolvable in the CPU suite)
     PrivateApi("torch._foreach_mul_", "distributed: clipping in one kernel per device"),
     PrivateApi("torch._foreach_norm", "distributed: the gradient norm"),
     PrivateApi("torch._functorch.config.activation_memory_budget", "activation_checkpoint"),

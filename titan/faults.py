@@ -10,7 +10,8 @@ TITAN_FAULT_INJECTION is a comma-separated list of `kind@where[=value]`, `where`
   sleep@3/1=60       rank 1 sleeps 60 s inside step 3 (a hang)
   sleep@*/1=0.2      rank 1 sleeps 0.2 s in every step (a straggler)
 Each kind is read where titan acts on it; `fault(kind, step, rank)` says whether (and with what
-value) it is due there."""
+value) it is due there. `sleep` fires only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT
+unset or 0): a group restarted after the hang resumes and must not hang again at that step."""
 
 import os
 from collections.abc import Iterable
@@ -71,6 +72,8 @@ def fault(kind: str, step: int, rank: int, once: bool = False) -> Fault | None:
         if f.rank is not None and f.rank != rank:
             continue
         if once and f in _FIRED:
+            continue
+        if f.kind == "sleep" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             continue
         _FIRED.add(f)
         return f

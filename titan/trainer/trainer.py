@@ -45,6 +45,7 @@ from titan.trainer.anomaly import (
 )
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
+from titan.trainer.monitor import StepMonitor
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
 from titan.trainer.pipelined import PipelineSteps
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
@@ -131,6 +132,7 @@ class Trainer(PipelineSteps):
             )
         self.step = 0
         self.guard, self.rollback_due = AnomalyGuard(cfg.resilience, self.rank, self.device), False
+        self.monitor: StepMonitor | None = None  # train() runs one: the watchdog, stragglers
         self.checkpointer = self._build_checkpointer()
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
@@ -245,6 +247,10 @@ class Trainer(PipelineSteps):
         faults.corrupt_grads(self.model.parameters(), self.step, self.rank)  # a test hook
         if self.float8_stats is not None:  # before the update: a non-finite step's too
             self.float8_stats.end_step(self.step)
+        if (sleep := faults.fault("sleep", self.step, self.rank)) is not None:
+            time.sleep(sleep.value)  # a hang or a straggler made on purpose (tests)
+        if self.monitor is not None:  # arrived: the clip's all-reduce waits for the others
+            self.monitor.enter(self.step, "optimizer")
         return self.optimizer_step(loss, functools.partial(self._replay, microbatches, rng))
 
     def _replay(self, microbatches, rng) -> tuple[float, float]:
@@ -323,6 +329,10 @@ class Trainer(PipelineSteps):
         data_iter, first = iter(self.dataloader), self.step
         if self.checkpointer is not None:  # a rollback recorded at the step training starts from
             skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
+        monitor = StepMonitor(
+            self.cfg.resilience, job.dump_folder, self.rank, self.device, self.step + 1,
+            enabled=not self.dry_run,
+        )  # fmt: skip
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -330,14 +340,17 @@ class Trainer(PipelineSteps):
             maybe_enable_memory_snapshot(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as snap,
+            monitor as self.monitor,  # closed on an exception too: no watchdog left behind
         ):
             while self.step < t.steps:
                 self.step += 1
+                self.monitor.enter(self.step, "data")
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
                 data_start = time.perf_counter()
                 microbatches = self.next_microbatches(data_iter)
                 data_s += time.perf_counter() - data_start
+                self.monitor.enter(self.step, "forward-backward")
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(microbatches)
                 if self.rollback_due:  # resilience.on_anomaly = 'rollback'
@@ -356,15 +369,18 @@ class Trainer(PipelineSteps):
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
                 if self.validator is not None and self.validator.due(self.step, t.steps):
+                    self.monitor.enter(self.step, "validation")
                     paused = time.perf_counter()
                     self.validate()
                     last += time.perf_counter() - paused  # not training: out of tokens/s
                 if self.checkpointer is not None:
+                    self.monitor.enter(self.step, "checkpoint")
                     self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
                     skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
+                self.monitor.step_done(self.step)
         gc.enable()
         if self.checkpointer is not None:
             self.checkpointer.close()
