@@ -203,9 +203,9 @@ def test_hung_rank_watchdog_restarts_and_resumes(tmp_path):
     log = "".join(lines)
     assert proc.returncode == 0, log[-4000:]
     assert saved_2 is not None and fired is not None, log[-4000:]
-    assert timeout < fired - saved_2 < timeout + 3, log[-4000:]
+    assert timeout < fired - saved_2 < timeout + 5, log[-4000:]  # "a few seconds", on 2 cores
     stalled = float(re.search(r"rank 1 made no progress for ([\d.]+) s in step 3", log)[1])
-    assert timeout <= stalled < timeout + 1.5, log[-4000:]
+    assert timeout <= stalled < timeout + 3, log[-4000:]
     assert re.search(r"\[rank1\]: +time.sleep\(sleep.value\)", log), log[-4000:]
     assert "in train_step" in (dump / "watchdog" / "rank1.txt").read_text()
     resumed = re.findall(r"checkpoint: resumed from \S+/step-(\d+)", log)
