@@ -3,6 +3,7 @@ once, with the values of the run that wrote it last. Offline: W&B in offline mod
 
 import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -115,3 +116,26 @@ def _id_file(rank_0_only: bool) -> str:
 class _FakeRun:
     def __init__(self, kw: dict):
         self.name, self.id = kw["name"], kw["id"]
+
+
+def test_resumed_trainer_logs_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import make_trainer
+
+    def train(steps: int) -> int:
+        trainer = make_trainer(
+            tmp_path, "--training.steps", str(steps), "--training.local_batch_size", "2",
+            "--training.seq_len", "64", "--metrics.log_freq", "1",
+            "--metrics.enable_tensorboard", "true", "--checkpoint.enable", "true",
+            "--checkpoint.interval", "2", "--checkpoint.last_save_model_only", "false",
+        )  # fmt: skip
+        start = trainer.step
+        trainer.train()
+        return start
+
+    assert train(4) == 0
+    shutil.rmtree(tmp_path / "checkpoint" / "step-4")  # the job died before saving step 4
+    assert train(5) == 2  # resumes at step 2 and trains 3, 4 and 5 again
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5]
