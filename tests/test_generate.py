@@ -214,6 +214,9 @@ def test_chat_template_and_tokenizer_choice(ckpt, tmp_path):
     (tmp_path / "hf" / "original").mkdir()
     shutil.copyfile(ckpt.hf / "tokenizer.model", tmp_path / "hf" / "original" / "tokenizer.model")
     assert choice(tmp_path / "hf") == str(tmp_path / "hf" / "original" / "tokenizer.model")
+    shutil.rmtree(tmp_path / "hf" / "original")
+    (tmp_path / "hf" / "tokenizer.model").rename(tmp_path / "hf" / "tokenizer.json")
+    assert choice(tmp_path / "hf") == str(tmp_path / "hf" / "tokenizer.json")
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ from llama_models.llama3 import tokenizer as llama3_tokenizer
 from titan.data.tokenizer import (
     REPO_ROOT,
     SHIPPED_TOKENIZER,
+    TiktokenTokenizer,
     Tokenizer,
     build_tokenizer,
     load_ranks,
@@ -106,9 +107,9 @@ def test_relative_path_falls_back_to_repo_root(tmp_path: Path, monkeypatch: pyte
 
 
 def test_not_a_tiktoken_file(tmp_path: Path):
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}\n')
-    with pytest.raises(ValueError, match="not a tiktoken BPE line"):
-        build_tokenizer(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer.model").write_text("bm90IGEgdG9rZW4=\nnot base64 1\n")
+    with pytest.raises(ValueError, match="tokenizer.model:1 is not a tiktoken BPE line"):
+        build_tokenizer(str(tmp_path / "tokenizer.model"))
 
 
 def _load_script(name: str):
@@ -138,7 +139,7 @@ def test_shipped_tokenizer_is_what_the_script_builds(tmp_path: Path):
 @pytest.fixture(scope="module")
 def meta_pair() -> tuple[Tokenizer, object]:
     path = Path(llama3_tokenizer.__file__).parent / "tokenizer.model"
-    return Tokenizer(path), llama3_tokenizer.Tokenizer(path)
+    return TiktokenTokenizer(path), llama3_tokenizer.Tokenizer(path)
 
 
 def test_matches_meta_attributes(meta_pair):

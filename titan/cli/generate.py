@@ -16,8 +16,8 @@ template. A row stops at <|end_of_text|> or <|eot_id|>. Sampling: --temperature 
 torchrun with WORLD_SIZE > 1, the model is tensor parallel over all processes (gloo on CPU, nccl
 on CUDA). Rank 0 prints each completion to stdout and the tokens/s of prefill and decode to
 stderr; --json-out FILE also writes prompts, token ids, completions and rates. Tokenizer:
---tokenizer, else an HF folder's original/tokenizer.model or tokenizer.model, else titan's
-shipped one (a warning says when its size is not the model's vocab_size).
+--tokenizer, else an HF folder's original/tokenizer.model, tokenizer.model or tokenizer.json,
+else titan's shipped one (a warning says when its size is not the model's vocab_size).
 """
 
 import argparse
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from titan.data.chat import chat_prompt
-from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer
+from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer, tokenizer_file
 from titan.errors import CheckpointError
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs
@@ -68,9 +68,9 @@ def tokenizer_path(args: argparse.Namespace) -> str:
     if args.tokenizer is not None:
         return args.tokenizer
     if checkpoint_kind(args.checkpoint) == "hf":
-        for name in ("original/tokenizer.model", "tokenizer.model"):
-            if (args.checkpoint / name).is_file():
-                return str(args.checkpoint / name)
+        found = tokenizer_file(args.checkpoint)
+        if found is not None:
+            return str(found)
     return SHIPPED_TOKENIZER
 
 

@@ -1,15 +1,16 @@
-"""Llama 3's tokenizer: a tiktoken BPE read from a `tokenizer.model` file plus 256 special tokens.
-
-Works on Meta's original/tokenizer.model (ids equal Meta's) and on titan's small shipped one.
+"""Llama 3's tokenizer: one interface, two backends chosen by the file. A tiktoken BPE read from
+a `tokenizer.model` file plus 256 special tokens (Meta's original/tokenizer.model, whose ids equal
+Meta's, or titan's small shipped one), or a Hugging Face `tokenizer.json` (titan.data.hf_tokenizer);
+the interface is titan.data.tokenizer_base's.
 """
 
 import base64
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import tiktoken
 
+from titan.data.tokenizer_base import Tokenizer
 from titan.logger import logger
 
 # Llama 3's pre-tokenizer: contractions, letter runs with one leading non-letter, 1-3 digits,
@@ -37,15 +38,6 @@ NAMED_SPECIAL_TOKENS = [
 SHIPPED_TOKENIZER = "titan/assets/tokenizer/tokenizer.model"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# tiktoken's Rust regex engine panics on very long inputs and on very long runs of whitespace
-# or non-whitespace, so encode() cuts the text first, at the same places Meta's tokenizer does
-# (so ids stay equal to Meta's on any input). Stdlib `re`'s \s is exactly str.isspace(), which
-# Meta's cut uses; the `regex` package's \s differs on U+001C..U+001F.
-MAX_ENCODE_CHARS = 400_000
-MAX_RUN_CHARS = 25_000
-# The lookbehinds anchor a match at the start of a run, which keeps the scan linear in the text.
-_LONG_RUN = re.compile(r"(?<!\s)\s{N,}|(?<!\S)\S{N,}".replace("N", str(MAX_RUN_CHARS + 1)))
-
 
 def special_token_names() -> list[str]:
     """All 256 special tokens in id order (id = number of base ranks + position)."""
@@ -67,34 +59,21 @@ def load_ranks(path: Path) -> dict[bytes, int]:
             raise ValueError(
                 f"{path}:{lineno} is not a tiktoken BPE line ('base64 rank'); a Llama 3 "
                 f"tokenizer.model is expected (Meta's original/tokenizer.model or "
-                f"{SHIPPED_TOKENIZER}), not a Hugging Face tokenizer.json"
+                f"{SHIPPED_TOKENIZER}) or a Hugging Face tokenizer.json"
             ) from e
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps or repeats")
     return ranks
 
 
-def _split_long_runs(text: str) -> Iterator[str]:
-    # Cut every whitespace or non-whitespace run longer than MAX_RUN_CHARS after each
-    # MAX_RUN_CHARS characters of it.
-    start = 0
-    for run in _LONG_RUN.finditer(text):
-        for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
-            yield text[start:cut]
-            start = cut
-    yield text[start:]
-
-
-class Tokenizer:
-    """Encode and decode text with Llama 3's BPE; ids match Meta's for Meta's file."""
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3's BPE from a tiktoken `tokenizer.model`; ids match Meta's for Meta's file."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         ranks = load_ranks(path)
         num_base = len(ranks)
-        self.special_tokens: dict[str, int] = {
-            name: num_base + i for i, name in enumerate(special_token_names())
-        }
+        self.special_tokens = {name: num_base + i for i, name in enumerate(special_token_names())}
         self.model = tiktoken.Encoding(
             name=path.name,
             pat_str=LLAMA3_PATTERN,
@@ -102,35 +81,18 @@ class Tokenizer:
             special_tokens=self.special_tokens,
         )
         self.path = path
-        self.n_words: int = num_base + len(self.special_tokens)
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.eot_id: int = self.special_tokens["<|eot_id|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.n_words = num_base + len(self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
 
-    def encode(
-        self,
-        s: str,
-        *,
-        bos: bool,
-        eos: bool,
-        allowed_special: set[str] | frozenset[str] | str = frozenset(),
-        disallowed_special: set[str] | frozenset[str] | tuple[()] | str = (),
-    ) -> list[int]:
-        """Token ids of `s`. Text that spells a special token is plain text unless it is in
-        `allowed_special` ("all" allows all); `disallowed_special` makes such text an error."""
-        ids = [self.bos_id] if bos else []
-        for i in range(0, len(s), MAX_ENCODE_CHARS):
-            for piece in _split_long_runs(s[i : i + MAX_ENCODE_CHARS]):
-                ids += self.model.encode(
-                    piece, allowed_special=allowed_special, disallowed_special=disallowed_special
-                )
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+    def _encode_piece(self, piece, allowed_special, disallowed_special) -> list[int]:
+        return self.model.encode(
+            piece, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` (a list, tensor or array); bytes that are not valid UTF-8 become U+FFFD."""
         return self.model.decode([int(i) for i in ids])
 
 
@@ -142,19 +104,42 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
+# In a folder, a tiktoken file wins: it is Meta's own, the ids are the same, and token files
+# made with it keep matching its sha256; tokenizer.json serves folders that ship only that.
+FOLDER_FILES = ("original/tokenizer.model", "tokenizer.model", "tokenizer.json")
+
+
+def tokenizer_file(path: Path) -> Path | None:
+    """The file `path` names: itself, or in a folder the first of FOLDER_FILES it holds."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return next((path / n for n in FOLDER_FILES if (path / n).is_file()), None)
+    return None
+
+
 def build_tokenizer(path: str, dry_run: bool = False) -> Tokenizer:
-    """Load the Llama 3 tokenizer at `path` (see `resolve_path`); a dry run, which checks
-    layouts and memory and not text, takes the shipped one when `path` is missing."""
-    resolved = resolve_path(path)
-    if dry_run and not resolved.is_file():
+    """Load the Llama 3 tokenizer at `path` (see `resolve_path`): a tiktoken tokenizer.model, a
+    Hugging Face tokenizer.json (told apart by content, so the name does not matter), or a
+    folder holding one (FOLDER_FILES). A dry run, which checks layouts and memory and not text,
+    takes the shipped one when `path` is missing."""
+    resolved = tokenizer_file(resolve_path(path))
+    if dry_run and resolved is None:
         logger.warning(f"dry run: tokenizer {path} not found, using {SHIPPED_TOKENIZER}")
         resolved = resolve_path(SHIPPED_TOKENIZER)
-    if not resolved.is_file():
+    if resolved is None:
         where = "" if Path(path).is_absolute() else f" (looked in {Path.cwd()} and {REPO_ROOT})"
         raise FileNotFoundError(
             f"tokenizer file not found: {path!r}{where}. "
             f"Pass --model.tokenizer_path with Meta's original/tokenizer.model of a Llama 3 "
-            f"checkpoint, or titan's shipped {SHIPPED_TOKENIZER} (a checkout rebuilds it with "
+            f"checkpoint, a Hugging Face tokenizer.json or a folder holding either, or titan's "
+            f"shipped {SHIPPED_TOKENIZER} (a checkout rebuilds it with "
             f"`python scripts/build_tokenizer.py`)."
         )
-    return Tokenizer(resolved)
+    with resolved.open("rb") as f:
+        is_json = f.read(64).lstrip().startswith(b"{")  # base64 never holds a brace
+    if is_json:
+        from titan.data.hf_tokenizer import HFTokenizer  # imports `tokenizers` only when used
+
+        return HFTokenizer(resolved)
+    return TiktokenTokenizer(resolved)

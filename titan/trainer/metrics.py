@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from titan.config.job_config import Metrics
-from titan.errors import ConfigError
 from titan.logger import logger
+from titan.trainer.trackers import open_tensorboard, open_wandb
 
 _GIB = 1024**3
 METRICS_FILE = "metrics.jsonl"
@@ -198,7 +198,8 @@ def perplexity(loss: float) -> float:
 
 class MetricsLogger:
     """Turns per-interval counts into metrics, logs the fixed metrics line and, when enabled,
-    writes the same scalars to TensorBoard and Weights & Biases."""
+    writes the same scalars to TensorBoard and Weights & Biases (titan.trainer.trackers), for a
+    run that resumes after `start_step` (0: from scratch)."""
 
     def __init__(
         self,
@@ -212,6 +213,7 @@ class MetricsLogger:
         config_dict: dict | None = None,
         peak_label: str = "",
         run_name: str = "",
+        start_step: int = 0,
     ) -> None:
         self.cfg = cfg
         self.peak_label = peak_label  # names the peak MFU is against when it is not plain bf16
@@ -229,11 +231,12 @@ class MetricsLogger:
         if cfg.rank_0_only and rank != 0:
             return  # only the logging rank writes TensorBoard and W&B
         if cfg.enable_tensorboard:
-            self._tb = _open_tensorboard(os.path.join(dump_folder, cfg.save_tb_folder), cfg, rank)
+            tb_dir = os.path.join(dump_folder, cfg.save_tb_folder)
+            self._tb = open_tensorboard(tb_dir, cfg, rank, start_step)
             if run_name:
                 self._tb.add_text("run", run_name)
         if cfg.enable_wandb:
-            self._wandb_run = _open_wandb(cfg, dump_folder, rank, config_dict, run_name)
+            self._wandb_run = open_wandb(cfg, dump_folder, rank, config_dict, run_name)
 
     def should_log(self, step: int, last_step: int) -> bool:
         """Whether 1-based `step` gets a metrics line: every log_freq steps, the first, the last."""
@@ -346,40 +349,3 @@ def _format_line(
     ]
     parts += [f"{key}: {value:.4g}" for key, value in extra.items()]
     return "  ".join(parts)
-
-
-def _open_tensorboard(log_dir: str, cfg: Metrics, rank: int) -> Any:
-    # Imported here: tensorboard takes seconds to import, most runs leave it off, and it is the
-    # optional extra `trackers`.
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise _missing_tracker("metrics.enable_tensorboard", "tensorboard") from None
-
-    if not cfg.rank_0_only:
-        log_dir = os.path.join(log_dir, f"rank_{rank}")  # one run per rank, not interleaved
-    logger.info(f"TensorBoard logs go to {log_dir}")
-    return SummaryWriter(log_dir=log_dir)
-
-
-def _open_wandb(
-    cfg: Metrics, dump_folder: str, rank: int, config_dict: dict | None, run_name: str
-) -> Any:
-    try:
-        import wandb  # slow to import; only when enabled
-    except ImportError:
-        raise _missing_tracker("metrics.enable_wandb", "wandb") from None
-
-    os.makedirs(dump_folder, exist_ok=True)
-    # the run's name (job.description), one run per rank without rank_0_only; None: W&B's own
-    name = run_name or None
-    if not cfg.rank_0_only:
-        name = f"{run_name}-rank{rank}" if run_name else f"rank{rank}"
-    run = wandb.init(project=cfg.wandb_project, dir=dump_folder, config=config_dict, name=name)
-    logger.info(f"W&B run {run.name} ({os.environ.get('WANDB_MODE', 'online')} mode)")
-    return run
-
-
-def _missing_tracker(key: str, package: str) -> Exception:
-    """A ConfigError (train's main prints it as one line) for a tracker whose package is absent."""
-    return ConfigError(f"{key} needs {package}: pip install 'titan[trackers]' (or turn it off)")

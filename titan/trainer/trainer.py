@@ -122,7 +122,6 @@ class Trainer(PipelineSteps):
         self.forward_backward, self.forward_loss = self._forward_backward, self._forward_loss
         if dims.pp > 1:
             self._build_pipeline()
-        self.metrics = self._build_metrics(built.float8_flops)
         self.float8 = converters_of(cfg).float8
         # per-layer float8 cast statistics every debug_log_freq steps, or None
         self.float8_stats = None
@@ -134,6 +133,8 @@ class Trainer(PipelineSteps):
         self.guard, self.rollback_due = AnomalyGuard(cfg.resilience, self.rank, self.device), False
         self.monitor: StepMonitor | None = None  # train() runs one: the watchdog, stragglers
         self.checkpointer = self._build_checkpointer()
+        # after the checkpoint: TensorBoard and W&B continue from the step it resumes
+        self.metrics = self._build_metrics(built.float8_flops)
         if self.float8 is not None:  # FSDP's float8 weight scales for the first forward
             precompute_float8_scales(self.model_parts, self.float8)
 
@@ -176,7 +177,7 @@ class Trainer(PipelineSteps):
         return MetricsLogger(
             self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,
             flops_per_token=self.flops_per_token, peak_flops=peak, config_dict=to_dict(self.cfg),
-            peak_label=label, run_name=self.cfg.job.description,
+            peak_label=label, run_name=self.cfg.job.description, start_step=self.step,
         )  # fmt: skip
 
     def _set_loss_scale(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -237,9 +237,9 @@ def _tokenizer_bos_eos(tokenizer_dir: Path) -> tuple[int, int] | None:
     """bos/eos ids from a tiktoken tokenizer.model (read by titan's Tokenizer) or tokenizer.json."""
     for name in ("tokenizer.model", "original/tokenizer.model"):
         if (tokenizer_dir / name).is_file():
-            from titan.data.tokenizer import Tokenizer  # tiktoken: only needed here
+            from titan.data.tokenizer import TiktokenTokenizer  # tiktoken: only needed here
 
-            tok = Tokenizer(tokenizer_dir / name)
+            tok = TiktokenTokenizer(tokenizer_dir / name)
             return tok.bos_id, tok.eos_id
     if (tokenizer_dir / "tokenizer.json").is_file():
         added = json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("added_tokens", [])
