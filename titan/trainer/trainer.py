@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan import faults
 from titan.checkpoint.checkpointer import CheckpointManager, build_checkpointer
 from titan.config.checks import converters_of
 from titan.config.job_config import JobConfig
@@ -33,6 +34,7 @@ from titan.parallelisms.pipeline import build_schedule
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
+from titan.trainer.preemption import PreemptionCheck, install
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from titan.trainer.runtime import grad_accumulation_steps, pick_device, set_determinism
 from titan.trainer.validate import build_validator
@@ -284,6 +286,8 @@ class Trainer:
         if self.float8_stats is not None:
             self.float8_stats.start_step(self.step)
         loss = self.forward_backward(microbatches)
+        if faults.fault("raise", self.step, self.rank):
+            raise RuntimeError(f"rank {self.rank} fails in step {self.step} ({faults.ENV} raise)")
         if self.float8_stats is not None:  # before the update: a non-finite step's too
             self.float8_stats.end_step(self.step)
         return self.optimizer_step(loss)
@@ -333,6 +337,8 @@ class Trainer:
         gc.disable()  # collections mid-step stall every rank; collect on a fixed schedule instead
         losses, ntokens, data_s, last = [], 0, 0.0, time.perf_counter()
         data_iter = iter(self.dataloader)
+        install(self.cfg.resilience.preemption_signals)  # a signal now only sets a flag
+        preemption = PreemptionCheck()
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -367,6 +373,8 @@ class Trainer:
                     last += time.perf_counter() - paused  # not training: out of tokens/s
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
+                if self.step < t.steps and preemption.agreed():  # saves, raises Preempted
+                    preemption.stop(self.step, self.checkpointer)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
