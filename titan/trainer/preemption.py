@@ -49,11 +49,17 @@ class PreemptionCheck:
     Measured with 2 gloo ranks on one busy 2-core host: 0.4-0.5 ms per step (about 0.1% of a
     0.4 s CPU test step); across nodes add a network round trip."""
 
-    def __init__(self) -> None:
-        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    def __init__(self, names: list[str]) -> None:
+        """Catch the named signals (install); none: no signal is caught and nothing is agreed."""
+        install(names)
+        self.enabled = bool(names)
+        distributed = self.enabled and dist.is_initialized()
+        self._pg = dist.new_group(backend="gloo") if distributed else None
 
     def agreed(self) -> bool:
         """True on every rank when any rank caught a signal before this call."""
+        if not self.enabled:
+            return False
         flag = torch.tensor([1 if _received else 0], dtype=torch.int32)
         if self._pg is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)

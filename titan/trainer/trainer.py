@@ -34,7 +34,7 @@ from titan.parallelisms.pipeline import build_schedule
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
-from titan.trainer.preemption import PreemptionCheck, install
+from titan.trainer.preemption import PreemptionCheck
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from titan.trainer.runtime import grad_accumulation_steps, pick_device, set_determinism
 from titan.trainer.validate import build_validator
@@ -337,8 +337,8 @@ class Trainer:
         gc.disable()  # collections mid-step stall every rank; collect on a fixed schedule instead
         losses, ntokens, data_s, last = [], 0, 0.0, time.perf_counter()
         data_iter = iter(self.dataloader)
-        install(self.cfg.resilience.preemption_signals)  # a signal now only sets a flag
-        preemption = PreemptionCheck()
+        # from here a preemption signal only sets a flag, checked after each step
+        preemption = PreemptionCheck(self.cfg.resilience.preemption_signals)
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
