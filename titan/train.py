@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteLossError) as e:
         return _fail(str(e), 1)
     except Preempted as e:
+        trainer.metrics.close()  # flush the metrics of the steps before the signal
         write_error_file(f"preempted: {e}")  # a rank signalled alone: its summary says why
         return log_preempted(e)
     finally:
