@@ -14,6 +14,14 @@
 # pipelined, a forked one as the last stage's first rank, or the ranks dry_run.ranks names) with
 # collectives that move no data, builds the sharded model for the config, traces one step and
 # reports its peak memory by part.
+# Preemption: titan's ranks catch resilience.preemption_signals (SIGTERM, SIGUSR1), finish the
+# step, save it (with --checkpoint.enable) and exit 143. torchrun (this script execs it: signal
+# its pid) forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and, told so below, SIGUSR1 (Slurm's
+# --signal=USR1@N) to every rank, then waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch >= 2.12;
+# 30 s fixed in 2.11) before it SIGKILLs them: the step and its save must fit in that time. It
+# then exits 1 without restarting anything, whatever MAX_RESTARTS says.
+# Errors: each failed rank's one-line titan message (or traceback) is in torchrun's failure
+# summary, whatever LOG_RANK shows.
 # The first run creates ./.venv with the dependencies if the current Python lacks them.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
@@ -89,7 +97,10 @@ fi
 IS_HOST=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
 echo "run_train.sh: node $NODE_RANK of $NNODES (NGPU=$NGPU each), rendezvous" \
   "$MASTER_ADDR:$MASTER_PORT id $RDZV_ID, MAX_RESTARTS=$MAX_RESTARTS" >&2
+# --signals_to_handle (torch >= 2.9): torchrun's default list lacks SIGUSR1, which would kill it
+# and orphan the ranks.
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPU" \
+  --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --max-restarts "$MAX_RESTARTS" \
   --rdzv_backend c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" \
   --rdzv_conf "is_host=$IS_HOST" -m titan.train --job.config_file "$CONFIG_FILE" "$@"

@@ -153,13 +153,16 @@ def test_two_nodes_tp2_equal_one_process(tmp_path, one_process):
 
 
 SCONTROL = """#!/usr/bin/env bash
-# Stands in for Slurm's scontrol: the job's node list, node 0 first.
+# Stands in for Slurm's scontrol: the job's node list, node 0 first; a requeue is recorded.
+if [ "$1" = requeue ]; then echo "$@" > "$FAKE_SLURM_DIR/requeue_args"; exit 0; fi
 echo "$@" > "$FAKE_SLURM_DIR/scontrol_args"
 printf 'localhost\\nnode02.invalid\\n'
 """
 SRUN = """#!/usr/bin/env bash
-# Stands in for Slurm's srun: one task per node, each told its node id.
+# Stands in for Slurm's srun: one task per node, each told its node id; USR1 is forwarded to
+# the tasks, as srun does.
 echo "$@" > "$FAKE_SLURM_DIR/srun_args"
+trap 'kill -USR1 "${pids[@]}"' USR1
 while [[ $1 == -* ]]; do shift; done
 pids=()
 for ((node = 0; node < SLURM_NNODES; node++)); do
@@ -167,7 +170,14 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for pid in "${pids[@]}"; do
+  while :; do  # a trap ends `wait` early: wait again until the task is gone
+    code=0
+    wait "$pid" || code=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [ "$code" = 0 ] || status=1
+done
 exit $status
 """
 

@@ -146,6 +146,7 @@ class CheckpointManager:
         # source's position only means something for the same sharding: "dp{rank}_of_{degree}"
         self.dp_key = dataloader.state_key
         self._pending: tuple[Future, Path, Path] | None = None
+        self._full_step = -1  # the step of the newest full save made or started
         # Rank 0 prepares and publishes folders; every rank writes its own shards. Saves use a
         # gloo group of their own so a background save never interleaves with training's
         # collectives on the default group.
@@ -185,6 +186,15 @@ class CheckpointManager:
             self.save_model_only(step)
         else:
             self._save(self._state(step), step, asynchronous=self.cfg.async_mode != "disabled")
+            self._full_step = step
+
+    def save_now(self, step: int) -> None:
+        """A full, synchronous save of `step` (before a preemption exit): an async save in flight
+        is finished first, and one of this step already made by the interval is not repeated."""
+        self._finish_pending(wait=True)
+        if self._full_step != step:
+            self._save(self._state(step), step, asynchronous=False)
+            self._full_step = step
 
     def save_model_only(self, step: int) -> None:
         """Weights only, in checkpoint.export_dtype (seed checkpoints and final exports)."""

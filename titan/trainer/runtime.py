@@ -23,6 +23,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compute_dtype(device: torch.device, dry_run: bool, mixed_precision_param: str) -> torch.dtype:
+    """bfloat16 on a GPU (and in a dry run, which traces the GPU run) when the config asks for
+    it; float32 on CPU, whose bf16 matmuls are slow and whose runs compare fp32 numerics."""
+    gpu = device.type == "cuda" or dry_run
+    return torch.bfloat16 if gpu and mixed_precision_param == "bfloat16" else torch.float32
+
+
 def set_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:

@@ -48,8 +48,14 @@ from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.monitor import StepMonitor
 from titan.trainer.optimizer import build_lr_scheduler, build_optimizer
 from titan.trainer.pipelined import PipelineSteps
+from titan.trainer.preemption import PreemptionCheck
 from titan.trainer.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
-from titan.trainer.runtime import grad_accumulation_steps, pick_device, set_determinism
+from titan.trainer.runtime import (
+    compute_dtype,
+    grad_accumulation_steps,
+    pick_device,
+    set_determinism,
+)
 from titan.trainer.validate import build_validator
 
 
@@ -93,21 +99,11 @@ class Trainer(PipelineSteps):
             dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=accumulation,
             seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
         )  # fmt: skip
-        self.validator = None  # a dry run does not validate
-        if not self.dry_run:
-            self.validator = build_validator(
-                cfg.validation,
-                cfg.data,
-                t,
-                self.tokenizer,
-                self.model_args.vocab_size,
-                self.dp_rank,
-                dims.dp,
-            )
-        self.compute_dtype = torch.float32
-        gpu = self.device.type == "cuda" or self.dry_run  # a dry run traces the GPU run
-        if gpu and t.mixed_precision_param == "bfloat16":
-            self.compute_dtype = torch.bfloat16
+        self.validator = None if self.dry_run else build_validator(  # a dry run: no validation
+            cfg.validation, cfg.data, t, self.tokenizer, self.model_args.vocab_size,
+            self.dp_rank, dims.dp,
+        )  # fmt: skip
+        self.compute_dtype = compute_dtype(self.device, self.dry_run, t.mixed_precision_param)
         # FSDP casts parameters itself (bf16 gathers, fp32 reduce); other layouts use autocast.
         self.use_autocast = self.compute_dtype != torch.float32 and not dims.fsdp_enabled
         # FSDP and DDP average gradients over the data-parallel ranks; the loss is scaled by
@@ -124,11 +120,9 @@ class Trainer(PipelineSteps):
             self._build_pipeline()
         self.float8 = converters_of(cfg).float8
         # per-layer float8 cast statistics every debug_log_freq steps, or None
-        self.float8_stats = None
-        if self.float8 is not None:
-            self.float8_stats = build_float8_stats(
-                self.model_parts, self.float8, cfg.job, self.rank
-            )
+        self.float8_stats = self.float8 and build_float8_stats(
+            self.model_parts, self.float8, cfg.job, self.rank
+        )
         self.step = 0
         self.guard, self.rollback_due = AnomalyGuard(cfg.resilience, self.rank, self.device), False
         self.monitor: StepMonitor | None = None  # train() runs one: the watchdog, stragglers
@@ -246,6 +240,8 @@ class Trainer(PipelineSteps):
         rng = rng_state()  # a replay of the step draws the same random numbers (LoRA dropout)
         loss = self.forward_backward(microbatches)
         faults.corrupt_grads(self.model.parameters(), self.step, self.rank)  # a test hook
+        if faults.fault("raise", self.step, self.rank):
+            raise RuntimeError(f"rank {self.rank} fails in step {self.step} ({faults.ENV} raise)")
         if self.float8_stats is not None:  # before the update: a non-finite step's too
             self.float8_stats.end_step(self.step)
         if (sleep := faults.fault("sleep", self.step, self.rank)) is not None:
@@ -303,6 +299,20 @@ class Trainer(PipelineSteps):
         skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
         return data_iter
 
+    def _checkpoint(self, data_iter, preemption: PreemptionCheck) -> None:
+        """After a step: the interval checkpoint; on a preemption signal, the step saved (and
+        Preempted raised); then the batches a rollback recorded after this step skipped. In
+        that order: a checkpoint of this step holds the data position before the skip, which
+        a resume from it applies again."""
+        last_step = self.step == self.cfg.training.steps
+        if self.checkpointer is not None:
+            self.monitor.enter(self.step, "checkpoint")
+            self.checkpointer.maybe_save(self.step, last_step=last_step)
+        if not last_step and preemption.agreed():
+            preemption.stop(self.step, self.checkpointer)
+        if self.checkpointer is not None:
+            skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
+
     def next_microbatches(self, data_iter) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The next step's micro-batches (inputs, labels) from the dataloader's iterator."""
         first = getattr(self.dataloader, "consumed", None)  # indexed data: the first window
@@ -334,6 +344,8 @@ class Trainer(PipelineSteps):
             self.cfg.resilience, job.dump_folder, self.rank, self.device, self.step + 1,
             enabled=not self.dry_run,
         )  # fmt: skip
+        # from here a preemption signal only sets a flag, checked after each step
+        preemption = PreemptionCheck(self.cfg.resilience.preemption_signals)
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -374,10 +386,7 @@ class Trainer(PipelineSteps):
                     paused = time.perf_counter()
                     self.validate()
                     last += time.perf_counter() - paused  # not training: out of tokens/s
-                if self.checkpointer is not None:
-                    self.monitor.enter(self.step, "checkpoint")
-                    self.checkpointer.maybe_save(self.step, last_step=self.step == t.steps)
-                    skip_recorded(self.checkpointer, self.dataloader, data_iter, self.step)
+                self._checkpoint(data_iter, preemption)
                 for tracker in (prof, snap):
                     if tracker is not None:
                         tracker.step()
