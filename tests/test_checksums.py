@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def _worker(rank: int, port: int, dump: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="localhost")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # a collective that some rank never joins fails the test after a minute instead of hanging
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(8)])
     optimizer = torch.optim.AdamW(model.parameters())
