@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from titan.checkpoint.checksums import ChecksummedWriter, check_share
 from titan.checkpoint.dcp_io import (
     CheckpointError,
     dcp_load,
@@ -212,15 +213,19 @@ class CheckpointManager:
         if self._distributed:
             dist.barrier(group=self._pg)  # no rank writes before the folder is fresh
         start = time.perf_counter()
+        # with checksums, each rank hashes the files it wrote as part of the write itself (in the
+        # background thread of an async save) and rank 0 adds checksums.json beside .metadata
+        writer = ChecksummedWriter(partial) if self.cfg.checksums else dcp.FileSystemWriter(partial)
         if asynchronous:
             # async_save copies the state to CPU before returning; training goes on meanwhile
             future = dcp.async_save(
-                state, checkpoint_id=str(partial), async_stager=self._stager, process_group=self._pg
-            )
+                state, checkpoint_id=str(partial), storage_writer=writer,
+                async_stager=self._stager, process_group=self._pg,
+            )  # fmt: skip
             self._pending = (future, partial, final)
             logger.info(f"checkpoint step {step}: staged in {time.perf_counter() - start:.2f}s")
             return
-        dcp.save(state, checkpoint_id=str(partial), process_group=self._pg)
+        dcp.save(state, checkpoint_id=str(partial), storage_writer=writer, process_group=self._pg)
         self._publish(partial, final)
         logger.info(
             f"checkpoint step {step}: saved to {final} in {time.perf_counter() - start:.2f}s"
@@ -262,18 +267,9 @@ class CheckpointManager:
             )
         if not steps:
             return 0
-        # Rank 0 checks the files and picks the step; every rank then loads that one.
-        picked = self._pick_step(steps) if self._coordinator else None
-        choice = picked[0] if isinstance(picked, tuple) else picked
-        if self._distributed:
-            box = [choice]
-            dist.broadcast_object_list(box, src=0, group=self._pg)
-            choice = box[0]
-        if isinstance(choice, str):
-            raise CheckpointError(choice)
-        step, path = choice, self.folder / f"step-{choice}"
-        # rank 0 read the metadata while checking the files; the other ranks read it here
-        metadata = picked[1] if isinstance(picked, tuple) else read_dcp_metadata(path)
+        # Every rank checks its share of the files; all agree on the step, then load it.
+        step, metadata = self._pick_step(steps)
+        path = self.folder / f"step-{step}"
         stored = metadata.state_dict_metadata
         if not any(k.startswith("train_state.") for k in stored):
             load_dcp_model(path, self.model, stored)  # a seed or model-only checkpoint
@@ -289,31 +285,63 @@ class CheckpointManager:
         self.cfg = dataclasses.replace(self.cfg, load_step=-1)
         return self.load()
 
-    def _pick_step(self, steps: list[int]) -> tuple[int, Metadata] | str:
-        """The step to load and its metadata, or why none can be. With load_step = -1, newer
-        checkpoints whose files are missing or truncated are set aside as step-N.corrupt (kept,
-        never loaded) once an older whole one is found; if none is whole, nothing is renamed."""
+    def _pick_step(self, steps: list[int]) -> tuple[int, Metadata]:
+        """The step to load and its metadata, the same on every rank. With load_step = -1,
+        newer checkpoints with a missing, truncated or changed file are set aside as
+        step-N.corrupt (kept, never loaded) once an older whole one is found; if none is whole,
+        nothing is renamed and CheckpointError says why."""
         candidates = [self.cfg.load_step] if self.cfg.load_step != -1 else steps[::-1]
-        problems: list[tuple[int, CheckpointError]] = []
+        problems: list[tuple[int, str]] = []
         for step in candidates:
-            try:
-                metadata = read_dcp_metadata(self.folder / f"step-{step}")
-            except CheckpointError as e:
-                problems.append((step, e))
+            metadata, problem = self._check_step(self.folder / f"step-{step}")
+            if problem is not None:
+                problems.append((step, problem))
                 continue
-            for bad, e in problems:
+            for bad, why in problems if self._coordinator else ():
                 path = self.folder / f"step-{bad}"
                 path.rename(path.with_name(f"{path.name}.corrupt"))
                 logger.error(
-                    f"checkpoint step {bad} cannot be loaded: {e}. Renamed it to "
+                    f"checkpoint step {bad} cannot be loaded: {why}. Renamed it to "
                     f"{path.name}.corrupt; resuming from step {step} instead"
                 )
             return step, metadata
         why = "; ".join(f"step {step}: {e}" for step, e in problems)
-        return (
+        raise CheckpointError(
             f"no loadable checkpoint in {self.folder} ({why}); restore the named files, or move "
             "the broken step-N folders aside and set checkpoint.load_step to a whole one"
         )
+
+    def _check_step(self, path: Path) -> tuple[Metadata | None, str | None]:
+        """(metadata, None) when the folder's files are whole and match their checksums, else
+        (None, the first problem). Each rank re-hashes its share of the files (checksums.share)
+        so verification runs in parallel; the ranks then agree on the first problem found."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self._distributed else (0, 1)
+        metadata, problem, verified = None, None, None
+        try:
+            if self.cfg.checksums:
+                metadata, verified = check_share(path, rank, world)
+            else:
+                metadata = read_dcp_metadata(path)
+        except CheckpointError as e:
+            problem = str(e)
+        if self._distributed:
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, (problem, verified), group=self._pg)
+            problem = next((p for p, _ in everyone if p is not None), None)
+            verified = None if any(v is None for _, v in everyone) else [v for _, v in everyone]
+        elif verified is not None:
+            verified = [verified]
+        if problem is None and self._coordinator and self.cfg.checksums:
+            if verified is None:
+                logger.info(
+                    f"checkpoint: {path} has no checksums.json (saved by an older titan or with "
+                    "checkpoint.checksums = false): its files are checked for size only"
+                )
+            else:
+                size = sum(v.size for v in verified) / 2**30
+                slowest = max(v.seconds for v in verified)
+                logger.info(f"checkpoint: {path}: {size:.2f} GiB verified in {slowest:.2f}s")
+        return (metadata, None) if problem is None else (None, problem)
 
     def _load_full(self, path: Path, step: int, stored: dict[str, Any]) -> None:
         # excluded parts are never asked for, so they stay exactly as a fresh start has them

@@ -10,4 +10,5 @@ scripts/preprocess_data.py and scripts/plot_metrics.py for the last two):
     titan-plan              plan: parallel layouts that fit, ranked by estimated throughput
     titan-preprocess        preprocess: tokenize documents once into titan's token files
     titan-plot              plot: runs' metrics.jsonl against the step (extra `plot`)
+    titan-verify-checkpoint verify_checkpoint: a checkpoint's files against their checksums
 """
