@@ -168,6 +168,17 @@ def test_signal_before_a_step_saves_it_in_process(tmp_path):
     assert make_trainer(tmp_path, *args).step == 1  # full: the step and optimizer come back
 
 
+def test_training_gives_the_signals_back(tmp_path):
+    """A run in this process catches the signals only while it trains: afterwards SIGTERM and
+    SIGUSR1 act as before (a test runner, a notebook) and nothing caught is remembered."""
+    from test_train import make_trainer
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    make_trainer(tmp_path, "--training.steps", "1", "--training.seq_len", "32").train()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not preemption.requested()
+
+
 def _failed(*args: str, **env: str) -> tuple[int, str]:
     cmd = [str(ROOT / "run_train.sh"), *args]
     proc = _start(cmd, subprocess.PIPE, NGPU="2", **env)

@@ -9,6 +9,7 @@ so it restarts nothing whatever MAX_RESTARTS says, and torchrun itself exits 1 (
 SignalException); PREEMPTED_EXIT is what a rank started without torchrun (NGPU=1) returns."""
 
 import signal
+import threading
 import time
 
 import torch
@@ -27,15 +28,23 @@ class Preempted(Exception):
     """Every rank stopped after a step because a preemption signal reached one of them."""
 
 
-def install(names: list[str]) -> None:
-    """Catch the named signals on this rank (main thread only): they only set a flag, checked
-    at the end of each step. Empty: the signals keep their default action."""
+def install(names: list[str]) -> dict[int, object]:
+    """Catch the named signals on this rank: they only set a flag, checked at the end of each
+    step. Returns the handlers they replace. Empty, or not the main thread (where Python cannot
+    set handlers): the signals keep their action."""
 
     def handler(signum: int, frame) -> None:
         _received.append(signum)  # nothing else: a handler may run in the middle of a collective
 
+    if threading.current_thread() is not threading.main_thread():
+        if names:
+            logger.warning("preemption signals are caught on the main thread only: not caught")
+        return {}
+    previous = {}
     for name in names:
-        signal.signal(getattr(signal, name), handler)
+        number = getattr(signal, name)
+        previous[number] = signal.signal(number, handler)
+    return previous
 
 
 def requested() -> bool:
@@ -50,11 +59,25 @@ class PreemptionCheck:
     0.4 s CPU test step); across nodes add a network round trip."""
 
     def __init__(self, names: list[str]) -> None:
-        """Catch the named signals (install); none: no signal is caught and nothing is agreed."""
-        install(names)
-        self.enabled = bool(names)
+        """Catch the named signals (install) until close; none: nothing is caught or agreed."""
+        self._previous = install(names)
+        self.enabled = bool(self._previous)
         distributed = self.enabled and dist.is_initialized()
         self._pg = dist.new_group(backend="gloo") if distributed else None
+
+    def __enter__(self) -> "PreemptionCheck":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the signals back their previous handlers and forget what was caught, so that a
+        later run in this process (tests, notebooks) starts clean."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        _received.clear()
 
     def agreed(self) -> bool:
         """True on every rank when any rank caught a signal before this call."""

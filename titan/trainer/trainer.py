@@ -344,8 +344,6 @@ class Trainer(PipelineSteps):
             self.cfg.resilience, job.dump_folder, self.rank, self.device, self.step + 1,
             enabled=not self.dry_run,
         )  # fmt: skip
-        # from here a preemption signal only sets a flag, checked after each step
-        preemption = PreemptionCheck(self.cfg.resilience.preemption_signals)
         with (
             maybe_enable_profiling(
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
@@ -354,6 +352,8 @@ class Trainer(PipelineSteps):
                 self.cfg.profiling, job.dump_folder, rank=self.rank, global_step=self.step
             ) as snap,
             monitor as self.monitor,  # closed on an exception too: no watchdog left behind
+            # from here a preemption signal only sets a flag, checked after each step
+            PreemptionCheck(self.cfg.resilience.preemption_signals) as preemption,
         ):
             while self.step < t.steps:
                 self.step += 1
