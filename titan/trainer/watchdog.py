@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from titan.elastic_errors import write_error_file
 from titan.logger import logger
 
 # The first step after a start or a resume compiles, warms allocators and caches and may save
@@ -36,7 +37,7 @@ def flight_records() -> list[dict]:
     from torch._C import _distributed_c10d as c10d
 
     entries = []
-    for dump in (getattr(c10d, "_dump_nccl_trace", None), c10d._dump_fr_trace):
+    for dump in (getattr(c10d, "_dump_nccl_trace", None), getattr(c10d, "_dump_fr_trace", None)):
         if dump is not None:  # (collectives, no stack traces, not only the active ones)
             entries += pickle.loads(dump(True, False, False)).get("entries", [])
     return entries
@@ -117,6 +118,7 @@ class Watchdog:
         except OSError as e:
             report += f"\n(could not write {self.path}: {e})"
         logger.error(report + f"\nwatchdog: this report is also in {self.path}")
+        write_error_file(report.partition("\n")[0] + f" (stacks in {self.path})")  # the summary
         for handler in logger.handlers:
             handler.flush()
         sys.stdout.flush()
