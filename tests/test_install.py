@@ -37,7 +37,7 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "titan-train", "titan-convert-to-hf", "titan-convert-from-hf", "titan-generate",
-    "titan-evaluate", "titan-plan", "titan-preprocess", "titan-plot",
+    "titan-evaluate", "titan-plan", "titan-preprocess", "titan-plot", "titan-download",
 }  # fmt: skip
 # 5 steps of 2 x 64 tokens on the CPU, a checkpoint at the last
 TRAIN = [
