@@ -5,6 +5,7 @@ path (snapshot_download) read it. The hub's answers that need a network (gated, 
 from a snapshot_download that raises what huggingface_hub raises for them."""
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from huggingface_hub.errors import (
 from test_train import make_trainer
 
 from titan.checkpoint.dcp_io import load_dcp_model
-from titan.cli import convert_from_hf, download, generate
+from titan.cli import convert_from_hf, download, evaluate, generate
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.hub import WANT, HubError, resolve_model_path
 from titan.models.llama3.hf_io import empty_model, save_hf_checkpoint
@@ -222,3 +223,13 @@ def test_error_messages(offline, monkeypatch, capsys):
         + " and the hub cannot be reached: check the network, or run "
         "`titan-download org/secret --weights` where it can\n"
     )  # fmt: skip
+
+
+def test_evaluate_takes_an_id(offline, capsys):
+    flags = ["--steps", "1", "--training.seq_len", "64", "--training.local_batch_size", "2"]
+    summaries = []
+    for name in (f"{REPO}@{COMMIT}", str(offline.hf)):
+        assert evaluate.main([name, *flags]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    assert summaries[0]["format"] == "hf" and summaries[0]["targets"] > 0
+    assert summaries[0]["loss"] == summaries[1]["loss"]
