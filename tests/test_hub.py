@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 from test_train import make_trainer
 
 from titan.checkpoint.dcp_io import load_dcp_model
-from titan.cli import convert_from_hf, download, evaluate, generate
+from titan.cli import convert_from_hf, convert_to_hf, download, evaluate, generate
 from titan.data.tokenizer import SHIPPED_TOKENIZER, build_tokenizer
 from titan.hub import WANT, HubError, resolve_model_path
 from titan.models.llama3.hf_io import empty_model, save_hf_checkpoint
@@ -150,6 +150,13 @@ def test_convert_from_hf_and_generate_take_an_id(offline, tmp_path, capsys):
     from_dir = load_dcp_model(tmp_path / "from_dir", empty_model(offline.args).state_dict())
     for k, v in from_dir.items():
         assert torch.equal(from_id[k], v), k
+    # and back, the tokenizer files from the id
+    back = tmp_path / "back"
+    config_json = str(offline.snapshot / "config.json")
+    argv = [str(tmp_path / "from_id"), str(back), "--config-json", config_json]
+    assert convert_to_hf.main([*argv, "--tokenizer-dir", REPO]) == 0
+    tok = (back / "original" / "tokenizer.model").read_bytes()
+    assert tok == (ROOT / SHIPPED_TOKENIZER).read_bytes()
     capsys.readouterr()
     flags = ["--prompt", "The hub", "--max-new-tokens", "4", "--temperature", "0"]
     outs = []
