@@ -204,6 +204,12 @@ def test_error_messages(offline, monkeypatch, capsys):
         + " and HF_HUB_OFFLINE=1: run `titan-download org/missing --weights` first"
     )  # fmt: skip
     assert "has no config.json or *.safetensors" in message(TOK_ONLY)  # only the tokenizer
+    capsys.readouterr()
+    assert download.main(["org/missing", "--tokenizer-only"]) == 2
+    assert capsys.readouterr().err == (
+        "error: hub repo org/missing is not in the hub cache " + str(offline.home / "hub")
+        + " and HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE\n"
+    )  # fmt: skip
     # a dry run reads the cache only, and falls back to the shipped tokenizer
     assert build_tokenizer("org/missing", dry_run=True).path.name == "tokenizer.model"
     # the hub's answers, online
@@ -211,8 +217,8 @@ def test_error_messages(offline, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     answers = {
         "is gated and this token has no access": _http(GatedRepoError, 401),
-        "no hub repo org/secret this token can see": _http(RepositoryNotFoundError, 404),
-        "has no revision": _http(RevisionNotFoundError, 404),
+        "is not on the hub or not visible to this token": _http(RepositoryNotFoundError, 404),
+        "org/secret has no revision 'main'": _http(RevisionNotFoundError, 404),
         "the hub cannot be reached": LocalEntryNotFoundError("offline"),
     }
     for expected, error in answers.items():
@@ -226,7 +232,8 @@ def test_error_messages(offline, monkeypatch, capsys):
     )
     assert convert_from_hf.main(["org/secret", "out"]) == 2
     assert capsys.readouterr().err == (
-        "error: hf_dir = 'org/secret': not in the hub cache " + str(offline.home / "hub")
+        "error: hf_dir = 'org/secret': no such file or folder, and hub repo org/secret is not "
+        "in the hub cache " + str(offline.home / "hub")
         + " and the hub cannot be reached: check the network, or run "
         "`titan-download org/secret --weights` where it can\n"
     )  # fmt: skip

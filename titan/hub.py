@@ -79,7 +79,8 @@ def resolve_model_path(path: str, want: str, what: str, cache_only: bool = False
             f"{what} = {path!r}: no such file or folder, and not a Hugging Face hub id "
             "(org/name or org/name@revision)"
         )
-    folder = download(hub[0], hub[1], want, what=what, cache_only=cache_only)
+    said = f"{what} = {path!r}: no such file or folder, and hub repo {path}"
+    folder = download(hub[0], hub[1], want, said=said, cache_only=cache_only)
     check_snapshot(folder, path, want, what)
     return folder
 
@@ -89,11 +90,12 @@ def download(
     revision: str | None,
     want: str,
     *,
-    what: str,
+    said: str | None = None,
     local_dir: str | Path | None = None,
     cache_only: bool = False,
 ) -> Path:
-    """snapshot_download of `repo`'s files for `want`, errors turned into one line each."""
+    """snapshot_download of `repo`'s files for `want`, errors turned into one line each, which
+    start with `said` (default: "hub repo org/name[@revision]")."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -104,8 +106,11 @@ def download(
     )
 
     name = repo if revision is None else f"{repo}@{revision}"
-    offline = cache_only or hub_offline()
     fetch = "--tokenizer-only" if want == "tokenizer" else "--weights"
+    # titan-download itself (no `said`) is told how to go online, a model path how to fetch ahead
+    first = f"run `titan-download {name} {fetch}` first" if said else "unset HF_HUB_OFFLINE"
+    said = said or f"hub repo {name}"
+    offline = cache_only or hub_offline()
     kwargs = dict(
         repo_id=repo, revision=revision, allow_patterns=WANT[want], cache_dir=hub_cache(),
         local_dir=local_dir, local_files_only=offline,
@@ -116,33 +121,32 @@ def download(
         return Path(_locked(repo, lambda: snapshot_download(**kwargs)))
     except GatedRepoError:
         raise HubError(
-            f"{what} = {name!r}: the hub repo is gated and this token has no access: accept its "
-            "license on huggingface.co and set HF_TOKEN (or run `hf auth login`)"
+            f"{said} is gated and this token has no access: accept its license on "
+            "huggingface.co and set HF_TOKEN (or run `hf auth login`)"
         ) from None
     except RepositoryNotFoundError:
         raise HubError(
-            f"{what} = {name!r}: no such file or folder here, and no hub repo {repo} this token "
-            "can see: check the id, or set HF_TOKEN for a private repo"
+            f"{said} is not on the hub or not visible to this token: check the id, or set "
+            "HF_TOKEN for a private repo"
         ) from None
     except RevisionNotFoundError:
         raise HubError(
-            f"{what} = {name!r}: the hub repo {repo} has no revision {revision!r}: name a "
-            "branch, tag or commit it has"
+            f"{said} does not exist ({repo} has no revision {revision!r}): name a branch, tag "
+            "or commit it has"
         ) from None
     except LocalEntryNotFoundError:
         if offline:
             why = "a dry run reads the cache only" if cache_only else "HF_HUB_OFFLINE=1"
             raise HubError(
-                f"{what} = {name!r}: not in the hub cache {hub_cache()} and {why}: run "
-                f"`titan-download {name} {fetch}` first"
+                f"{said} is not in the hub cache {hub_cache()} and {why}: {first}"
             ) from None
         raise HubError(
-            f"{what} = {name!r}: not in the hub cache {hub_cache()} and the hub cannot be "
+            f"{said} is not in the hub cache {hub_cache()} and the hub cannot be "
             f"reached: check the network, or run `titan-download {name} {fetch}` where it can"
         ) from None
     except HfHubHTTPError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubError(f"{what} = {name!r}: the hub answered {first!r}: retry later") from None
+        answer = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"{said}: the hub answered {answer!r}: retry later") from None
 
 
 def _locked(repo: str, fn):

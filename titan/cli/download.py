@@ -39,7 +39,7 @@ def fetch(args: argparse.Namespace) -> str:
         raise HubError(f"{args.repo!r} names revision {revision!r}, --revision another: give one")
     revision = args.revision or revision
     want = "tokenizer" if args.tokenizer_only else "weights"
-    folder = download(repo, revision, want, what="titan-download", local_dir=args.local_dir)
+    folder = download(repo, revision, want, local_dir=args.local_dir)
     check_snapshot(folder, args.repo, want, "titan-download")
     return str(folder)
 
