@@ -7,7 +7,8 @@ the checkpointer and every command resolve their paths through it.
 Many processes at once (torchrun): one lock per repo in the cache makes the first process on a
 machine (or on a shared cache that supports locks) download while the others wait, then find the
 files cached and only revalidate them with the hub. Large jobs run `titan-download` once and
-launch with HF_HUB_OFFLINE=1, so that no rank sends a request.
+launch with HF_HUB_OFFLINE=1, so that no rank sends a request. huggingface_hub is imported only
+when an id is resolved: a run from local paths does not pay for its import.
 """
 
 import os
@@ -154,7 +155,10 @@ def _locked(repo: str, fn):
     from filelock import FileLock  # a dependency of huggingface_hub
 
     locks = hub_cache() / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a cache this process cannot write: snapshot_download will say so
+        return fn()
     with FileLock(str(locks / f"titan--{repo.replace('/', '--')}.lock")):
         return fn()
 
