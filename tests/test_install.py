@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "titan-train", "titan-convert-to-hf", "titan-convert-from-hf", "titan-generate",
     "titan-evaluate", "titan-plan", "titan-preprocess", "titan-plot", "titan-verify-checkpoint",
+    "titan-download",
 }  # fmt: skip
 # 5 steps of 2 x 64 tokens on the CPU, a checkpoint at the last
 TRAIN = [

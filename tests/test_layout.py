@@ -10,7 +10,7 @@ TITAN = Path(__file__).resolve().parents[1] / "titan"
 
 # Floors, lowest first: a module imports from its own package or from lower floors only.
 FLOORS = [
-    {"titan", "titan.errors", "titan.logger", "titan.compat", "titan.faults"},
+    {"titan", "titan.errors", "titan.logger", "titan.compat", "titan.faults", "titan.hub"},
     {"titan.config"},
     {"titan.parallelisms"},
     {"titan.data", "titan.converters"},

@@ -270,7 +270,7 @@ def test_the_best_rows_toml_loads_alone_and_merged_into_shipped_configs(tmp_path
     )
     shipped = ROOT / "titan/train_configs"
     merged = load_config(overrides(written), config_file=str(shipped / "llama3_8b.toml"))
-    assert merged.model.tokenizer_path.endswith("Llama-3.1-8B/original/tokenizer.model")
+    assert merged.model.tokenizer_path == "meta-llama/Llama-3.1-8B"
     _titan_accepts(merged, 8, 1)
     # a pipelined row into the 405B config, whose layers_per_stage (8) the row must replace
     req, plans = plans_405b[8192]

@@ -41,6 +41,7 @@ from titan.checkpoint.dcp_io import (
 from titan.config.job_config import Checkpoint
 from titan.converters.lora import adapter_keys, init_magnitudes
 from titan.errors import ConfigError
+from titan.hub import resolve_model_path
 from titan.logger import logger
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -91,8 +92,8 @@ def build_checkpointer(
 ) -> tuple["CheckpointManager | None", int]:
     """(the run's manager or None, the step to start from): resume from the run's own newest
     (or checkpoint.load_step's) checkpoint, else load checkpoint.initial_load_path's weights (a
-    Hugging Face folder through `load_hf` with initial_load_in_hf). `parts`: model, optimizer,
-    lr_scheduler and dataloader, as CheckpointManager takes them."""
+    Hugging Face folder or hub id through `load_hf` with initial_load_in_hf). `parts`: model,
+    optimizer, lr_scheduler and dataloader, as CheckpointManager takes them."""
     if ckpt.create_seed_checkpoint and world_size > 1:
         raise ConfigError(
             "checkpoint.create_seed_checkpoint writes the full weights from one process: "
@@ -107,7 +108,10 @@ def build_checkpointer(
             return manager, manager.load()
     if ckpt.initial_load_path:
         hf = load_hf if ckpt.initial_load_in_hf else None
-        load_initial_weights(parts["model"], ckpt.initial_load_path, hf)
+        path = ckpt.initial_load_path  # a hub id only names transformers weights (titan.hub)
+        if hf is not None:
+            path = str(resolve_model_path(path, "weights", "checkpoint.initial_load_path"))
+        load_initial_weights(parts["model"], path, hf)
     return manager, 0
 
 

@@ -1,8 +1,11 @@
 """Convert a Hugging Face Llama 3 checkpoint (safetensors) into a titan model-only DCP folder.
 
     titan-convert-from-hf <hf_dir> <dcp_dir> [--flavor 8B] [--dtype bfloat16]
+    titan-convert-from-hf meta-llama/Llama-3.2-1B outputs/llama3_2_1b_dcp --flavor 1B
 
-The architecture comes from <hf_dir>/config.json. With --flavor it must also match that
+<hf_dir> is a transformers folder or a Hugging Face hub id (org/name[@revision]), whose
+safetensors and config.json are fetched into the hub cache (titan.hub). The architecture comes
+from <hf_dir>/config.json. With --flavor it must also match that
 flavor (every field that changes the weights or the outputs; max_seq_len may differ), so the
 result loads into `--model.flavor` runs. Without --flavor any Llama 3 shape converts. The DCP
 folder holds `model.state_dict()` flat under titan's names; it is written next to <dcp_dir>
@@ -17,6 +20,7 @@ import torch
 
 from titan.checkpoint.dcp_io import save_dcp_model
 from titan.errors import CheckpointError
+from titan.hub import resolve_model_path
 from titan.models.llama3 import FLAVORS
 from titan.models.llama3.hf_io import (
     read_hf_config,
@@ -29,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("hf_dir", type=Path, help="transformers checkpoint folder (config.json)")
+    p.add_argument("hf_dir", help="transformers checkpoint folder (config.json) or hub id")
     p.add_argument("dcp_dir", type=Path, help="DCP folder to create")
     p.add_argument("--flavor", choices=list(FLAVORS), help="check config.json against it")
     p.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: keep)")
@@ -39,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def convert(args: argparse.Namespace) -> str:
     """Do the conversion; returns the summary line to print."""
-    model_args = resolve_model_args(args.flavor, read_hf_config(args.hf_dir))
-    sd = titan_state_dict_from_hf(args.hf_dir, model_args)
+    hf_dir = resolve_model_path(args.hf_dir, "weights", "hf_dir")
+    model_args = resolve_model_args(args.flavor, read_hf_config(hf_dir))
+    sd = titan_state_dict_from_hf(hf_dir, model_args)
     if args.dtype is not None:
         cast = {k: v.to(DTYPES[args.dtype]) for k, v in sd.items()}
         if model_args.tie_word_embeddings:  # .to() copied the shared matrix twice: re-share it

@@ -12,7 +12,8 @@ the one of the checkpoint a run was converted from) for shapes that are not a fl
 they must agree. The model is built on the meta device, given empty CPU tensors of --dtype
 (default bfloat16, as Meta's releases), filled from the DCP folder, then written as safetensors
 shards + index, config.json and generation_config.json, plus the tokenizer's files from
---tokenizer-dir. `transformers.AutoModelForCausalLM.from_pretrained(hf_dir)` loads the result.
+--tokenizer-dir (a folder, or a Hugging Face hub id whose tokenizer files are fetched,
+titan.hub). `transformers.AutoModelForCausalLM.from_pretrained(hf_dir)` loads the result.
 
 A checkpoint of a LoRA/DoRA run (model.converters = ["lora"]) holds the frozen base weights and
 the adapters. Without flags the base is written. --merge-lora writes full weights with the
@@ -39,6 +40,7 @@ from titan.converters.lora import (
     merged_state_dict,
 )
 from titan.errors import CheckpointError
+from titan.hub import resolve_model_path
 from titan.models.llama3 import FLAVORS, ModelArgs
 from titan.models.llama3.hf_io import (
     empty_model,
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flavor", choices=list(FLAVORS), help="architecture (see FLAVORS)")
     p.add_argument("--config-json", type=Path, help="architecture from a transformers config")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--tokenizer-dir", type=Path, help="copy tokenizer files from here")
+    p.add_argument("--tokenizer-dir", type=Path, help="copy tokenizer files from here (or hub id)")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing hf_dir")
     lora = p.add_mutually_exclusive_group()
@@ -147,6 +149,10 @@ def convert_lora(args: argparse.Namespace, model_args: ModelArgs) -> str:
 
 def convert(args: argparse.Namespace) -> str:
     """Do the conversion; returns the summary line to print."""
+    if args.tokenizer_dir is not None:
+        args.tokenizer_dir = resolve_model_path(
+            str(args.tokenizer_dir), "tokenizer", "--tokenizer-dir"
+        )
     config = None
     if args.config_json is not None:
         if not args.config_json.is_file():

@@ -6,16 +6,17 @@
         --data.path /data/eval.jsonl --training.seq_len 8192 --training.local_batch_size 1
     torchrun --nproc-per-node 2 -m titan.cli.evaluate CKPT --parallelism.tensor_parallel_degree 2
 
-CHECKPOINT is a DCP folder (a training or model-only checkpoint) or a transformers folder
-(config.json and safetensors; it must match model.flavor). The config is --config, else the
-run's own config.toml two folders above a DCP checkpoint (outputs/debug_model/config.toml), else
-the debug model's; `--section.key value` overrides it as in training. The data are --data.*: the
-documents that data.holdout_every holds out of training when it is set (what validation during
-training reads), else the whole of data.dataset or data.path, read once in order in windows of
-training.seq_len + 1 tokens, training.local_batch_size per data-parallel rank; --steps limits the
-batches. Under torchrun the parallel degrees come from --parallelism.*. Rank 0 shows a progress
-bar and prints a JSON summary (loss = mean cross-entropy per target token, perplexity =
-exp(loss)).
+CHECKPOINT is a DCP folder (a training or model-only checkpoint), a transformers folder
+(config.json and safetensors; it must match model.flavor) or a Hugging Face hub id of one
+(org/name[@revision]: its files are fetched into the hub cache, titan.hub). The config is
+--config, else the run's own config.toml two folders above a DCP checkpoint
+(outputs/debug_model/config.toml), else the debug model's; `--section.key value` overrides it as
+in training. The data are --data.*: the documents that data.holdout_every holds out of training
+when it is set (what validation during training reads), else the whole of data.dataset or
+data.path, read once in order in windows of training.seq_len + 1 tokens,
+training.local_batch_size per data-parallel rank; --steps limits the batches. Under torchrun the
+parallel degrees come from --parallelism.*. Rank 0 shows a progress bar and prints a JSON
+summary (loss = mean cross-entropy per target token, perplexity = exp(loss)).
 """
 
 import argparse
@@ -33,6 +34,7 @@ from titan.config import JobConfig, load_config
 from titan.config.job_config import Checkpoint, Metrics, Profiling, Validation
 from titan.config.manager import SHIPPED_CONFIGS
 from titan.errors import CheckpointError, ConfigError, DataError
+from titan.hub import resolve_model_path
 from titan.logger import init_logger, logger
 from titan.models.llama3.load import checkpoint_args, checkpoint_kind
 from titan.trainer.metrics import perplexity
@@ -42,7 +44,7 @@ DEBUG_TOML = SHIPPED_CONFIGS / "debug_model.toml"
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="DCP folder or transformers folder")
+    p.add_argument("checkpoint", type=Path, help="DCP folder, transformers folder or hub id")
     p.add_argument("--config", type=Path, help="TOML (default: the run's config.toml)")
     p.add_argument("--steps", type=int, default=-1, help="batches (-1: one pass over the data)")
     p.add_argument("--json-out", type=Path, help="also write the summary here")
@@ -81,6 +83,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
         Trainer,  # after the arguments are checked: imports take seconds
     )
 
+    args.checkpoint = resolve_model_path(str(args.checkpoint), "weights", "CHECKPOINT")
     fmt = checkpoint_kind(args.checkpoint)
     cfg = eval_config(args, overrides, fmt)
     with tempfile.TemporaryDirectory() as dump:  # nothing of the run's folder is written

@@ -8,8 +8,10 @@
         --prompts-file prompts.txt --temperature 0 --json-out out.json   # TP 2, greedy
 
 CHECKPOINT: a titan DCP folder (a training checkpoint `<dump_folder>/checkpoint/step-N` or a
-model-only one), whose architecture --flavor or --config-json gives, or a transformers folder
-(config.json + safetensors). The prompts (each --prompt, then each non-empty line of
+model-only one), whose architecture --flavor or --config-json gives, a transformers folder
+(config.json + safetensors), or a Hugging Face hub id (org/name[@revision], e.g.
+meta-llama/Llama-3.2-1B-Instruct) whose safetensors, config and tokenizer are fetched into the
+hub cache (titan.hub). The prompts (each --prompt, then each non-empty line of
 --prompts-file) run as one left-padded batch: BOS + prompt, or with --chat Llama 3's instruct
 template. A row stops at <|end_of_text|> or <|eot_id|>. Sampling: --temperature 0 is greedy;
 --top-k 0 and --top-p 1 turn those filters off; --seed makes samples reproducible. Launched by
@@ -33,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from titan.data.chat import chat_prompt
 from titan.data.tokenizer import SHIPPED_TOKENIZER, Tokenizer, build_tokenizer, tokenizer_file
 from titan.errors import CheckpointError
+from titan.hub import resolve_model_path
 from titan.logger import init_logger, logger
 from titan.models.llama3 import FLAVORS, ModelArgs
 from titan.models.llama3.generation import Generation, Sampling, check_length, generate
@@ -46,7 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="titan DCP folder or transformers folder")
+    p.add_argument("checkpoint", type=Path, help="DCP folder, transformers folder or hub id")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     init_logger()
     try:
+        args.checkpoint = resolve_model_path(str(args.checkpoint), "weights", "CHECKPOINT")
         model_args, tokenizer, prompts, ids = prepare(args)
         gen = run(args, model_args, tokenizer, ids)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

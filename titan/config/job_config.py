@@ -32,7 +32,8 @@ class Model:
     flavor: str = "debugmodel"
     """Architecture size, a key of llama3.FLAVORS: debugmodel, 1B, 3B, 8B, 70B, 405B."""
     tokenizer_path: str = "titan/assets/tokenizer/tokenizer.model"
-    """Tokenizer file in Llama 3's tiktoken format (Meta's original/tokenizer.model works)."""
+    """Tokenizer: a tiktoken tokenizer.model (Meta's original/tokenizer.model), a tokenizer.json,
+    a folder holding one, or a Hugging Face hub id (org/name[@revision]) fetched to the cache."""
     vocab_size: int = -1
     """Embedding rows; -1 takes the flavor's vocabulary (the tokenizer must fit in it)."""
     attn_mask_type: str = "causal"
@@ -276,7 +277,8 @@ class Checkpoint:
     initial_load_path: str | None = None
     """Weights to start from when the run has no checkpoint of its own."""
     initial_load_in_hf: bool = False
-    """initial_load_path holds Hugging Face safetensors rather than DCP."""
+    """initial_load_path holds Hugging Face safetensors rather than DCP: a folder, or a hub id
+    (org/name[@revision]) whose safetensors and config.json are fetched to the hub cache."""
     create_seed_checkpoint: bool = False
     """Write step-0 weights from one process and exit."""
     checksums: bool = True

@@ -11,6 +11,7 @@ from pathlib import Path
 import tiktoken
 
 from titan.data.tokenizer_base import Tokenizer
+from titan.hub import HubError, parse_hub_id, resolve_model_path
 from titan.logger import logger
 
 # Llama 3's pre-tokenizer: contractions, letter runs with one leading non-letter, 1-3 digits,
@@ -118,12 +119,28 @@ def tokenizer_file(path: Path) -> Path | None:
     return None
 
 
+def locate(path: str, dry_run: bool = False) -> Path:
+    """The local path `path` names (see `resolve_path`), else the hub snapshot of the repo id it
+    names (titan.hub), which a dry run looks for in the hub cache only: it sends no request."""
+    local = resolve_path(path)
+    if local.exists() or parse_hub_id(path) is None:
+        return local
+    try:
+        return resolve_model_path(path, "tokenizer", "model.tokenizer_path", cache_only=dry_run)
+    except HubError as e:
+        if not dry_run:
+            raise
+        logger.warning(f"dry run: {e}")
+        return local
+
+
 def build_tokenizer(path: str, dry_run: bool = False) -> Tokenizer:
-    """Load the Llama 3 tokenizer at `path` (see `resolve_path`): a tiktoken tokenizer.model, a
-    Hugging Face tokenizer.json (told apart by content, so the name does not matter), or a
-    folder holding one (FOLDER_FILES). A dry run, which checks layouts and memory and not text,
-    takes the shipped one when `path` is missing."""
-    resolved = tokenizer_file(resolve_path(path))
+    """Load the Llama 3 tokenizer at `path` (see `locate`): a tiktoken tokenizer.model, a
+    Hugging Face tokenizer.json (told apart by content, so the name does not matter), a folder
+    holding one (FOLDER_FILES), or a hub id (org/name[@revision]) of a repo holding one. A dry
+    run, which checks layouts and memory and not text, takes the shipped one when `path` is
+    missing."""
+    resolved = tokenizer_file(locate(path, dry_run))
     if dry_run and resolved is None:
         logger.warning(f"dry run: tokenizer {path} not found, using {SHIPPED_TOKENIZER}")
         resolved = resolve_path(SHIPPED_TOKENIZER)
@@ -131,8 +148,9 @@ def build_tokenizer(path: str, dry_run: bool = False) -> Tokenizer:
         where = "" if Path(path).is_absolute() else f" (looked in {Path.cwd()} and {REPO_ROOT})"
         raise FileNotFoundError(
             f"tokenizer file not found: {path!r}{where}. "
-            f"Pass --model.tokenizer_path with Meta's original/tokenizer.model of a Llama 3 "
-            f"checkpoint, a Hugging Face tokenizer.json or a folder holding either, or titan's "
+            f"Pass --model.tokenizer_path with a hub id (meta-llama/Llama-3.1-8B), Meta's "
+            f"original/tokenizer.model of a Llama 3 checkpoint, a Hugging Face tokenizer.json "
+            f"or a folder holding either, or titan's "
             f"shipped {SHIPPED_TOKENIZER} (a checkout rebuilds it with "
             f"`python scripts/build_tokenizer.py`)."
         )
