@@ -89,7 +89,10 @@ def test_windows_equal_the_raw_chat_files(prepared, packing, holdout_every):
             (tokens, labels), (want_tokens, want_labels) = windows[w], raw[part][w]
             assert np.array_equal(tokens, want_tokens), (part, w)
             assert np.array_equal(labels, want_labels), (part, w)
-        assert windows.docs.n_targets() == raw[part].docs.n_targets() > 0
+        docs = windows.docs  # n_targets (logged at start-up) against a sum per example
+        spans = zip(docs.starts, docs.lengths, strict=True)
+        by_example = [docs.targets[s : s + n].sum() for s, n in spans]
+        assert docs.n_targets() == raw[part].docs.n_targets() == sum(by_example) > 0
 
 
 def test_training_on_the_prefix_gives_the_raw_files_losses(prepared, tmp_path):
