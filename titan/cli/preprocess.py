@@ -1,9 +1,10 @@
-"""Tokenize documents once, in parallel, into titan's token files; train on them by index.
+"""Tokenize documents or chat examples once, in parallel, into token files read by index.
 
   titan-preprocess INPUT... --output-prefix PREFIX [--tokenizer PATH] [--workers N]
       [--format text|chat] [--text-field text] [--messages-field messages] [--split train]
       [--config-name NAME]
-  ./run_train.sh --data.path PREFIX                      # --format chat: --data.format chat
+  ./run_train.sh --data.path PREFIX                      # text
+  ./run_train.sh --data.path PREFIX --data.format chat   # --format chat
 
 Each INPUT is a file or folder (jsonl, json, parquet, txt: a document per paragraph, arrow;
 optionally compressed) or a Hugging Face hub dataset name; they are read in the order given.
@@ -11,9 +12,10 @@ Writes PREFIX.bin (every document's ids, BOS ... EOS, back to back: uint16 when 
 fits, else uint32), PREFIX.idx (numpy int64: where each document starts, and the end) and
 PREFIX.json (counts, the largest id, the tokenizer's path and sha256, the inputs), the last
 only once the others are complete. --format chat reads each row's list of messages instead
-(--messages-field), renders it in Llama 3's chat template as training does (titan.data.chat),
-and writes PREFIX.targets beside the ids: a byte a token, 1 where the token is a target
-(assistant content and its <|eot_id|>); PREFIX.json records kind "chat" and the template.
+(--messages-field), renders it in Llama 3's chat template as training does (titan.data.chat:
+an example is BOS ... <|eot_id|>), and writes PREFIX.targets beside the ids: a byte a token,
+1 where the token is a target (assistant content and its <|eot_id|>); PREFIX.json records
+kind "chat" (else "text"), the template's version and the count of targets.
 Training checks all the files against each other and against its own tokenizer, vocabulary and
 data.format. Prints a progress bar and a summary (documents, tokens, tokens/s in all and per
 worker).
@@ -142,7 +144,9 @@ def preprocess(ns: argparse.Namespace) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse the arguments, preprocess, print the summary; returns the written metadata."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    first, rest = __doc__.split("\n", 1)
+    p = argparse.ArgumentParser(description=first, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer", default=SHIPPED_TOKENIZER, help="tokenizer.model path")
