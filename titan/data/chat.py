@@ -1,20 +1,31 @@
 """Chat examples for supervised finetuning (data.format = "chat"): messages rendered in Llama 3's
 chat template, assistant tokens the only targets, whole examples packed into windows (or one a
-window) that carry their own labels and are read by global index like PackedWindows.
+window) that carry their own labels and are read by global index like PackedWindows. Rendered
+at start-up, or memory-mapped from the files `titan-preprocess --format chat` writes.
 """
 
 import bisect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from titan.data.tokenizer import Tokenizer
-from titan.data.tokens import IGNORE_INDEX, TokenDocuments, token_dtype
+from titan.data.tokens import (
+    IGNORE_INDEX,
+    TokenDocuments,
+    _worker_tokenizer,
+    read_metadata,
+    token_dtype,
+)
 from titan.errors import DataError
 from titan.logger import logger
 
 ROLES = ("system", "user", "assistant")
+# What render_chat makes of an example, recorded in preprocessed chat files: change it whenever
+# the tokens or targets it renders change, so that files rendered the old way are refused.
+TEMPLATE = "llama3-chat-v1: content stripped; targets: assistant content and its <|eot_id|>"
 
 
 def check_example(example: Any, index: int, field: str, name: str) -> list[dict[str, str]]:
@@ -76,10 +87,28 @@ def chat_prompt(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[in
     return render_chat(messages, tokenizer)[0] + header
 
 
+def render_example(
+    example: Any, index: int, field: str, name: str, tokenizer: Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, targets as bools) of one row, checked: the arrays ChatExamples holds, whether
+    rendered at start-up or by titan-preprocess's workers."""
+    ids, targets = render_chat(check_example(example, index, field, name), tokenizer)
+    return np.asarray(ids, dtype=token_dtype(tokenizer.n_words)), np.asarray(targets, dtype=bool)
+
+
+def encode_chats(task: tuple[str, str, str, int, list]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokenizer path, messages field, input name, index of the first row, rows) -> each row's
+    render_example: a worker's task in titan-preprocess --format chat."""
+    path, field, name, first, rows = task
+    tok = _worker_tokenizer(path)
+    return [render_example(row, first + i, field, name, tok) for i, row in enumerate(rows)]
+
+
 class ChatExamples(TokenDocuments):
     """Rendered examples in one token array (as TokenDocuments' documents), plus `targets`: a
     bool per token, true where the token is trained on."""
 
+    KIND = "chat"
     targets: np.ndarray
 
     @classmethod
@@ -93,14 +122,48 @@ class ChatExamples(TokenDocuments):
         dtype = token_dtype(tokenizer.n_words)
         ids, targets = [], []  # an array per example: a few bytes a token, not a Python int
         for i in range(n):
-            one_ids, one_targets = render_chat(check_example(row(i), i, field, name), tokenizer)
-            ids.append(np.asarray(one_ids, dtype=dtype))
-            targets.append(np.asarray(one_targets, dtype=bool))
+            one_ids, one_targets = render_example(row(i), i, field, name, tokenizer)
+            ids.append(one_ids)
+            targets.append(one_targets)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum([len(one) for one in ids], out=offsets[1:])
         examples = cls(name, np.concatenate(ids) if n else np.zeros(0, dtype), offsets)
         examples.targets = np.concatenate(targets) if n else np.zeros(0, dtype=bool)
         return examples
+
+    @classmethod
+    def load(cls, prefix: str, tokenizer: Tokenizer, vocab_size: int) -> "ChatExamples":
+        """Memory-map PREFIX.bin/.idx/.targets of titan-preprocess --format chat: checked as
+        text files are (TokenDocuments.load: kind, sizes, tokenizer), then the template."""
+        examples = super().load(prefix, tokenizer, vocab_size)
+        meta = read_metadata(prefix)
+        if meta.get("chat_template") != TEMPLATE:
+            raise DataError(f"--data.path {prefix} was rendered with chat template "
+                            f"{meta.get('chat_template')!r}, not this titan's {TEMPLATE!r}: "
+                            "preprocess the data again")  # fmt: skip
+        path = Path(f"{prefix}.targets")
+        if not path.is_file():
+            raise DataError(f"{path} is missing (written with {prefix}.json by titan-preprocess "
+                            "--format chat): preprocess the data again")  # fmt: skip
+        if path.stat().st_size != meta["n_tokens"]:
+            raise DataError(f"{path} has {path.stat().st_size:,} bytes, not the "
+                            f"{meta['n_tokens']:,} (a byte a token) that {prefix}.json records: "
+                            "truncated or from another run; preprocess again")  # fmt: skip
+        examples.targets = np.memmap(path, dtype=np.bool_, mode="r")
+        return examples
+
+    def n_targets(self) -> int:
+        """The target tokens of these examples, summed over the runs of the token array between
+        example bounds: no per-token running sum of a memory-mapped corpus."""
+        ends = self.starts + self.lengths
+        bounds = np.unique(np.concatenate([self.starts, ends]))
+        bounds = bounds[bounds < len(self.targets)]
+        if len(bounds) == 0:
+            return 0
+        runs = np.add.reduceat(self.targets, bounds, dtype=np.int64)  # run k: bounds k to k + 1
+        before = np.concatenate([[0], np.cumsum(runs)])  # targets from bounds[0] to each bound
+        at = lambda points: before[np.searchsorted(bounds, points)]  # noqa: E731
+        return int((at(ends) - at(self.starts)).sum())
 
 
 class ChatWindows:

@@ -2,9 +2,9 @@
 
 `build_dataloader` returns a loader whose state_dict() resumes exactly. Sources: the embedded
 corpus, synthetic tokens, local files (.txt gives a document per paragraph), files written by
-titan-preprocess, or the hub; data.format = chat reads chat examples
-(titan.data.chat) from files or the hub. All but streamed hub datasets are read by
-global window index (titan.data.tokens): a step's data is the same under any
+titan-preprocess, or the hub; data.format = chat reads chat examples (titan.data.chat) from
+files, from titan-preprocess --format chat's files or from the hub. All but streamed hub datasets
+are read by global window index (titan.data.tokens): a step's data is the same under any
 data-parallel layout, and resumes under any. A stream cannot be indexed cheaply: each dp rank
 reads its own shard of it, and its position resumes only under the same data-parallel degree.
 """
@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -150,9 +149,8 @@ def all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocu
         docs = load_embedded_corpus()
         return TokenDocuments.from_texts("the embedded corpus", len(docs), docs.__getitem__,
                                          tokenizer)  # fmt: skip
-    written = (Path(f"{cfg.path}{suffix}").is_file() for suffix in (".json", ".bin", ".idx"))
-    if cfg.path is not None and not Path(cfg.path).exists() and any(written):
-        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)  # titan-preprocess's
+    if _preprocessed(cfg.path):
+        return TokenDocuments.load(cfg.path, tokenizer, vocab_size)
     name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     columns = dataset.column_names  # None for some streams: then checked at the first example
@@ -170,10 +168,19 @@ def all_documents(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> TokenDocu
     return TokenDocuments.from_texts(name, len(dataset), text, tokenizer)
 
 
-def all_chat_examples(cfg: Data, tokenizer: Tokenizer) -> ChatExamples:
-    """Every example of data.path or data.dataset (data.format = "chat"), checked and rendered."""
+def _preprocessed(path: str | None) -> bool:
+    """Whether data.path names titan-preprocess's files (a prefix, not a file or folder)."""
+    written = (Path(f"{path}{suffix}").is_file() for suffix in (".json", ".bin", ".idx"))
+    return path is not None and not Path(path).exists() and any(written)
+
+
+def all_chat_examples(cfg: Data, tokenizer: Tokenizer, vocab_size: int) -> ChatExamples:
+    """Every example of data.path or data.dataset (data.format = "chat"), checked and rendered,
+    or memory-mapped as titan-preprocess --format chat rendered them."""
     from datasets import Dataset
 
+    if _preprocessed(cfg.path):
+        return ChatExamples.load(cfg.path, tokenizer, vocab_size)
     name = f"--data.path {cfg.path}" if cfg.path else f"dataset {cfg.dataset!r}"
     dataset = _load_local(cfg) if cfg.path else _load_hub(cfg)
     if not isinstance(dataset, Dataset):
@@ -190,11 +197,17 @@ def all_chat_examples(cfg: Data, tokenizer: Tokenizer) -> ChatExamples:
 
 
 def build_chat_windows(
-    cfg: Data, tokenizer: Tokenizer, seq_len: int, seed: int, part: str = "train"
+    cfg: Data,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    seed: int,
+    part: str = "train",
+    vocab_size: int | None = None,
 ) -> ChatWindows:
     """Windows of chat examples: part "train" (data.holdout_every's held out; shuffled and
-    repeated as data.shuffle and data.infinite say), "holdout" or "all" (one pass, in order)."""
-    examples = all_chat_examples(cfg, tokenizer)
+    repeated as data.shuffle and data.infinite say), "holdout" or "all" (one pass, in order).
+    vocab_size: the model's (preprocessed token ids must fit it)."""
+    examples = all_chat_examples(cfg, tokenizer, vocab_size or tokenizer.n_words)
     if part != "all":
         examples = examples.split(cfg.holdout_every)[part == "holdout"]
     train = part == "train"
@@ -204,8 +217,7 @@ def build_chat_windows(
         logger.warning(f"data: {windows.n_truncated:,} of {examples.n_docs:,} chat examples of "
                        f"{examples.name} are longer than seq_len + 1 = {seq_len + 1} tokens: "
                        "each keeps its first seq_len + 1")  # fmt: skip
-    ends = np.concatenate([[0], np.cumsum(examples.targets)])
-    targets = int((ends[examples.starts + examples.lengths] - ends[examples.starts]).sum())
+    targets = examples.n_targets()
     how = "packed" if cfg.packing else "one a window"
     logger.info(f"data: {examples.name}, {examples.n_docs:,} chat examples, "
                 f"{int(examples.lengths.sum()):,} tokens ({targets:,} targets), "
@@ -288,7 +300,7 @@ def build_dataloader(
         logger.info(f"data: synthetic tokens (seed {seed}), {where}, global sample order")
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
     if cfg.format == "chat":
-        windows = build_chat_windows(cfg, tokenizer, seq_len, seed)
+        windows = build_chat_windows(cfg, tokenizer, seq_len, seed, vocab_size=vocab_size)
         return GlobalBatchLoader(windows, local_batch_size, dp_rank, dp_degree, accumulation)
     if cfg.blend:
         windows = build_blend(cfg, tokenizer, seq_len, seed, vocab_size or tokenizer.n_words)

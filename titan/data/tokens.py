@@ -69,6 +69,8 @@ class TokenDocuments:
     """Documents in one token array: document i is tokens[starts[i] : starts[i] + lengths[i]].
     Built from offsets (n_docs + 1: where each starts, and the end)."""
 
+    KIND = "text"  # what preprocessed files must hold to load as this class (their "kind")
+
     def __init__(self, name: str, tokens: np.ndarray, offsets: np.ndarray):
         self.name, self.tokens = name, tokens
         self.starts, self.lengths = np.asarray(offsets[:-1]), np.diff(offsets)
@@ -112,6 +114,7 @@ class TokenDocuments:
     def load(cls, prefix: str, tokenizer: Tokenizer, vocab_size: int) -> "TokenDocuments":
         """Memory-map PREFIX.bin/.idx; every file is checked against PREFIX.json first."""
         meta = read_metadata(prefix)
+        _check_kind(prefix, meta.get("kind", "text"), cls.KIND)  # files of before chat: text
         dtype = np.dtype(meta["dtype"])
         bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
         for path in (bin_path, idx_path):
@@ -158,6 +161,18 @@ def read_metadata(prefix: str) -> dict[str, Any]:
             f"expected {FORMAT!r}): preprocess the data again"
         )
     return meta
+
+
+def _check_kind(prefix: str, kind: str, want: str) -> None:
+    if kind == want:
+        return
+    if want == "text":
+        raise DataError(f"--data.path {prefix} holds chat examples (titan-preprocess --format "
+                        "chat): set --data.format chat, or preprocess text documents without "
+                        "--format chat")  # fmt: skip
+    raise DataError(f"--data.path {prefix} holds {kind} documents, not chat examples: preprocess "
+                    "the chat files with titan-preprocess --format chat, or set --data.format "
+                    "text")  # fmt: skip
 
 
 def _check_tokenizer(prefix: str, meta: dict, tokenizer: Tokenizer, vocab_size: int) -> None:

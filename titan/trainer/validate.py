@@ -45,7 +45,7 @@ def validation_windows(
             data, dataset=v.dataset, path=v.path, split=v.split, holdout_every=0, streaming=False
         )  # fmt: skip
         part = "holdout" if holdout else "all"
-        windows = build_chat_windows(source, tokenizer, seq_len, seed, part)
+        windows = build_chat_windows(source, tokenizer, seq_len, seed, part, vocab_size)
         return windows, windows.windows_in_epoch(0)
     if holdout:
         docs = all_documents(data, tokenizer, vocab_size).split(data.holdout_every)[1]
