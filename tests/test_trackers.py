@@ -2,8 +2,8 @@
 once, with the values of the run that wrote it last. Offline: W&B in offline mode."""
 
 import glob
-import re
 import os
+import re
 import shutil
 
 import pytest
