@@ -113,14 +113,15 @@ def test_preempted_twice_resumes_with_uninterrupted_losses(tmp_path):
 
 @pytest.mark.heavy
 def test_preempted_at_ten_random_moments(tmp_path):
-    """SIGTERM to torchrun at 10 random moments of a chain of resumed runs (async interval
-    saves, so some land while one is in flight): each time the step in progress is saved and
-    every logged loss is the uninterrupted run's."""
+    """SIGTERM to torchrun at TITAN_MOMENTS (default 5 in CI's heavy step; 10 by hand:
+    `TITAN_MOMENTS=10 ./run_tests.sh -m heavy -k ten_random`, 3 min) random moments of a chain
+    of resumed runs (async interval saves, so some land while one is in flight): each time the
+    step in progress is saved and every logged loss is the uninterrupted run's."""
     args = [*PREEMPT_ARGS, "--training.steps", "40", "--checkpoint.async_mode", "async"]
     expected = _losses(_train(tmp_path / "whole", *args, NGPU="2"))
     assert sorted(expected) == list(range(1, 41))
     dump, rng, step = tmp_path / "preempted", random.Random(), 0
-    for _ in range(10):
+    for _ in range(int(os.environ.get("TITAN_MOMENTS", 5))):
         code, log = _signalled(dump, args, signal.SIGTERM, delay=rng.uniform(0.0, 1.5))
         assert code == 1, log[-3000:]
         if step:
@@ -200,6 +201,22 @@ def _rank1_fails(tmp_path: Path, fault: str, message: str) -> None:
     assert code == 1 and message in log, log[-4000:]
 
 
+def test_a_handled_error_is_written_to_torchruns_error_file(tmp_path, monkeypatch):
+    """What torchrun's summary prints for a rank: its error file holds titan's one line."""
+    import json
+
+    from titan.train import main
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    args = ["--parallelism.context_parallel_rotate_method", "ring9"]
+    assert main(["--job.dump_folder", str(tmp_path), *args]) == 2
+    message = json.loads(error_file.read_text())["message"]["message"]
+    assert message.startswith("titan: bad config: parallelism.context_parallel_rotate_method = "
+                              "'ring9' is not one of allgather, alltoall"), message  # fmt: skip
+
+
+@pytest.mark.heavy  # 16 s; in the suite: the error file above
 def test_rank1_errors_reach_the_output(tmp_path):
     _rank1_fails(tmp_path, "config_error@0/1", RANK1_CONFIG)
     _rank1_fails(tmp_path, "raise@1/1", RANK1_RAISE)

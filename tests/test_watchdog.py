@@ -153,6 +153,7 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.mark.heavy  # 20 s
 def test_slow_rank_named_in_the_straggler_report(tmp_path):
     """FSDP over 2 processes, rank 1 sleeping 1.5 s in every step: both reports name it (the
     first step, a warm-up, is left out; step 2 is still noisy by a few tenths on 2 cores)."""
