@@ -135,8 +135,8 @@ def evaluate_tasks(args: argparse.Namespace, overrides: list[str]) -> dict:
         raise ConfigError(f"--tasks takes no --section.key overrides, got {' '.join(overrides)}")
     try:
         from titan.cli.lm_eval_backend import TitanLM, run_tasks
-    except ImportError as e:
-        raise ConfigError(f"--tasks needs lm-eval ({e}): pip install 'titan[eval]'") from None
+    except ImportError:
+        raise ConfigError("--tasks needs lm-eval: pip install 'titan[eval]'") from None
     from titan.cli.generate import tokenizer_path
 
     args.checkpoint = resolve_model_path(str(args.checkpoint), "weights", "CHECKPOINT")
