@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from titan.checkpoint.dcp_io import load_dcp_model
-from titan.cli import plot
+from titan.cli import evaluate, plot
 from titan.config.job_config import Metrics
 from titan.errors import ConfigError
 from titan.models.llama3 import FLAVORS
@@ -168,3 +168,8 @@ def test_missing_extras_name_their_pip_extra(tmp_path, monkeypatch, capsys):
         assert str(e.value) == (
             f"metrics.{key} needs {package}: pip install 'titan[trackers]' (or turn it off)"
         )
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "titan.cli.lm_eval_backend", raising=False)
+    args, overrides = evaluate.parse_args([str(tmp_path), "--tasks", "hellaswag"])
+    with pytest.raises(ConfigError, match=r"^--tasks needs lm-eval: pip install 'titan\[eval\]'$"):
+        evaluate.evaluate_tasks(args, overrides)
