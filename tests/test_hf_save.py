@@ -91,7 +91,7 @@ def test_fsdp_tp_pp_equal_converter_2_ranks(tmp_path):
     cases = [_overrides(tmp_path / name, *o) for name, o in layouts.items()]
     results = run_layouts(2, cases, make_batches(2, 8))
     placements = [r["layout"]["placements"]["layers.0.attention.wq.weight"] for r in results]
-    assert "Shard(dim=0)" in str(placements[0]) and "Shard(dim=0)" in str(placements[1])
+    assert "S(0)" in str(placements[0]) and "S(0)" in str(placements[1])  # FSDP, TP
     assert results[2]["layout"]["stages"] == {0: [0], 1: [1]}  # two stages, one per rank
     for name in layouts:
         _assert_equals_converter(tmp_path / name, tmp_path)
