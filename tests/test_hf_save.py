@@ -15,16 +15,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from parallel_harness import _free_port, make_batches, run_layouts, run_single
+from parallel_harness import DEBUG_TOML, _free_port, make_batches, run_layouts, run_single
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from titan.checkpoint.dcp_io import load_dcp_model
 from titan.cli import convert_to_hf
+from titan.config import load_config
 from titan.models.llama3 import FLAVORS, ModelArgs
 from titan.models.llama3.hf_export import sharded_to_hf
 from titan.models.llama3.model import Transformer
 from titan.models.llama3.state_dict_adapter import to_hf
+from titan.trainer.trainer import Trainer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "titan/assets/tokenizer"
 
@@ -42,14 +44,16 @@ def _overrides(dump: Path, *more: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _assert_equals_converter(dump: Path, tmp: Path, dtype: str = "float32") -> None:
-    """step-2-hf (the job's) == titan-convert-to-hf of step-2, every tensor bitwise, and the
+def _assert_equals_converter(
+    dump: Path, tmp: Path, dtype: str = "float32", step: int = 2, saved: tuple = ()
+) -> None:
+    """step-N-hf (the job's) == titan-convert-to-hf of step-N, every tensor bitwise, and the
     same config.json and files."""
     ckpt = dump / "checkpoint"
-    ours = ckpt / "step-2-hf"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-2-hf"]
+    ours = ckpt / f"step-{step}-hf"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([*saved, f"step-{step}", ours.name])
     ref = tmp / f"converted-{dump.name}"
-    argv = [str(ckpt / "step-2"), str(ref), "--flavor", "debugmodel", "--dtype", dtype]
+    argv = [str(ckpt / f"step-{step}"), str(ref), "--flavor", "debugmodel", "--dtype", dtype]
     assert convert_to_hf.main([*argv, "--tokenizer-dir", str(TOKENIZER_DIR)]) == 0
     got, want = _safetensors(ours), _safetensors(ref)
     assert got.keys() == want.keys() and len(got) == 6 * 9 + 3
@@ -77,6 +81,19 @@ def test_one_process_equals_converter_and_loads_in_transformers(tmp_path):
     with torch.no_grad():
         ours, theirs = titan(tokens), hf(tokens).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_last_step_only_in_bfloat16_from_the_train_loop(tmp_path):
+    args = [
+        *_overrides(tmp_path), "--training.steps", "3", "--checkpoint.hf_save", "last",
+        "--checkpoint.export_dtype", "bfloat16", "--training.seq_len", "32",
+        "--data.dataset", "synthetic", "--metrics.log_freq", "1000", "--training.device", "cpu",
+    ]  # fmt: skip
+    Trainer(load_config(args, config_file=str(DEBUG_TOML))).train()
+    # step 2: the interval's full save, no HF folder; step 3: model-only in bf16, and its HF copy
+    _assert_equals_converter(tmp_path, tmp_path, "bfloat16", step=3, saved=("step-2",))
+    config = json.loads((tmp_path / "checkpoint/step-3-hf/config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
 
 
 @pytest.mark.heavy
