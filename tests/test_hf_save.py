@@ -131,7 +131,10 @@ def _split_head_worker(rank: int, port: int, out: str) -> None:
     }
     sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
     hf = sharded_to_hf(sharded, _ARGS, torch.float32)
+    # each rank holds its own piece only (no view of a gathered weight)
+    own = all(v.to_local().untyped_storage().nbytes() == v.to_local().nbytes for v in hf.values())
     got = {k: (v.placements, v.to_local().shape, v.full_tensor()) for k, v in hf.items()}
+    got["own"] = own
     if rank == 0:
         Path(out).write_bytes(pickle.dumps((got, to_hf(full, _ARGS))))
     dist.destroy_process_group()
@@ -144,6 +147,7 @@ def test_a_shard_boundary_inside_a_head_permutes_the_same_rows():
             _split_head_worker, args=(_free_port(), out), nprocs=2, start_method="fork"
         )
         got, want = pickle.loads(Path(out).read_bytes())
+    assert got.pop("own")
     assert got.keys() == want.keys()
     for name, (placements, local_shape, full) in got.items():
         assert placements == (Shard(0),) and local_shape[0] == want[name].shape[0] // 2

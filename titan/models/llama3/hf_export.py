@@ -39,7 +39,8 @@ def _rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     replicate = [Replicate()] * w.device_mesh.ndim
     full = _meta_to_hf_rows(w.redistribute(placements=replicate).to_local(), n_heads)
     whole = DTensor.from_local(full, w.device_mesh, replicate, run_check=False)
-    return whole.redistribute(placements=w.placements)  # a local cut: no communication
+    # a local cut, no communication; a copy, not a view of `full` (test_hf_save checks it)
+    return whole.redistribute(placements=w.placements)
 
 
 def sharded_to_hf(
