@@ -1,8 +1,8 @@
 """Hugging Face saves from the training job (checkpoint.hf_save, titan/checkpoint/hf_save.py):
 the step-N-hf folder equals titan-convert-to-hf's export of the same step's DCP checkpoint,
-tensor for tensor and bit for bit, in one process and under FSDP 2, TP 2 and PP 2 (every rank
-writing its pieces); transformers loads it and gives titan's logits; a shard boundary inside a
-head (wk gathered, permuted and cut back) writes the same rows."""
+tensor for tensor and bit for bit, in one process and under FSDP 2, TP 2, PP 2 and FSDP 2 x
+TP 2 (every rank writing its pieces); transformers loads it and gives titan's logits; a shard
+boundary inside a head (wk gathered, permuted and cut back) writes the same rows."""
 
 import json
 import os
@@ -112,6 +112,21 @@ def test_fsdp_tp_pp_equal_converter_2_ranks(tmp_path):
     assert results[2]["layout"]["stages"] == {0: [0], 1: [1]}  # two stages, one per rank
     for name in layouts:
         _assert_equals_converter(tmp_path / name, tmp_path)
+
+
+@pytest.mark.heavy
+def test_fsdp_x_tp_equals_converter_4_ranks(tmp_path):
+    # FSDP over TP shards wq/wk as (_StridedShard(0), Shard(0)): gathered, permuted, cut back
+    tp = [
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+    ]
+    results = run_layouts(4, [_overrides(tmp_path / "fsdp_tp", *tp)], make_batches(2, 8))
+    layout = results[0]["layout"]["placements"]["layers.0.attention.wk.weight"]
+    assert layout == (("dp_shard_cp", "tp"), ("S(0)", "S(0)"))
+    _assert_equals_converter(tmp_path / "fsdp_tp", tmp_path)
 
 
 # One KV head of 16 rows (dim 64, 4 query heads): FSDP 2 cuts it in the middle, between the
