@@ -131,6 +131,15 @@ def test_effective_config_round_trips(tmp_path):
             "resilience.on_anomaly = 'ignore' is not one of stop, skip, rollback",
         ),
         (["--resilience.on_anomaly", "rollback"], "add --checkpoint.enable"),
+        (
+            ["--checkpoint.hf_save", "final"],
+            "checkpoint.hf_save = 'final' is not one of none, last, every",
+        ),
+        (["--checkpoint.hf_save", "last"], "writes beside the run's checkpoints: add"),
+        (
+            ["--checkpoint.hf_save", "every", "--checkpoint.enable", "--model.converters", "lora"],
+            "checkpoint.hf_save does not write LoRA runs: export with titan-convert-to-hf",
+        ),
         (["--resilience.grad_norm_spike_factor", "0.5"], "must be > 1"),
         (["--resilience.spike_sigma", "-1"], "resilience.spike_sigma = -1.0 must be >= 0"),
         (["--resilience.spike_window", "1"], "resilience.spike_window = 1 must be >= 2"),

@@ -38,6 +38,7 @@ from titan.checkpoint.dcp_io import (
     load_dcp_model,
     read_dcp_metadata,
 )
+from titan.checkpoint.hf_save import HfExporter, hf_folder, save_hf
 from titan.config.job_config import Checkpoint
 from titan.converters.lora import adapter_keys, init_magnitudes
 from titan.errors import ConfigError
@@ -128,6 +129,7 @@ class CheckpointManager:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         dataloader: Any,
         guard: Any = None,
+        hf_exporter: HfExporter | None = None,
     ):
         self._stager = None
         if cfg.async_mode == "async_with_pinned_mem":
@@ -147,6 +149,7 @@ class CheckpointManager:
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.dataloader = dataloader
         self.guard = guard  # the anomaly tests' history (titan.trainer.anomaly), if any
+        self.hf_exporter = hf_exporter  # the model's HF names and config.json (checkpoint.hf_save)
         # "global" for a loader read by global window index (any layout loads it); a streamed
         # source's position only means something for the same sharding: "dp{rank}_of_{degree}"
         self.dp_key = dataloader.state_key
@@ -192,6 +195,9 @@ class CheckpointManager:
         else:
             self._save(self._state(step), step, asynchronous=self.cfg.async_mode != "disabled")
             self._full_step = step
+        if self.cfg.hf_save == "every" or (self.cfg.hf_save == "last" and last_step):
+            state, dtype = get_model_state_dict(self.model), _EXPORT_DTYPES[self.cfg.export_dtype]
+            save_hf(state, self.hf_exporter, hf_folder(self.folder, step), dtype, self._pg)
 
     def save_now(self, step: int) -> None:
         """A full, synchronous save of `step` (before a preemption exit): an async save in flight

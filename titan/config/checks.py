@@ -150,6 +150,21 @@ def check_degrees(p: Parallelism) -> None:
 ANOMALY_POLICIES = ("stop", "skip", "rollback")
 
 
+def check_hf_save(ckpt: Checkpoint, converters: list[str]) -> None:
+    if ckpt.hf_save == "none":
+        return
+    if not ckpt.enable:
+        raise ConfigError(
+            f"checkpoint.hf_save = {ckpt.hf_save!r} writes beside the run's checkpoints: add "
+            "--checkpoint.enable"
+        )
+    if "lora" in converters:
+        raise ConfigError(
+            "checkpoint.hf_save does not write LoRA runs: export with titan-convert-to-hf "
+            "--merge-lora or --peft from the step-N checkpoint"
+        )
+
+
 def check_resilience(r: Resilience, ckpt: Checkpoint) -> None:
     for name in r.preemption_signals:
         if not isinstance(getattr(signal, name, None), signal.Signals) or name in (

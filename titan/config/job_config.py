@@ -271,7 +271,10 @@ class Checkpoint:
     last_save_model_only: bool = True
     """At the last step, save the model weights only (no optimizer state)."""
     export_dtype: str = "float32"
-    """dtype of a model-only save: float32 or bfloat16."""
+    """dtype of a model-only save and of hf_save's weights: float32 or bfloat16."""
+    hf_save: str = "none"
+    """Also write the weights as a Hugging Face (transformers) folder, step-N-hf beside step-N,
+    every rank writing its pieces: none, last (the last step's save) or every (each save)."""
     exclude_from_loading: list[str] = field(default_factory=list)
     """Parts not restored on resume: model, optimizer, lr_scheduler, dataloader, train_state."""
     initial_load_path: str | None = None

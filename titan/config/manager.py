@@ -23,6 +23,7 @@ from titan.config.checks import (
     check_chat_config,
     check_converters,
     check_degrees,
+    check_hf_save,
     check_lora,
     check_resilience,
 )
@@ -279,6 +280,7 @@ _CHOICES = {
     "activation_checkpoint.mode": ("none", "full", "selective", "memory_budget"),
     "checkpoint.async_mode": ("disabled", "async", "async_with_pinned_mem"),
     "checkpoint.export_dtype": ("float32", "bfloat16"),
+    "checkpoint.hf_save": ("none", "last", "every"),
     "quantize.linear.float8.recipe_name": ("tensorwise", "hybrid", "rowwise", "rowwise_with_gw_hp"),
     "quantize.linear.mx.recipe_name": ("mxfp8_rceil", "mxfp8_rceil_wgrad_with_hp"),
 }
@@ -371,6 +373,7 @@ def validate(cfg: JobConfig) -> None:
     check_lora(cfg.lora)
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     check_resilience(cfg.resilience, cfg.checkpoint)
+    check_hf_save(cfg.checkpoint, cfg.model.converters)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
 

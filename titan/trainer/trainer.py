@@ -24,6 +24,7 @@ from titan.data.tokenizer import build_tokenizer
 from titan.errors import AnomalyError, DataError
 from titan.logger import logger
 from titan.models.llama3.build import build_model, check_layout, model_args_for
+from titan.models.llama3.hf_export import hf_exporter
 from titan.models.llama3.hf_load import load_hf_weights
 from titan.models.llama3.pipeline import StageUnion
 from titan.parallelisms.context_parallel import shard_batch
@@ -156,10 +157,12 @@ class Trainer(PipelineSteps):
                 logger.warning("dry run: checkpoint loading and saving are off")
             return None
         load_hf = functools.partial(load_hf_weights, args=self.model_args)
+        m = self.cfg.model
         manager, self.step = build_checkpointer(
             ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, load_hf,
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader, guard=self.guard,
+            hf_exporter=hf_exporter(self.model_args, m.flavor, m.tokenizer_path),
         )  # fmt: skip
         return manager
 

@@ -301,8 +301,9 @@ def save_hf_checkpoint(
     index (metadata.total_size and weight_map)."""
     out_dir = Path(out_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    tok_files = _tokenizer_files(tok_dir) if tok_dir is not None else []  # fail before writing
-    token_ids = _special_token_ids(args, tok_dir)
+    if tok_dir is not None:  # fail before writing
+        _tokenizer_files(tok_dir)
+        _special_token_ids(args, tok_dir)
     hf_sd = to_hf(state_dict_titan, args)  # drops lm_head when tied: transformers re-ties
     shards = _shards(hf_sd, dtype, max_shard_bytes)
     index: dict = {"metadata": {"total_size": 0}, "weight_map": {}}
@@ -321,15 +322,25 @@ def save_hf_checkpoint(
                 index["metadata"]["total_size"] += t.numel() * t.element_size()
             save_file(shard, tmp / file, metadata={"format": "pt"})
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        dtype_name = str(dtype).removeprefix("torch.")
-        # transformers 5 reads "dtype", 4.x reads "torch_dtype"
-        config = hf_config_dict(args) | {"torch_dtype": dtype_name, "dtype": dtype_name}
-        (tmp / "config.json").write_text(json.dumps(config | token_ids, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(token_ids, indent=2) + "\n")
-        for name in tok_files:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tok_dir / name, tmp / name)
+        write_hf_metadata(tmp, args, dtype, tok_dir)
     return index
+
+
+def write_hf_metadata(
+    folder: Path, args: ModelArgs, dtype: torch.dtype, tokenizer_dir: Path | None = None
+) -> None:
+    """config.json, generation_config.json and the tokenizer's files (from `tokenizer_dir`) of
+    a transformers folder whose weights are `dtype` (the weights are written apart)."""
+    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    token_ids = _special_token_ids(args, tokenizer_dir)
+    dtype_name = str(dtype).removeprefix("torch.")
+    # transformers 5 reads "dtype", 4.x reads "torch_dtype"
+    config = hf_config_dict(args) | {"torch_dtype": dtype_name, "dtype": dtype_name}
+    (folder / "config.json").write_text(json.dumps(config | token_ids, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(token_ids, indent=2) + "\n")
+    for name in tok_files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer_dir / name, folder / name)
 
 
 def save_peft_adapter(
