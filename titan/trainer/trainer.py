@@ -157,12 +157,12 @@ class Trainer(PipelineSteps):
                 logger.warning("dry run: checkpoint loading and saving are off")
             return None
         load_hf = functools.partial(load_hf_weights, args=self.model_args)
-        m = self.cfg.model
         manager, self.step = build_checkpointer(
             ckpt, self.cfg.job.dump_folder, self.parallel_dims.world_size, load_hf,
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader, guard=self.guard,
-            hf_exporter=hf_exporter(self.model_args, m.flavor, m.tokenizer_path),
+            hf_exporter=hf_exporter(self.model_args, self.cfg.model.flavor,
+                                    self.cfg.model.tokenizer_path),
         )  # fmt: skip
         return manager
 
@@ -293,8 +293,7 @@ class Trainer(PipelineSteps):
         return verdict.loss, verdict.grad_norm
 
     def _rollback(self):
-        """Reload the newest checkpoint and skip the global batches after it; returns the new
-        data iterator."""
+        """Reload the newest checkpoint, skip the batches after it; returns the data iterator."""
         self.rollback_due = False
         n = self.cfg.resilience.rollback_skip_batches
         self.step = rollback(self.checkpointer, self.guard, self.step, n)
@@ -304,9 +303,8 @@ class Trainer(PipelineSteps):
 
     def _checkpoint(self, data_iter, preemption: PreemptionCheck) -> None:
         """After a step: the interval checkpoint; on a preemption signal, the step saved (and
-        Preempted raised); then the batches a rollback recorded after this step skipped. In
-        that order: a checkpoint of this step holds the data position before the skip, which
-        a resume from it applies again."""
+        Preempted raised); then a rollback's recorded skip, which a resume from a checkpoint of
+        this step (its data position before the skip) applies again."""
         last_step = self.step == self.cfg.training.steps
         if self.checkpointer is not None:
             self.monitor.enter(self.step, "checkpoint")
