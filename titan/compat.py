@@ -106,6 +106,12 @@ PRIVATE_APIS = (
         "torch.distributed.tensor.experimental._context_parallel._attention.set_rotate_method",
         "context_parallel",
     ),
+    PrivateApi("torch.optim._muon._adjust_lr", "muon: Muon's LR by matrix shape", since="2.9"),
+    PrivateApi(
+        "torch.optim._muon._zeropower_via_newtonschulz",
+        "muon: Newton-Schulz on a gathered matrix",
+        since="2.9",
+    ),
     PrivateApi("torch.testing._internal.distributed.fake_pg.FakeStore", "distributed: dry runs"),
     PrivateApi(
         "torch.utils._python_dispatch.TorchDispatchMode",
@@ -191,6 +197,17 @@ def decide_static_shapes_on_fake_backend(schedule) -> None:
         vote(stages, has_backward, p2p_done)
 
     schedule._warmup_p2p = warmup
+
+
+# --- optimizers -------------------------------------------------------------------------------
+
+
+def muon_unsupported() -> str | None:
+    """Why optimizer.name = "Muon" cannot run on the installed torch, or None: titan's Muon is
+    torch.optim.Muon's update (torch 2.9 and newer; the same signatures on 2.11 to 2.15)."""
+    if hasattr(torch.optim, "Muon"):
+        return None
+    return f"needs torch.optim.Muon, torch 2.9 or newer (installed: {torch.__version__})"
 
 
 def torch_at_least(version: str) -> bool:

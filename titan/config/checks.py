@@ -7,7 +7,7 @@ config (the planner's), so each is written once."""
 import signal
 from dataclasses import dataclass
 
-from titan.compat import mx_training_unsupported
+from titan.compat import muon_unsupported, mx_training_unsupported
 from titan.config.job_config import (
     MX,
     Checkpoint,
@@ -15,6 +15,7 @@ from titan.config.job_config import (
     Float8,
     JobConfig,
     Lora,
+    Optimizer,
     Parallelism,
     QuantizeLinear,
     Resilience,
@@ -101,6 +102,33 @@ def check_lora(cfg: Lora) -> None:
             + (f"{unknown} are not linears of Llama 3" if unknown else "name at least one")
             + f"; valid ones are {', '.join(LORA_TARGETS)}"
         )
+
+
+def check_optimizer(cfg: Optimizer, converters: list[str]) -> None:
+    """Stop on Muon settings it cannot take (the [optimizer] keys of AdamW are checked with
+    the others in validate)."""
+    if cfg.name != "Muon":
+        return
+    if why := muon_unsupported():
+        raise ConfigError(f"optimizer.name = 'Muon' {why}: upgrade torch, or use AdamW")
+    if cfg.state_dtype != "float32":
+        raise ConfigError(
+            f"optimizer.state_dtype = {cfg.state_dtype!r} applies to AdamW/Adam's moments; with "
+            "optimizer.name = 'Muon' keep float32 (torch's Muon keeps state in the weights' dtype)"
+        )
+    if "lora" in converters:
+        raise ConfigError(
+            "optimizer.name = 'Muon' with LoRA: orthogonalizing the low-rank adapters' updates "
+            "is not supported; train LoRA with AdamW"
+        )
+    if not cfg.muon_lr > 0:
+        raise ConfigError(f"optimizer.muon_lr = {cfg.muon_lr} must be > 0")
+    if not 0.0 <= cfg.muon_momentum < 1.0:
+        raise ConfigError(f"optimizer.muon_momentum = {cfg.muon_momentum} must be in [0, 1)")
+    if cfg.muon_weight_decay < 0:
+        raise ConfigError(f"optimizer.muon_weight_decay = {cfg.muon_weight_decay} must be >= 0")
+    if not 1 <= cfg.muon_ns_steps < 100:
+        raise ConfigError(f"optimizer.muon_ns_steps = {cfg.muon_ns_steps} must be in [1, 99]")
 
 
 def check_chat_config(cfg: Data, attn_mask_type: str) -> None:

@@ -142,7 +142,8 @@ class Validation:
 @dataclass
 class Optimizer:
     name: str = "AdamW"
-    """Optimizer: AdamW or Adam."""
+    """Optimizer: AdamW, Adam, or Muon (torch.optim.Muon on the transformer blocks' matrices,
+    AdamW with lr, betas, eps and weight_decay on the embedding, output layer and norms)."""
     lr: float = 8e-4
     """Peak learning rate."""
     beta1: float = 0.9
@@ -159,6 +160,21 @@ class Optimizer:
     """Dtype of Adam's two moments: float32, or bfloat16 (half their memory; the weights stay
     float32; the update is computed in float32 and the moments rounded to bf16 after each step,
     by titan's own per-parameter step, to which optimizer.implementation does not apply)."""
+    muon_lr: float = 0.02
+    """Muon: peak learning rate of the blocks' matrices (scheduled as lr is)."""
+    muon_momentum: float = 0.95
+    """Muon: momentum of the running average of gradients it orthogonalizes."""
+    muon_nesterov: bool = True
+    """Muon: orthogonalize the Nesterov look-ahead of the momentum instead of the momentum."""
+    muon_weight_decay: float = 0.0
+    """Muon: decoupled weight decay of the blocks' matrices (each step scales them by
+    1 - muon_lr x muon_weight_decay, at the step's LR)."""
+    muon_ns_steps: int = 5
+    """Muon: Newton-Schulz iterations that orthogonalize each update (torch's quintic)."""
+    muon_adjust_lr: str = "original"
+    """Muon: the LR's scaling by matrix shape (m x n): "original", sqrt(max(1, m/n)) (Keller
+    Jordan's); "match_rms_adamw", 0.2 sqrt(max(m, n)) (Moonshot's: updates of AdamW's size,
+    so muon_lr near lr)."""
 
 
 @dataclass

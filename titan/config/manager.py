@@ -25,6 +25,7 @@ from titan.config.checks import (
     check_degrees,
     check_hf_save,
     check_lora,
+    check_optimizer,
     check_resilience,
 )
 from titan.config.job_config import JobConfig
@@ -260,7 +261,8 @@ _CHOICES = {
     "data.format": ("text", "chat"),
     "training.mixed_precision_param": ("bfloat16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
-    "optimizer.name": ("AdamW", "Adam"),
+    "optimizer.name": ("AdamW", "Adam", "Muon"),
+    "optimizer.muon_adjust_lr": ("original", "match_rms_adamw"),
     "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
     "optimizer.state_dtype": ("float32", "bfloat16"),
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),
@@ -371,6 +373,7 @@ def validate(cfg: JobConfig) -> None:
         )
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     check_lora(cfg.lora)
+    check_optimizer(cfg.optimizer, cfg.model.converters)
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     check_resilience(cfg.resilience, cfg.checkpoint)
     check_hf_save(cfg.checkpoint, cfg.model.converters)

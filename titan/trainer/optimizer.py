@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule builders: AdamW/Adam and warmup -> stable -> decay."""
+"""Optimizer and learning-rate schedule builders: AdamW/Adam (Muon in muon.py) and
+warmup -> stable -> decay."""
 
 import functools
 import math
@@ -8,10 +9,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from titan.config.job_config import LRScheduler, Optimizer
+from titan.trainer.muon import build_muon
 
 
 def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW (or Adam) with weight decay on matrices only; norms' gains are not decayed."""
+    """AdamW (or Adam) with weight decay on matrices only; norms' gains are not decayed. Muon:
+    Muon on the blocks' matrices, this AdamW on the other parameters (muon.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     device_type = params[0].device.type
     impl = cfg.implementation
@@ -28,6 +31,8 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
         "foreach": impl == "foreach",
         "fused": impl == "fused",
     }
+    if cfg.name == "Muon":
+        return build_muon(model, cfg, kwargs)
     if cfg.state_dtype == "bfloat16":
         decoupled = cfg.name == "AdamW"
         return AdamBf16Moments(groups, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, decoupled)
