@@ -62,7 +62,8 @@ def reference_muon(w, grads, lr, momentum, wd, steps, adjust) -> torch.Tensor:
 def test_muon_step_matches_a_float64_reference(adjust):
     """Five steps of titan's Muon on random gradients: each block matrix (square, tall, wide)
     moves as the float64 definition moves it, to the bf16 rounding of torch's Newton-Schulz
-    (measured 0.7e-2 to 1e-2 of the total move, tolerance 2.5e-2). Embedding, output and norms take torch's AdamW step, bitwise."""
+    (measured 0.7e-2 to 1e-2 of the total move, tolerance 2.5e-2). Embedding, output and
+    norms take torch's AdamW step, bitwise."""
     torch.manual_seed(0)
     model = Tiny()
     cfg = Optimizer(
