@@ -171,6 +171,10 @@ class Optimizer:
     1 - muon_lr x muon_weight_decay, at the step's LR)."""
     muon_ns_steps: int = 5
     """Muon: Newton-Schulz iterations that orthogonalize each update (torch's quintic)."""
+    muon_ns_dtype: str = "bfloat16"
+    """Muon: dtype of the Newton-Schulz iterations: bfloat16 (torch's Muon), or float32 (twice
+    the bytes and slower matmuls on GPUs; parallel layouts then reproduce one process's update
+    to fp32 rounding, where bf16 rounding amplifies it to ~1% of the update)."""
     muon_adjust_lr: str = "original"
     """Muon: the LR's scaling by matrix shape (m x n): "original", sqrt(max(1, m/n)) (Keller
     Jordan's); "match_rms_adamw", 0.2 sqrt(max(m, n)) (Moonshot's: updates of AdamW's size,

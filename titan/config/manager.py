@@ -263,6 +263,7 @@ _CHOICES = {
     "training.device": ("auto", "cpu", "cuda"),
     "optimizer.name": ("AdamW", "Adam", "Muon"),
     "optimizer.muon_adjust_lr": ("original", "match_rms_adamw"),
+    "optimizer.muon_ns_dtype": ("bfloat16", "float32"),
     "optimizer.implementation": ("auto", "for-loop", "foreach", "fused"),
     "optimizer.state_dtype": ("float32", "bfloat16"),
     "lr_scheduler.decay_type": ("linear", "cosine", "sqrt"),

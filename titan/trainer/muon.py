@@ -42,6 +42,16 @@ class ShardedMuon(_TorchMuon):
     a time: the gathered fp32 matrix, plus Newton-Schulz's bf16 working copies (the matrix,
     two min(m, n)^2 Gram matrices, the next iterate)."""
 
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    def _orthogonalize(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        args = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        if self.ns_dtype == torch.bfloat16:
+            return _zeropower_via_newtonschulz(update, *args)
+        return newton_schulz(update, *args)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -59,14 +69,29 @@ class ShardedMuon(_TorchMuon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)  # torch's Muon: momentum as a running average
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                ortho = _zeropower_via_newtonschulz(
-                    _full(update), group["ns_coefficients"], group["ns_steps"], group["eps"]
-                )
+                ortho = self._orthogonalize(_full(update), group)
                 local = _local(p)
                 local.mul_(1 - lr * wd)
                 step_size = _adjust_lr(lr, group["adjust_lr_fn"], p.shape)  # the full shape
                 local.add_(_block_of(ortho, p), alpha=-step_size)
         return loss
+
+
+def newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """torch's Newton-Schulz quintic in g's dtype (fp32). Written here because torch's rounds
+    the matrix to bf16, which amplifies fp32 rounding differences of its input (FSDP's reduced
+    gradients against one process') into ~1% of the update; fp32 gives layouts one process's
+    update to rounding (optimizer.muon_ns_dtype)."""
+    a, b, c = coefficients
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g  # (k, n), k <= n: the Gram matrix is the smaller one
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T  # (k, k)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -125,7 +150,7 @@ def build_muon(model: nn.Module, cfg: Optimizer, adamw_kwargs: dict) -> MuonAdam
     muon = ShardedMuon(
         [{"params": matrices}], lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
         momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
-        adjust_lr_fn=cfg.muon_adjust_lr,
+        adjust_lr_fn=cfg.muon_adjust_lr, ns_dtype=getattr(torch, cfg.muon_ns_dtype),
     )  # fmt: skip
     adamw = torch.optim.AdamW(
         [
