@@ -346,3 +346,22 @@ def test_resume_with_bf16_moments_is_exact(tmp_path):
     state = resumed.optimizer.state[next(resumed.model.parameters())]
     assert resumed.step == 3 and state["exp_avg"].dtype == torch.bfloat16
     assert resumed.train() == losses[3:]
+
+
+def test_resume_with_muon_is_exact(tmp_path):
+    """Muon's momentum on the blocks' matrices and AdamW's moments on the rest save and load
+    (the two optimizers' shared groups and state re-linked after the load): a run killed after
+    step 4 resumes from step 3 into the uninterrupted losses, bitwise."""
+    muon = ("--optimizer.name", "Muon")
+    losses = make_trainer(tmp_path / "whole", *muon).train()
+    first = make_trainer(tmp_path, "--checkpoint.enable", *muon)
+    crash_after(first, 4)
+    with pytest.raises(Interrupted):
+        first.train()
+    first.checkpointer.close()
+    resumed = make_trainer(tmp_path, "--checkpoint.enable", *muon)
+    opt = resumed.optimizer
+    wq = resumed.model.layers["0"].attention.wq.weight
+    assert resumed.step == 3 and set(opt.state[wq]) == {"momentum_buffer"}
+    assert opt.muon.state is opt.state and opt.muon.param_groups[0] is opt.param_groups[0]
+    assert resumed.train() == losses[3:]
