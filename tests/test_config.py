@@ -104,7 +104,33 @@ def test_effective_config_round_trips(tmp_path):
         (["--compile.enable", "maybe"], "--compile.enable: expected bool"),
         (
             ["--optimizer.name", "adamw"],
-            "optimizer.name = 'adamw' is not one of AdamW, Adam; did you mean 'AdamW'?",
+            "optimizer.name = 'adamw' is not one of AdamW, Adam, Muon; did you mean 'AdamW'?",
+        ),
+        (
+            ["--optimizer.name", "muon"],
+            "optimizer.name = 'muon' is not one of AdamW, Adam, Muon; did you mean 'Muon'?",
+        ),
+        (
+            ["--optimizer.name", "Muon", "--optimizer.state_dtype", "bfloat16"],
+            "optimizer.state_dtype = 'bfloat16' applies to AdamW/Adam's moments; with "
+            "optimizer.name = 'Muon' keep float32",
+        ),
+        (
+            ["--optimizer.name", "Muon", "--model.converters", "lora"],
+            "optimizer.name = 'Muon' with LoRA: orthogonalizing the low-rank adapters' updates",
+        ),
+        (
+            ["--optimizer.name", "Muon", "--optimizer.muon_momentum", "1"],
+            "optimizer.muon_momentum = 1.0 must be in [0, 1)",
+        ),
+        (
+            ["--optimizer.name", "Muon", "--optimizer.muon_ns_steps", "0"],
+            "optimizer.muon_ns_steps = 0 must be in [1, 99]",
+        ),
+        (["--optimizer.name", "Muon", "--optimizer.muon_lr", "0"], "muon_lr = 0.0 must be > 0"),
+        (
+            ["--optimizer.muon_adjust_lr", "rms"],
+            "optimizer.muon_adjust_lr = 'rms' is not one of original, match_rms_adamw",
         ),
         (["--model.name", "llama4"], "model.name = 'llama4' is not one of llama3"),
         (
