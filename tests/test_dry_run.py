@@ -123,3 +123,21 @@ def test_ddp_is_refused_with_what_to_trace_instead(tmp_path):
     log, _ = dry_run(tmp_path, *args, "--parallelism.data_parallel_shard_degree", "1", ngpu=2, rc=1)
     assert "a dry run cannot trace DDP (data_parallel_replicate_degree > 1 with " in log
     assert "dry-run an FSDP or HSDP layout instead" in log
+
+
+def test_muon_state_and_gathered_matrices(tmp_path):
+    """Muon at FSDP 4 x TP 2: rank 0 holds one momentum buffer per block matrix and AdamW's two
+    moments for the rest (embedding and output an eighth each, norms a quarter: TP replicates
+    them), exact; the traced optimizer step holds at least a gathered fp32 w1 (the largest
+    matrix, 640 x 256, whole on every rank) and its bf16 Newton-Schulz copy."""
+    log, out = dry_run(
+        tmp_path, "--training.seq_len", "32", "--parallelism.tensor_parallel_degree", "2",
+        "--optimizer.name", "Muon",
+    )  # fmt: skip
+    (rank0,) = out["ranks"]
+    held = _held_elements(rank0)
+    adamw_only = 2 * EMBEDDING / 8 + 256 / 4 + 6 * 2 * 256 / 4  # embedding, output, norms
+    assert held["optimizer state"] == held["parameters"] + adamw_only
+    w1 = 640 * 256
+    assert rank0["optimizer_step"] >= w1 * 4 + w1 * 2, rank0["optimizer_step"]
+    assert "optimizer step: 0.002 GiB above what it starts from" in log

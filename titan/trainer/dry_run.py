@@ -49,6 +49,9 @@ class MemoryEstimate:
     reduce_scatter_bytes: int = 0
     # what offload keeps in host memory, by part, at the host's own peak (not in `peak`)
     host: dict[str, int] = field(default_factory=dict)
+    # the optimizer step's own rise above what the rank holds when it starts (clipping, then
+    # the step: foreach intermediates, Muon's gathered matrices and Newton-Schulz), at its peak
+    optimizer_step: int = 0
 
     @property
     def total(self) -> int:
@@ -89,6 +92,9 @@ def report(estimates: list[MemoryEstimate], memory_gib: float, header: str) -> t
         if e.reduce_scatters:
             lines.append(f"    FSDP gradient reduce-scatters: {e.reduce_scatters} a step, "
                          f"{e.reduce_scatter_bytes / GIB:.3f} GiB in")  # fmt: skip
+        if e.optimizer_step >= 2**20:
+            lines.append(f"    optimizer step: {e.optimizer_step / GIB:.3f} GiB above what it "
+                         "starts from, at its own highest")  # fmt: skip
         lines.extend(f"    note: {n}" for n in e.notes)
     worst = max(estimates, key=lambda e: e.total)
     over = worst.total / GIB - memory_gib
@@ -199,7 +205,8 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
             trainer.forward_backward(microbatches)
         held = {name: tensor_bytes(ts) for name, ts in static_state(model, optimizer).items()}
         held["gradients"] = tensor_bytes([p.grad for p in params if p.grad is not None])
-        tracer.optimizer_phase = True
+        tracer.optimizer_phase, tracer.optimizer_peak = True, tracer.total
+        step_start = tracer.total
         clip_grad_norm_tensor_(params, trainer.cfg.training.max_norm, trainer.pp_mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,6 +220,7 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         trace_s=time.perf_counter() - start, notes=notes,
         reduce_scatters=reduce_scatters.count, reduce_scatter_bytes=reduce_scatters.bytes,
         host={k.removeprefix(HOST): v for k, v in tracer.host_peak.items()},
+        optimizer_step=tracer.optimizer_peak - step_start,
     )  # fmt: skip
 
 

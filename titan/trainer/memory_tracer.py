@@ -63,6 +63,7 @@ class MemoryTracer(TorchDispatchMode):
         self.peak: dict[str, int] = {}
         self.pending = False  # a new peak since the last snapshot
         self.optimizer_phase = False
+        self.optimizer_peak = 0  # the highest total during the optimizer phase
         self.peak_taken = 0  # the total when the peak's composition was taken
         self.snapshots = 0
         self.propagating = 0  # inside DTensor's shape propagation
@@ -102,6 +103,8 @@ class MemoryTracer(TorchDispatchMode):
                 self.host_peak = {k: v for k, v in self.current.items() if k.startswith(HOST)}
             return
         self.total += nbytes
+        if self.optimizer_phase and self.total > self.optimizer_peak:
+            self.optimizer_peak = self.total
         if self.total > self.peak_total:
             self.peak_total = self.total
             self.pending = True
@@ -233,7 +236,10 @@ class MemoryTracer(TorchDispatchMode):
                 self._retag(st, "gathered parameters")
             return out
         if namespace in ("c10d", "_c10d_functional", "fsdp"):
-            part = "communication buffers"
+            # in the optimizer step: Muon's gathered matrices
+            part = self._where(
+                "optimizer temporaries" if self.optimizer_phase else "communication buffers"
+            )
             for st in _storages((args, kwargs, out)):
                 self._add(st, part)
                 self._retag(st, part)
