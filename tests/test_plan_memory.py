@@ -234,6 +234,18 @@ def test_memory_models_bf16_moments():
     assert bf16.total == pytest.approx(32_837_623_824, rel=0.05)
 
 
+def test_memory_models_muon_state():
+    """Muon keeps one fp32 buffer per block matrix and AdamW's two moments for the rest: the
+    estimate's optimizer state is the dry run's held state (tests/test_dry_run.py), to the byte,
+    at the debug model's FSDP 4 x TP 2: 3,447,296 bytes, AdamW's 5,708,288."""
+    toml = str(ROOT / "titan/train_configs/debug_model.toml")
+    tp2 = ["--training.seq_len", "32", "--parallelism.tensor_parallel_degree", "2"]
+    muon = config_estimate(load_config([*tp2, "--optimizer.name", "Muon"], toml), 8, 0)
+    adamw = config_estimate(load_config(tp2, toml), 8, 0)
+    assert (muon.optimizer_state, adamw.optimizer_state) == (3_447_296, 5_708_288)
+    assert adamw.total - muon.total == 5_708_288 - 3_447_296
+
+
 @pytest.mark.parametrize(
     "layout",
     [("--parallelism.tensor_parallel_degree", "2"),  # FSDP 4 x TP 2, no AC

@@ -90,6 +90,7 @@ def estimate_memory(
     cp_rank: int | None = None,
     loss_chunk_tokens: int = 1024,
     activation_offload: bool = False,
+    muon: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of a training step of the layout `par` (`dims`: its degrees, as titan
     resolves them) on pipeline rank `pp_rank`, or (None) on the one that peaks highest among
@@ -104,14 +105,17 @@ def estimate_memory(
     loss_chunk_tokens: training.loss_chunk_tokens (0: the plain loss, eager or compiled);
     activation_offload: activation_checkpoint.offload (what blocks save kept on the host, but
     the last block's of each stage and what AC keeps). parallelism.fsdp_cpu_offload: the weight,
-    gradient and optimizer state shards on the host. Host memory is left out of the estimate."""
+    gradient and optimizer state shards on the host; muon: optimizer.name = "Muon" (one fp32
+    momentum buffer for the blocks' matrices, AdamW's moments for the rest; its step's gathered
+    matrix, freed before the next is gathered, stays below the backward's peak and is left out:
+    the dry run traces it). Host memory is left out of the estimate."""
     if ac_mode not in AC_MODES:
         raise ValueError(f"ac_mode {ac_mode!r}: use one of {', '.join(AC_MODES)}")
     ranks = rank_stages(args.n_layers, pipeline_split(par))
     step = _Step(
         args, par, dims, seq_len, local_batch_size, ac_mode, ac_option, float8,
         float8 and float8_all_gather, compiled_loss, grad_accumulation, moment_bytes,
-        dims.cp - 1 if cp_rank is None else cp_rank, loss_chunk_tokens, activation_offload,
+        dims.cp - 1 if cp_rank is None else cp_rank, loss_chunk_tokens, activation_offload, muon,
     )  # fmt: skip
     if pp_rank is not None:
         return step.rank(pp_rank, ranks[pp_rank])
@@ -146,6 +150,7 @@ class _Step:
     cp_rank: int = 0
     loss_chunk: int = 0  # tokens per chunk of the loss (0: the plain loss)
     activation_offload: bool = False  # blocks' saved tensors on the host (but the last's)
+    muon: bool = False  # Muon: one fp32 buffer for the blocks' matrices
 
     @property
     def per_micro_sync(self) -> bool:
@@ -219,12 +224,22 @@ class _Step:
         best = point_parts(where, terms, prior)
         if not self.par.fsdp_cpu_offload or d.fsdp_degree == 1:  # else on the host
             best["parameters"] += 4 * local
-            best["optimizer_state"] += self.moment_bytes * local
+            best["optimizer_state"] += self.moment_bytes * local - self.muon_saves(stages)
         best["buffers"] += self.seq_len * self.args.head_dim * 4  # RoPE's cos and sin, fp32
         moment = f"{where.moment} of stage {held[pp_rank][where.stage]}'s backward"
         return MemoryEstimate(
             **{k: round(v) for k, v in best.items()}, pp_rank=pp_rank, moment=moment
         )
+
+    def muon_saves(self, stages: tuple[Stage, ...]) -> int:
+        """Bytes of optimizer state Muon does not hold against AdamW: it keeps one fp32 buffer
+        for each block matrix (all of a block but its two norms) where AdamW keeps two moments."""
+        if not self.muon:
+            return 0
+        d, blocks = self.dims, sum(st.blocks for st in stages)
+        norms = 2 * math.ceil(self.args.dim / d.fsdp_degree)  # replicated by TP
+        matrices = module_params(self.args, "layers.0", d.tp, d.fsdp_degree) - norms
+        return (self.moment_bytes - 4) * blocks * matrices
 
     def stage(self, st: Stage) -> StageBytes:
         """One stage's terms (schedule_memory.StageBytes)."""

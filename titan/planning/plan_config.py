@@ -263,4 +263,5 @@ def config_estimate(
         grad_accumulation=accumulation, pp_rank=pp_rank,
         moment_bytes=4 if cfg.optimizer.state_dtype == "bfloat16" else 8, cp_rank=cp_rank,
         loss_chunk_tokens=t.loss_chunk_tokens, activation_offload=ac.offload,
+        muon=cfg.optimizer.name == "Muon",
     )  # fmt: skip
