@@ -8,6 +8,7 @@ import pytest
 import torch
 from layout_expect import Expect, check_layout, fsdp, fsdp_tp, tp
 from parallel_harness import (
+    LOSS_ATOL,
     assert_matches,
     assert_tensor_matches,
     ignore_some_labels,
@@ -152,11 +153,12 @@ WEIGHT_TOL = 1e-5
 
 
 @pytest.mark.heavy
-def test_muon_layouts_match_one_process():
-    """FSDP 2, TP 2 and PP 2 (two launches' worth of cases in one of two ranks) and FSDP 2 x
-    TP 2 (four ranks) against one process, three Muon steps: losses, gradient norms and every
-    first-step gradient within the harness's tolerances, every weight after the last step
-    within WEIGHT_TOL of its scale."""
+def test_muon_layouts_match_one_process(tmp_path):
+    """FSDP 2, TP 2 and PP 2 (one launch of two ranks) and FSDP 2 x TP 2 (four ranks) against
+    one process, three Muon steps: losses, gradient norms and every first-step gradient within
+    the harness's tolerances, every weight after the last step within WEIGHT_TOL of its scale.
+    In the two-rank launch FSDP 2 also saves after two steps (DCP, sharded momentum) and TP 2
+    resumes from there into the one process's last loss and weights."""
     batches = ignore_some_labels(make_batches(STEPS, GLOBAL_BATCH))
     reference = run_single([*ONE, *MUON], batches)
     two = {
@@ -165,9 +167,23 @@ def test_muon_layouts_match_one_process():
         "pp 2": (PP, Expect("pp 2", stages={0: [0], 1: [1]})),
     }
     four = {"fsdp 2 x tp 2": (FSDP_TP, fsdp_tp())}
+    ckpt = ["--checkpoint.enable", "true", "--checkpoint.interval", "1",
+            "--job.dump_folder", str(tmp_path)]  # fmt: skip
+    legs = [([*FSDP, *MUON, *ckpt], 2), [*TP, *MUON, *ckpt]]  # save at 2; resume from 2
     for world_size, cases in ((2, two), (4, four)):
-        results = run_layouts(world_size, [[*args, *MUON] for args, _ in cases.values()], batches)
-        for (name, (_, expect)), got in zip(cases.items(), results, strict=True):
+        runs = [[*args, *MUON] for args, _ in cases.values()]
+        results = run_layouts(world_size, runs + (legs if world_size == 2 else []), batches)
+        if world_size == 2:
+            resumed = results[-1]
+            assert resumed["start"] == 2
+            torch.testing.assert_close(
+                torch.tensor(resumed["losses"]), torch.tensor(reference["losses"][2:]),
+                atol=LOSS_ATOL, rtol=0,
+            )  # fmt: skip
+            for key, param in reference["params"].items():
+                assert_tensor_matches(f"resumed: weight {key}", resumed["params"][key], param,
+                                      WEIGHT_TOL)  # fmt: skip
+        for (name, (_, expect)), got in zip(cases.items(), results, strict=False):
             check_layout(name, got["layout"], expect)
             assert_matches(name, got, reference)
             assert sorted(got["params"]) == sorted(reference["params"])
