@@ -18,7 +18,9 @@ from parallel_harness import (
 )
 from torch import nn
 
+from titan.config import load_config
 from titan.config.job_config import Optimizer
+from titan.errors import ConfigError
 from titan.trainer.muon import MuonAdamW
 from titan.trainer.optimizer import build_optimizer
 
@@ -128,6 +130,14 @@ def test_muon_step_matches_a_float64_reference(adjust, ns_dtype):
     for name, p in adamw_model.named_parameters():
         if not name.startswith("layers.0.w"):
             assert torch.equal(model.get_parameter(name), p), name
+
+
+def test_muon_needs_torch_optim_muon(monkeypatch):
+    """Where torch has no torch.optim.Muon (before 2.9), start-up says so in one line."""
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--optimizer.name", "Muon"])
+    assert "optimizer.name = 'Muon' needs torch.optim.Muon, torch 2.9 or newer" in str(e.value)
 
 
 # Muon on the blocks, AdamW (the harness's LR, 1e-4) on the rest. Newton-Schulz in fp32: in bf16
