@@ -129,6 +129,10 @@ def test_effective_config_round_trips(tmp_path):
         ),
         (["--optimizer.name", "Muon", "--optimizer.muon_lr", "0"], "muon_lr = 0.0 must be > 0"),
         (
+            ["--optimizer.name", "Muon", "--parallelism.fsdp_cpu_offload", "true"],
+            "optimizer.name = 'Muon' gathers each block matrix across its ranks in the step",
+        ),
+        (
             ["--optimizer.muon_adjust_lr", "rms"],
             "optimizer.muon_adjust_lr = 'rms' is not one of original, match_rms_adamw",
         ),

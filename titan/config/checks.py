@@ -104,7 +104,7 @@ def check_lora(cfg: Lora) -> None:
         )
 
 
-def check_optimizer(cfg: Optimizer, converters: list[str]) -> None:
+def check_optimizer(cfg: Optimizer, converters: list[str], cpu_offload: bool) -> None:
     """Stop on Muon settings it cannot take (the [optimizer] keys of AdamW are checked with
     the others in validate)."""
     if cfg.name != "Muon":
@@ -120,6 +120,12 @@ def check_optimizer(cfg: Optimizer, converters: list[str]) -> None:
         raise ConfigError(
             "optimizer.name = 'Muon' with LoRA: orthogonalizing the low-rank adapters' updates "
             "is not supported; train LoRA with AdamW"
+        )
+    if cpu_offload:
+        raise ConfigError(
+            "optimizer.name = 'Muon' gathers each block matrix across its ranks in the step; with "
+            "parallelism.fsdp_cpu_offload the step runs on host tensors, which NCCL cannot "
+            "gather: turn the offload off, or use AdamW"
         )
     if not cfg.muon_lr > 0:
         raise ConfigError(f"optimizer.muon_lr = {cfg.muon_lr} must be > 0")

@@ -374,7 +374,7 @@ def validate(cfg: JobConfig) -> None:
         )
     check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
     check_lora(cfg.lora)
-    check_optimizer(cfg.optimizer, cfg.model.converters)
+    check_optimizer(cfg.optimizer, cfg.model.converters, cfg.parallelism.fsdp_cpu_offload)
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     check_resilience(cfg.resilience, cfg.checkpoint)
     check_hf_save(cfg.checkpoint, cfg.model.converters)
