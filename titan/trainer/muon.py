@@ -36,11 +36,13 @@ class ShardedMuon(_TorchMuon):
 
     Gather-to-full, not a distributed scheme where each rank orthogonalizes a subset of the
     matrices and scatters the results: every rank runs Newton-Schulz on every matrix (compute
-    repeated world-size times), for the exact single-process update and no bookkeeping.
+    repeated on each rank that shares the matrix), for one process's update (to rounding: see
+    optimizer.muon_ns_dtype) and no bookkeeping of which rank owns which matrix.
     Cost per step: one all-gather per matrix over the ranks that shard it (the bytes of
     FSDP's fp32 parameter all-gather: (n - 1)/n x the matrix per rank); memory, one matrix at
     a time: the gathered fp32 matrix, plus Newton-Schulz's bf16 working copies (the matrix,
-    two min(m, n)^2 Gram matrices, the next iterate)."""
+    two min(m, n)^2 Gram matrices, the next iterate), which the dry run traces as optimizer
+    temporaries. Pipeline stages each build one over their own parameters."""
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(params, **kwargs)
