@@ -9,7 +9,11 @@ import torch
 from parallel_harness import run_single
 from test_float8 import text_batches  # noqa: F401 (a fixture: the embedded corpus' batches)
 from torch import nn
-from torchao.prototype.mx_formats.kernels import f4_unpacked_to_f32, unpack_uint4
+from torchao.prototype.mx_formats.kernels import (
+    f4_unpacked_to_f32,
+    f32_to_f4_unpacked,
+    unpack_uint4,
+)
 from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
 
 from titan.config import load_config
@@ -17,7 +21,6 @@ from titan.config.checks import Converters
 from titan.config.job_config import NVFP4
 from titan.converters import apply_converters
 from titan.converters.nvfp4 import (
-    E2M1_GRID,
     NVFP4Linear,
     _EmulatedNVFP4Matmul,
     fake_quantize,
@@ -85,15 +88,24 @@ def test_weight_blocks_are_16x16():
     torch.testing.assert_close(q[:16, 16:], w[:16, 16:], rtol=0.05, atol=0)
 
 
+def test_rounding_to_nearest_is_torchaos():
+    """Every bf16 value in +-6.5 (and beyond: saturated) rounds as torchao's f32_to_f4_unpacked."""
+    x = torch.arange(-7.0, 7.0, 2**-9)
+    ref = f4_unpacked_to_f32(f32_to_f4_unpacked(x))
+    assert torch.equal(round_e2m1(x.clamp(-6, 6), stochastic=False), ref)
+
+
 def test_stochastic_rounding_is_unbiased_and_between_neighbours():
     torch.manual_seed(0)
     x = torch.linspace(-6, 6, 97)
     draws = torch.stack([round_e2m1(x, stochastic=True) for _ in range(4000)])
-    grid = torch.tensor(E2M1_GRID)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     grid = torch.cat([-grid.flip(0), grid])
     assert torch.isin(draws, grid).all()
-    lo = grid[torch.searchsorted(grid, x, right=True) - 1]
-    assert ((draws >= lo) & (draws <= lo.max())).all()
+    # only the grid values either side of x (x itself where it is one)
+    lo = grid[(torch.searchsorted(grid, x, right=True) - 1)]
+    hi = grid[torch.searchsorted(grid, x, right=False).clamp(max=len(grid) - 1)]
+    assert ((draws == lo) | (draws == hi)).all()
     # mean of 4000 draws within 0.06 of the value (the gap is at most 2: sd/sqrt(4000) = 0.016)
     assert (draws.mean(0) - x).abs().max() < 0.06
     nearest = round_e2m1(x, stochastic=False)
@@ -202,10 +214,12 @@ def test_nvfp4_config_errors(args, message):
 STEPS, BATCH, SEQ_LEN = 20, 8, 64
 TRAIN = ["--training.seq_len", str(SEQ_LEN), "--optimizer.lr", "8e-4",
          "--lr_scheduler.warmup_steps", "2"]  # fmt: skip
-# Measured (20 steps of the debug model on the embedded corpus, the loss 8.19 -> 7.87 in fp32):
-# largest loss difference from fp32 MEASURED. Tolerance TOL; and at least MIN_EFFECT somewhere,
-# else the layers did not compute in NVFP4 at all.
-LOSS_TOL, MIN_EFFECT = 0.05, 1e-3
+# Measured (20 steps of the debug model on the embedded corpus, 8 x 64 tokens; fp32's loss falls
+# 8.16 -> 7.95): largest loss difference from fp32 0.0096 (mean over the steps 0.0041); with
+# hadamard_seed 1 0.0095, with round-to-nearest gradients 0.0098 (mean 0.0039). Tolerance 0.03;
+# and at least 1e-3 somewhere, else the layers did not compute in NVFP4 at all (float8's
+# difference is 0.002, NVFP4's 4x that: 4-bit values with 16-value scales).
+LOSS_TOL, MIN_EFFECT = 0.03, 1e-3
 
 
 def test_nvfp4_trains_close_to_fp32(text_batches):  # noqa: F811 (the fixture)

@@ -14,7 +14,6 @@ from titan.parallelisms.distributed import comm_mode
 BLOCK = 16  # values per e4m3 scale (and the RHT's size)
 KERNEL_MULTIPLE = 128  # torchao's NVFP4 kernels tile M, K and N by 128
 F4_MAX, F8_MAX = 6.0, 448.0  # largest e2m1 and e4m3 values
-E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the non-negative e2m1 values
 
 
 def has_nvfp4_tensor_cores(device: torch.device) -> bool:
@@ -35,23 +34,22 @@ def hadamard_signs(seed: int) -> tuple[int, ...]:
 # The quantization, in plain PyTorch. torchao computes it only inside its Triton kernels (SM 10.0+);
 # its plain-PyTorch nvfp4_quantize has 1x16 blocks with round-to-nearest only, no 16x16 blocks,
 # stochastic rounding or RHT. So titan writes the kernels' arithmetic out here (hadamard_utils.
-# _nvfp4_quantize), and reuses torchao's e2m1 rounding and RHT matrix.
+# _nvfp4_quantize), and reuses torchao's RHT matrix.
 
 
 def round_e2m1(x: torch.Tensor, stochastic: bool) -> torch.Tensor:
-    """x (within +-6) on the e2m1 grid: to nearest, ties to even (torchao's f32_to_f4_unpacked,
-    as PTX cvt.rn), or stochastically: up to the next grid value with probability the distance
-    from the one below over the gap, so the rounding is unbiased (as PTX cvt.rs)."""
-    if not stochastic:
-        from torchao.prototype.mx_formats.kernels import f4_unpacked_to_f32, f32_to_f4_unpacked
-
-        return f4_unpacked_to_f32(f32_to_f4_unpacked(x.float()))
-    grid = torch.tensor(E2M1_GRID, device=x.device)
+    """x (within +-6) on the e2m1 grid, whose steps are 0.5 below 2, 1 below 4 and 2 up to 6: to
+    nearest, ties to even (as PTX cvt.rn and torchao's f32_to_f4_unpacked, which a test checks
+    this against; written here because torchao's bit manipulation made titan's emulated steps
+    several times slower), or stochastically: up to the next grid value with probability the
+    distance from the one below over the step, so the rounding is unbiased (as PTX cvt.rs)."""
     mag = x.abs().float()
-    below = (torch.searchsorted(grid, mag, right=True) - 1).clamp(max=len(grid) - 2)
-    lo, hi = grid[below], grid[below + 1]
-    up = torch.rand_like(mag) < (mag - lo) / (hi - lo)
-    return torch.where(up, hi, lo).clamp(max=F4_MAX).copysign(x.float())
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    if stochastic:
+        units = torch.floor(mag / step + torch.rand_like(mag))
+    else:
+        units = torch.round(mag / step)  # half to even: the even units are the even mantissas
+    return (units * step).clamp(max=F4_MAX).copysign(x.float())
 
 
 def fake_quantize(
@@ -86,8 +84,7 @@ def rht(x: torch.Tensor, signs: tuple[int, ...]) -> torch.Tensor:
     from torchao.prototype.moe_training.nvfp4_training.hadamard_utils import get_rht_matrix
 
     h = get_rht_matrix(signs, x.device, torch.float32, BLOCK)
-    rows, cols = x.shape
-    return (x.float().reshape(rows, cols // BLOCK, BLOCK) @ h).reshape(rows, cols).bfloat16()
+    return (x.float().reshape(-1, BLOCK) @ h).reshape(x.shape).bfloat16()
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
