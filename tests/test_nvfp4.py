@@ -1,6 +1,7 @@
 """The NVFP4 converter, emulated on CPU: its quantization against torchao's reference functions,
 its gradients' algebra (the Hadamard transform cancels, stochastic rounding is unbiased), which
-linears it converts, 20 training steps close to fp32, and FSDP 2 and PP 2 against one process."""
+linears it converts, its start-up errors and 20 training steps close to fp32 (layouts:
+test_nvfp4_parallel.py). Also quantize.linear.first_last_blocks_hp for float8, mx and nvfp4."""
 
 import logging
 
@@ -18,7 +19,7 @@ from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor
 
 from titan.config import load_config
 from titan.config.checks import Converters
-from titan.config.job_config import NVFP4
+from titan.config.job_config import NVFP4, QuantizeLinear
 from titan.converters import apply_converters
 from titan.converters.nvfp4 import (
     NVFP4Linear,
@@ -232,3 +233,50 @@ def test_nvfp4_trains_close_to_fp32(text_batches):  # noqa: F811 (the fixture)
     diff = (losses - ref).abs().max().item()
     print(f"nvfp4 vs fp32: largest loss difference {diff:.4f}")
     assert MIN_EFFECT < diff <= LOSS_TOL, f"largest loss difference from fp32 {diff}"
+
+
+LOW = {
+    "float8": ("titan.converters.float8", "has_float8_tensor_cores", "Float8Linear"),
+    "mx": ("titan.converters.mx", "has_mx_tensor_cores", "Linear"),  # MX swaps the weight
+    "nvfp4": ("titan.converters.nvfp4", "has_nvfp4_tensor_cores", "NVFP4Linear"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOW))
+def test_first_last_blocks_stay_in_high_precision(name, monkeypatch):
+    """first_last_blocks_hp = 1 keeps blocks 0 and 5 of the debug model (and output) as plain
+    linears, converts blocks 1-4, and counts only their FLOPs on low-precision tensor cores."""
+    import importlib
+
+    from titan.converters.mx import is_mx_linear
+
+    module, has_cores, _ = LOW[name]
+    monkeypatch.setattr(importlib.import_module(module), has_cores, lambda device: True)
+    linear = QuantizeLinear(first_last_blocks_hp=1)
+    linear.float8.auto_filter_small_kn = False
+    flops = {}
+    for n in (0, 1):
+        model = _meta_model()
+        section = getattr(linear, name)
+        converters = Converters(**{name: section}, first_last_blocks_hp=n)
+        flops[n] = apply_converters(model, converters, torch.device("cpu"), fsdp=False)
+        low = {
+            k for k, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (type(m) is not nn.Linear or is_mx_linear(m))
+        }  # fmt: skip
+        blocks = {int(k.split(".")[1]) for k in low}
+        assert blocks == ({1, 2, 3, 4} if n else set(range(6))), (name, n, sorted(low))
+    per_block = (flops[0] - flops[1]) / 2
+    assert flops[1] == 4 * per_block > 0, flops  # 4 of 6 blocks: wk, wv too under nvfp4's 128
+
+
+def test_first_last_blocks_must_leave_a_block_to_convert():
+    with pytest.raises(ValueError) as e:
+        apply_converters(_meta_model(), Converters(nvfp4=NVFP4(), first_last_blocks_hp=3),
+                         torch.device("cpu"), fsdp=False)  # fmt: skip
+    assert str(e.value) == (
+        "quantize.linear.first_last_blocks_hp = 3 keeps all 6 blocks in high precision: use at "
+        "most 2, or drop the low-precision converter"
+    )
+    with pytest.raises(ConfigError, match=r"first_last_blocks_hp = -1 must be >= 0$"):
+        load_config([*NV, "--quantize.linear.first_last_blocks_hp", "-1"])
