@@ -121,6 +121,13 @@ def test_hadamard_transform_cancels_in_the_weight_gradient():
     assert set(signs) == {-1, 1} and signs != hadamard_signs(1)
     got = rht(dy.t(), signs).float() @ rht(x.t(), signs).float().t()
     torch.testing.assert_close(got, dy.t() @ x, atol=0.1, rtol=0.02)
+    # and it is torchao's transform: diag(signs) @ Hadamard(16) / 4 on each run of 16 values
+    from torchao.prototype.moe_training.nvfp4_training.hadamard_utils import get_hadamard_matrix
+
+    h = torch.diag(torch.tensor(signs, dtype=torch.float32)) @ get_hadamard_matrix(
+        16, "cpu", torch.float32
+    )
+    assert torch.equal(rht(torch.eye(16).repeat(1, 2), signs).float(), h.float().repeat(1, 2))
 
 
 def test_emulated_matmul_quantizes_each_operand():
