@@ -92,6 +92,54 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.bfloat16().float()
 
 
+# The emulated matmuls are custom ops, opaque to torch.compile: inductor would round the scaling
+# arithmetic (and the e4m3 casts) its own way, and at 4 bits that moves values to the other e2m1
+# neighbour (measured compiled vs eager, rounding to nearest: the loss 1e-3 apart after 3 steps,
+# first gradients up to 16% relative L2). As ops they run eagerly inside compiled blocks.
+
+
+@torch.library.custom_op("titan::nvfp4_emulated_forward", mutates_args=())
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, signs: list[int], hadamard: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (tokens, in), weight (out, in) -> y (tokens, out) and what backward needs: the
+    weight's 16x16 NVFP4 values and x.T's (through the RHT) in 1x16 blocks along the tokens."""
+    x = _bf16(x)
+    w = fake_quantize(_bf16(weight), (BLOCK, BLOCK))  # (out, in)
+    y = _bf16(fake_quantize(x, (1, BLOCK)) @ w.t())
+    x_t = rht(x.t(), tuple(signs)) if hadamard else x.t()  # (in, tokens)
+    return y, fake_quantize(x_t, (1, BLOCK)), w
+
+
+@_forward.register_fake
+def _(x, weight, signs, hadamard):
+    f32 = torch.float32
+    return (
+        x.new_empty(x.shape[0], weight.shape[0], dtype=f32),
+        x.new_empty(x.shape[1], x.shape[0], dtype=f32),
+        weight.new_empty(weight.shape, dtype=f32),
+    )
+
+
+@torch.library.custom_op("titan::nvfp4_emulated_backward", mutates_args=())
+def _backward(
+    dy: torch.Tensor, x_t: torch.Tensor, w: torch.Tensor, signs: list[int], hadamard: bool,
+    stochastic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dy (tokens, out) -> dx = Q(dy) @ w and dw = Q(RHT(dy.T)) @ x_t.T, in bf16 values."""
+    dy = _bf16(dy)
+    dx = fake_quantize(dy, (1, BLOCK), stochastic) @ w
+    dy_t = rht(dy.t(), tuple(signs)) if hadamard else dy.t()  # (out, tokens)
+    dw = fake_quantize(dy_t, (1, BLOCK), stochastic) @ x_t.t()
+    return _bf16(dx), _bf16(dw)
+
+
+@_backward.register_fake
+def _(dy, x_t, w, signs, hadamard, stochastic):
+    f32 = torch.float32
+    return dy.new_empty(dy.shape[0], w.shape[1], dtype=f32), w.new_empty(w.shape, dtype=f32)
+
+
 class _EmulatedNVFP4Matmul(torch.autograd.Function):
     """y = x @ w.T with the three matmuls on the NVFP4 values torchao's kernels make:
     forward x (1x16, nearest) @ w (16x16, nearest); input gradient dy (1x16, stochastic) @ w
@@ -100,33 +148,19 @@ class _EmulatedNVFP4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, signs, hadamard: bool, stochastic: bool):
-        x2 = _bf16(x.reshape(-1, x.shape[-1]))  # (tokens, in)
-        w = fake_quantize(_bf16(weight), (BLOCK, BLOCK))  # (out, in)
-        y = fake_quantize(x2, (1, BLOCK)) @ w.t()
-        x_t = rht(x2.t(), signs) if hadamard else x2.t()  # (in, tokens)
-        ctx.save_for_backward(fake_quantize(x_t, (1, BLOCK)), w)
+        y, x_t, w = _forward(x.reshape(-1, x.shape[-1]), weight, list(signs), hadamard)
+        ctx.save_for_backward(x_t, w)
         ctx.shape, ctx.signs, ctx.hadamard, ctx.stochastic = x.shape, signs, hadamard, stochastic
         ctx.dtypes = x.dtype, weight.dtype
-        return _bf16(y).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x_t, w = ctx.saved_tensors
-        dy2 = _bf16(dy.reshape(-1, dy.shape[-1]))  # (tokens, out)
-        dx = fake_quantize(dy2, (1, BLOCK), ctx.stochastic) @ w
-        dy_t = rht(dy2.t(), ctx.signs) if ctx.hadamard else dy2.t()  # (out, tokens)
-        dw = fake_quantize(dy_t, (1, BLOCK), ctx.stochastic) @ x_t.t()
-        dx = _bf16(dx).to(ctx.dtypes[0]).reshape(ctx.shape)
-        return dx, _bf16(dw).to(ctx.dtypes[1]), None, None, None
-
-
-@torch.compiler.disable
-def _emulated_matmul(x, weight, signs, hadamard: bool, stochastic: bool) -> torch.Tensor:
-    """Eager even in compiled blocks: inductor rounds the scaling arithmetic (and the e4m3 casts)
-    its own way, and at 4 bits that moves values to the other e2m1 neighbour (measured compiled
-    vs eager, rounding to nearest: the loss 1e-3 apart after 3 steps, first gradients up to 16%
-    relative L2). The emulation is a reference, so it stays out of the graph."""
-    return _EmulatedNVFP4Matmul.apply(x, weight, signs, hadamard, stochastic)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
+        dx, dw = _backward(dy2, x_t, w, list(ctx.signs), ctx.hadamard, ctx.stochastic)
+        dx = dx.to(ctx.dtypes[0]).reshape(ctx.shape)
+        return dx, dw.to(ctx.dtypes[1]), None, None, None
 
 
 class NVFP4Linear(nn.Linear):
@@ -151,7 +185,7 @@ class NVFP4Linear(nn.Linear):
             from torchao.prototype.moe_training.nvfp4_training.nvfp4_linear import nvfp4_linear
 
             return nvfp4_linear(x, self.weight, self.bias, sign_vector=self.signs)
-        y = _emulated_matmul(x, self.weight, self.signs, self.hadamard, self.stochastic)
+        y = _EmulatedNVFP4Matmul.apply(x, self.weight, self.signs, self.hadamard, self.stochastic)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
