@@ -123,3 +123,13 @@ def test_ddp_is_refused_with_what_to_trace_instead(tmp_path):
     log, _ = dry_run(tmp_path, *args, "--parallelism.data_parallel_shard_degree", "1", ngpu=2, rc=1)
     assert "a dry run cannot trace DDP (data_parallel_replicate_degree > 1 with " in log
     assert "dry-run an FSDP or HSDP layout instead" in log
+
+
+def test_nvfp4_dry_run_traces_the_emulated_layers(tmp_path):
+    """A dry run converts what the GPU run would (linears of multiples of 128, here without the
+    kept end blocks: 5 of the 7 linears of blocks 1-4) and traces the emulated custom ops."""
+    log, report = dry_run(tmp_path, "--model.converters", "nvfp4",
+                          "--quantize.linear.first_last_blocks_hp", "1", ngpu=2)  # fmt: skip
+    assert "nvfp4 (emulated): 20 of 43 linears" in log
+    (rank,) = report["ranks"]
+    assert rank["peak"]["activations"] > 0

@@ -224,10 +224,10 @@ TRAIN = ["--training.seq_len", str(SEQ_LEN), "--optimizer.lr", "8e-4",
          "--lr_scheduler.warmup_steps", "2"]  # fmt: skip
 # Measured (20 steps of the debug model on the embedded corpus, 8 x 64 tokens; fp32's loss falls
 # 8.16 -> 7.95): largest loss difference from fp32 0.0096 (mean over the steps 0.0041); with
-# hadamard_seed 1 0.0095, with round-to-nearest gradients 0.0098 (mean 0.0039). Tolerance 0.03;
-# and at least 1e-3 somewhere, else the layers did not compute in NVFP4 at all (float8's
-# difference is 0.002, NVFP4's 4x that: 4-bit values with 16-value scales).
-LOSS_TOL, MIN_EFFECT = 0.03, 1e-3
+# hadamard_seed 1 0.0095, with round-to-nearest gradients 0.0098 (mean 0.0039). The emulation's
+# bf16 operands alone (the scales kept, the e2m1 rounding left out) give 0.0020. Tolerance 0.03;
+# and at least 0.005, else the layers did not round to 4 bits.
+LOSS_TOL, MIN_EFFECT = 0.03, 0.005
 
 
 def test_nvfp4_trains_close_to_fp32(text_batches):  # noqa: F811 (the fixture)
@@ -238,7 +238,6 @@ def test_nvfp4_trains_close_to_fp32(text_batches):  # noqa: F811 (the fixture)
     losses, ref = torch.tensor(got["losses"]), torch.tensor(ref["losses"])
     assert torch.isfinite(losses).all() and losses[-1] < losses[0] - 0.2, losses
     diff = (losses - ref).abs().max().item()
-    print(f"nvfp4 vs fp32: largest loss difference {diff:.4f}")
     assert MIN_EFFECT < diff <= LOSS_TOL, f"largest loss difference from fp32 {diff}"
 
 
