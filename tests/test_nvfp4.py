@@ -219,6 +219,17 @@ def test_nvfp4_config_errors(args, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_torchao_without_nvfp4_training_stops_start_up(monkeypatch):
+    from torchao.prototype.moe_training.nvfp4_training import hadamard_utils
+
+    monkeypatch.delattr(hadamard_utils, "get_rht_matrix")
+    with pytest.raises(ConfigError) as e:
+        load_config(NV)
+    assert str(e.value).startswith("model.converters = ['nvfp4']: torchao's NVFP4 training is "
+                                   "missing from torchao 0.")  # fmt: skip
+    assert str(e.value).endswith("upgrade torchao, or use the float8 converter")
+
+
 STEPS, BATCH, SEQ_LEN = 20, 8, 64
 TRAIN = ["--training.seq_len", str(SEQ_LEN), "--optimizer.lr", "8e-4",
          "--lr_scheduler.warmup_steps", "2"]  # fmt: skip

@@ -7,7 +7,7 @@ config (the planner's), so each is written once."""
 import signal
 from dataclasses import dataclass
 
-from titan.compat import mx_training_unsupported
+from titan.compat import mx_training_unsupported, nvfp4_training_unsupported
 from titan.config.job_config import (
     MX,
     NVFP4,
@@ -86,6 +86,11 @@ def check_converters(
     if cfg.first_last_blocks_hp < 0:
         raise ConfigError(
             f"quantize.linear.first_last_blocks_hp = {cfg.first_last_blocks_hp} must be >= 0"
+        )
+    if "nvfp4" in names and (why := nvfp4_training_unsupported()):
+        raise ConfigError(
+            f"model.converters = {names}: torchao's NVFP4 training {why}: upgrade torchao, or use "
+            "the float8 converter"
         )
     if "nvfp4" in names:
         check_nvfp4(cfg.nvfp4, tp_degree)

@@ -184,7 +184,9 @@ class NVFP4Linear(nn.Linear):
         if not self.emulate:
             from torchao.prototype.moe_training.nvfp4_training.nvfp4_linear import nvfp4_linear
 
-            return nvfp4_linear(x, self.weight, self.bias, sign_vector=self.signs)
+            # bf16 operands and output whatever x is; random stochastic-rounding seeds per call
+            y = nvfp4_linear(x, self.weight, self.bias, sign_vector=self.signs)
+            return y.to(x.dtype)
         y = _EmulatedNVFP4Matmul.apply(x, self.weight, self.signs, self.hadamard, self.stochastic)
         return y if self.bias is None else y + self.bias
 
