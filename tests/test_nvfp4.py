@@ -150,6 +150,8 @@ def test_emulated_matmul_quantizes_each_operand():
         @ fake_quantize(rht(x.detach().t(), signs), (1, 16)).t()
     )
     assert torch.equal(w.grad, dw.to(bf).float())
+    with pytest.raises(ValueError, match="a micro-batch of 8 tokens"):
+        _EmulatedNVFP4Matmul.apply(x[:8], w, signs, True, False)
     # and all three are close to fp32's (NVFP4's ~10% relative error per operand)
     for got, ref in ((y, x @ w.t()), (x.grad, dy @ w), (w.grad, dy.t() @ x)):
         err = ((got - ref).norm() / ref.norm()).item()

@@ -53,17 +53,14 @@ def round_e2m1(x: torch.Tensor, stochastic: bool) -> torch.Tensor:
 
 
 def fake_quantize(
-    x: torch.Tensor,
-    block: tuple[int, int],
-    stochastic: bool = False,
-    amax: torch.Tensor | None = None,
+    x: torch.Tensor, block: tuple[int, int], stochastic: bool = False
 ) -> torch.Tensor:
     """x (rows, cols), fp32, as the NVFP4 values a kernel multiplies, dequantized: blocks of
     block[0] x block[1] share an e4m3 scale of their largest value over 6, relative to the
     tensor's fp32 scale amax / (448 * 6)."""
     rows, cols = x.shape
     x = x.float()
-    amax = x.abs().amax() if amax is None else amax.float()
+    amax = x.abs().amax()
     blocks = x.reshape(rows // block[0], block[0], cols // block[1], block[1])
     block_max = blocks.abs().amax(dim=(1, 3), keepdim=True)
     fp32_max = torch.finfo(torch.float32).max
@@ -148,6 +145,11 @@ class _EmulatedNVFP4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, signs, hadamard: bool, stochastic: bool):
+        if x.numel() // x.shape[-1] % BLOCK:
+            raise ValueError(
+                f"nvfp4: a micro-batch of {x.numel() // x.shape[-1]} tokens; the weight gradient "
+                f"quantizes along the tokens in blocks of {BLOCK}: make batch x seq_len a multiple"
+            )
         y, x_t, w = _forward(x.reshape(-1, x.shape[-1]), weight, list(signs), hadamard)
         ctx.save_for_backward(x_t, w)
         ctx.shape, ctx.signs, ctx.hadamard, ctx.stochastic = x.shape, signs, hadamard, stochastic
