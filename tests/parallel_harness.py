@@ -186,20 +186,26 @@ def describe_layout(trainer: Trainer) -> dict:
 
 def _linear_precision(trainer: Trainer) -> dict[str, str]:
     """Each linear's matmul precision: "float8" (torchao Float8Linear; "float8 all-gather" when
-    FSDP gathers its weight in float8), "mx" (an MXFP8 training weight) or "high"."""
+    FSDP gathers its weight in float8), "mx" (an MXFP8 training weight), "nvfp4" or "high"."""
     if not trainer.cfg.model.converters:
         return {}
     from torchao.float8.float8_linear import Float8Linear
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
     from titan.converters.mx import is_mx_linear
+    from titan.converters.nvfp4 import NVFP4Linear
 
     kinds = {}
     for part in trainer.model_parts:
         for name, m in part.named_modules():
             if not isinstance(m, torch.nn.Linear):
                 continue
-            kind = "float8" if isinstance(m, Float8Linear) else "mx" if is_mx_linear(m) else "high"
+            kind = (
+                "float8" if isinstance(m, Float8Linear)
+                else "mx" if is_mx_linear(m)
+                else "nvfp4" if isinstance(m, NVFP4Linear)
+                else "high"
+            )  # fmt: skip
             local = m.weight.to_local() if isinstance(m.weight, DTensor) else m.weight
             if isinstance(local, WeightWithDynamicFloat8CastTensor):
                 kind += " all-gather"

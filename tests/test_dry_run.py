@@ -141,3 +141,13 @@ def test_muon_state_and_gathered_matrices(tmp_path):
     w1 = 640 * 256
     assert rank0["optimizer_step"] >= w1 * 4 + w1 * 2, rank0["optimizer_step"]
     assert "optimizer step: 0.002 GiB above what it starts from" in log
+
+
+def test_nvfp4_dry_run_traces_the_emulated_layers(tmp_path):
+    """A dry run converts what the GPU run would (linears of multiples of 128, here without the
+    kept end blocks: 5 of the 7 linears of blocks 1-4) and traces the emulated custom ops."""
+    log, report = dry_run(tmp_path, "--model.converters", "nvfp4",
+                          "--quantize.linear.first_last_blocks_hp", "1", ngpu=2)  # fmt: skip
+    assert "nvfp4 (emulated): 20 of 43 linears" in log
+    (rank,) = report["ranks"]
+    assert rank["peak"]["activations"] > 0

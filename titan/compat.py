@@ -218,6 +218,20 @@ def torch_at_least(version: str) -> bool:
 # --- low precision ----------------------------------------------------------------------------
 
 
+def nvfp4_training_unsupported() -> str | None:
+    """Why torchao lacks the NVFP4 training pieces titan's nvfp4 converter calls (its kernels'
+    linear and the Hadamard matrix), or None when it has them (torchao 0.18 has)."""
+    try:
+        from torchao.prototype.moe_training.nvfp4_training import hadamard_utils, nvfp4_linear
+
+        hadamard_utils.get_rht_matrix, nvfp4_linear.nvfp4_linear  # noqa: B018
+    except (ImportError, AttributeError):
+        import torchao
+
+        return f"is missing from torchao {torchao.__version__} (titan's is checked with 0.18)"
+    return None
+
+
 def mx_training_unsupported() -> str | None:
     """Why torchao's MXFP8 training cannot run on the installed torch, or None when it can: its
     weight tensor needs DTensor's single-dim scaled_mm strategy and pinned handlers (torch 2.12+),

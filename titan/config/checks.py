@@ -7,9 +7,10 @@ config (the planner's), so each is written once."""
 import signal
 from dataclasses import dataclass
 
-from titan.compat import muon_unsupported, mx_training_unsupported
+from titan.compat import muon_unsupported, mx_training_unsupported, nvfp4_training_unsupported
 from titan.config.job_config import (
     MX,
+    NVFP4,
     Checkpoint,
     Data,
     Float8,
@@ -23,7 +24,13 @@ from titan.config.job_config import (
 from titan.errors import ConfigError
 
 # The registry of model.converters: each name and the section that configures it.
-CONVERTERS = {"float8": "quantize.linear.float8", "mx": "quantize.linear.mx", "lora": "lora"}
+CONVERTERS = {
+    "float8": "quantize.linear.float8",
+    "mx": "quantize.linear.mx",
+    "nvfp4": "quantize.linear.nvfp4",
+    "lora": "lora",
+}
+LOW_PRECISION = ("float8", "mx", "nvfp4")  # converters of which a model takes at most one
 ROWWISE_RECIPES = ("rowwise", "rowwise_with_gw_hp")  # float8 recipes that scale per row
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # Llama 3's linears
 
@@ -35,10 +42,12 @@ class Converters:
 
     float8: Float8 | None = None
     mx: MX | None = None
+    nvfp4: NVFP4 | None = None
     lora: Lora | None = None
+    first_last_blocks_hp: int = 0  # quantize.linear's: blocks at each end kept unconverted
 
     def __bool__(self) -> bool:
-        return any(c is not None for c in (self.float8, self.mx, self.lora))
+        return any(c is not None for c in (self.float8, self.mx, self.nvfp4, self.lora))
 
 
 def converters_of(cfg: JobConfig) -> Converters:
@@ -47,11 +56,15 @@ def converters_of(cfg: JobConfig) -> Converters:
     return Converters(
         float8=linear.float8 if "float8" in names else None,
         mx=linear.mx if "mx" in names else None,
+        nvfp4=linear.nvfp4 if "nvfp4" in names else None,
         lora=cfg.lora if "lora" in names else None,
+        first_last_blocks_hp=linear.first_last_blocks_hp,
     )
 
 
-def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool) -> None:
+def check_converters(
+    names: list[str], cfg: QuantizeLinear, compile_blocks: bool, tp_degree: int = 1
+) -> None:
     """Stop on unknown or conflicting converters and on options their recipe cannot take."""
     for name in names:
         if name not in CONVERTERS:
@@ -59,16 +72,29 @@ def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool
                 f"model.converters names {name!r}, which is not a converter: valid ones are "
                 f"{', '.join(CONVERTERS)}"
             )
-    if len(set(names)) != len(names) or {"float8", "mx"} <= set(names):
+    low = set(LOW_PRECISION) & set(names)
+    if len(set(names)) != len(names) or len(low) > 1:
         raise ConfigError(
-            f"model.converters = {names}: name each converter once, and use float8 or mx, not both"
+            f"model.converters = {names}: name each converter once, and use float8 or mx or "
+            "nvfp4, not several"
         )
-    if "lora" in names and {"float8", "mx"} & set(names):
-        # torchao's float8/MX linears are not LoRALinear: the adapters would replace them
+    if "lora" in names and low:
+        # torchao's float8/MX/NVFP4 linears are not LoRALinear: the adapters would replace them
         raise ConfigError(
-            f"model.converters = {names}: lora cannot be combined with float8 or mx (adapters "
-            "on low-precision linears are not supported); train LoRA in bf16/fp32"
+            f"model.converters = {names}: lora cannot be combined with float8, mx or nvfp4 "
+            "(adapters on low-precision linears are not supported); train LoRA in bf16/fp32"
         )
+    if cfg.first_last_blocks_hp < 0:
+        raise ConfigError(
+            f"quantize.linear.first_last_blocks_hp = {cfg.first_last_blocks_hp} must be >= 0"
+        )
+    if "nvfp4" in names and (why := nvfp4_training_unsupported()):
+        raise ConfigError(
+            f"model.converters = {names}: torchao's NVFP4 training {why}: upgrade torchao, or use "
+            "the float8 converter"
+        )
+    if "nvfp4" in names:
+        check_nvfp4(cfg.nvfp4, tp_degree)
     if "mx" in names and (why := mx_training_unsupported()):
         raise ConfigError(
             f"model.converters = {names}: torchao's MXFP8 training {why}: upgrade, or use the "
@@ -85,6 +111,24 @@ def check_converters(names: list[str], cfg: QuantizeLinear, compile_blocks: bool
             f"quantize.linear.float8.enable_fsdp_float8_all_gather needs per-tensor scales; recipe "
             f"{f8.recipe_name!r} scales per row: use recipe_name = 'tensorwise' or turn it off"
         )
+
+
+def check_nvfp4(cfg: NVFP4, tp_degree: int) -> None:
+    """Stop on [quantize.linear.nvfp4] settings no NVFP4 path can run."""
+    if tp_degree > 1:
+        # torchao's NVFP4 TP styles exist only inside its Triton (SM 10.0+) kernels: neither
+        # titan's emulation nor a CPU can run or check them
+        raise ConfigError(
+            "model.converters = ['nvfp4'] with tensor parallel is not supported (torchao's NVFP4 "
+            "TP runs only in its Blackwell kernels, unchecked here): set "
+            "parallelism.tensor_parallel_degree = 1, or use the float8 converter with TP"
+        )
+    for key in ("hadamard", "stochastic_rounding"):
+        if not getattr(cfg, key) and not cfg.emulate:
+            raise ConfigError(
+                f"quantize.linear.nvfp4.{key} = false needs quantize.linear.nvfp4.emulate = true "
+                "(torchao's NVFP4 kernels always apply it)"
+            )
 
 
 def check_lora(cfg: Lora) -> None:

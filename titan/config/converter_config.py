@@ -1,5 +1,6 @@
-"""The converters' config sections ([quantize.linear.float8], [quantize.linear.mx], [lora]), kept
-apart from job_config.py, which imports them into the one schema (JobConfig)."""
+"""The converters' config sections ([quantize.linear.float8], [quantize.linear.mx],
+[quantize.linear.nvfp4], [lora]), kept apart from job_config.py, which imports them into the one
+schema (JobConfig)."""
 
 from dataclasses import dataclass, field
 
@@ -39,11 +40,33 @@ class MX:
 
 
 @dataclass
+class NVFP4:
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
+    """Linears whose name contains any of these stay in high precision."""
+    emulate: bool = False
+    """Emulate NVFP4 matmuls even on SM 10.0+ GPUs (elsewhere they are always emulated, with a
+    log line)."""
+    hadamard: bool = True
+    """Random Hadamard transform (16x16, random signs) on the weight gradient's operands before
+    they are quantized; torchao's kernels always apply it, so false needs emulate = true."""
+    stochastic_rounding: bool = True
+    """Round gradients to FP4 stochastically (unbiased) instead of to nearest; torchao's kernels
+    always do, so false needs emulate = true."""
+    hadamard_seed: int = 0
+    """Seed of the Hadamard transform's 16 random signs, shared by every layer and rank."""
+
+
+@dataclass
 class QuantizeLinear:
     float8: Float8 = field(default_factory=Float8)
     """[quantize.linear.float8]: the float8 converter's settings."""
     mx: MX = field(default_factory=MX)
     """[quantize.linear.mx]: the mx converter's settings."""
+    nvfp4: NVFP4 = field(default_factory=NVFP4)
+    """[quantize.linear.nvfp4]: the nvfp4 converter's settings."""
+    first_last_blocks_hp: int = 0
+    """Keep the first N and the last N transformer blocks, and output, in high precision under
+    the float8, mx or nvfp4 converter (no effect without one); 0 keeps only filter_fqns'."""
 
 
 @dataclass

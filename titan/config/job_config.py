@@ -7,11 +7,13 @@ and validates the result. Builders take their own section only:
 
 from dataclasses import dataclass, field
 
-from titan.config.converter_config import MX, Float8, Lora, Quantize, QuantizeLinear
+from titan.config.converter_config import MX, NVFP4, Float8, Lora, Quantize, QuantizeLinear
 from titan.config.optimizer_config import LRScheduler, Optimizer
 
 # with the sections below
-__all__ = ["MX", "Float8", "LRScheduler", "Lora", "Optimizer", "Quantize", "QuantizeLinear"]
+__all__ = [
+    "MX", "NVFP4", "Float8", "LRScheduler", "Lora", "Optimizer", "Quantize", "QuantizeLinear"
+]  # fmt: skip
 
 
 @dataclass
@@ -42,9 +44,9 @@ class Model:
     """causal, or block_causal: tokens attend only within their own document of the packed
     window (documents start at the BOS token the data packer puts before each)."""
     converters: list[str] = field(default_factory=list)
-    """Model converters applied before parallelizing: float8 ([quantize.linear.float8]) or mx
-    ([quantize.linear.mx]), at most one of the two; or lora ([lora]: adapters on a frozen
-    model)."""
+    """Model converters applied before parallelizing: float8 ([quantize.linear.float8]), mx
+    ([quantize.linear.mx]) or nvfp4 ([quantize.linear.nvfp4]), at most one of the three; or lora
+    ([lora]: adapters on a frozen model)."""
 
 
 @dataclass

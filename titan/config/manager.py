@@ -372,7 +372,9 @@ def validate(cfg: JobConfig) -> None:
             "activation_checkpoint.mode = 'memory_budget' works through torch.compile: "
             "set compile.enable = true"
         )
-    check_converters(cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks)
+    check_converters(
+        cfg.model.converters, cfg.quantize.linear, cfg.compile.blocks, p.tensor_parallel_degree
+    )
     check_lora(cfg.lora)
     check_optimizer(cfg.optimizer, cfg.model.converters, cfg.parallelism.fsdp_cpu_offload)
     check_chat_config(cfg.data, cfg.model.attn_mask_type)

@@ -52,10 +52,12 @@ def flops_per_token(
 _PEAK_FLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
     # NVIDIA GB200 NVL72 datasheet: one GB200 superchip (2 GPUs) lists FP16/BF16 10 PFLOPS and
     # FP8 20 PFLOPS with sparsity -> per GPU 2.5 / 5 PFLOPS dense.
-    (("GB200",), {"bfloat16": 10e15 / 2 / 2, "float8": 20e15 / 2 / 2}),
+    # (NVFP4: the GB200 superchip lists FP4 40 PFLOPS sparse for its two GPUs.)
+    (("GB200",), {"bfloat16": 10e15 / 2 / 2, "float8": 20e15 / 2 / 2, "nvfp4": 40e15 / 2 / 2}),
     # NVIDIA HGX B200 datasheet: 8 GPUs list FP16/BF16 36 PFLOPS and FP8 72 PFLOPS with
     # sparsity -> per GPU 2.25 / 4.5 PFLOPS dense.
-    (("B200",), {"bfloat16": 36e15 / 8 / 2, "float8": 72e15 / 8 / 2}),
+    # (NVFP4: FP4 144 PFLOPS sparse for the 8 GPUs.)
+    (("B200",), {"bfloat16": 36e15 / 8 / 2, "float8": 72e15 / 8 / 2, "nvfp4": 144e15 / 8 / 2}),
     # NVIDIA GH200 Grace Hopper Superchip datasheet: BF16 1,979 and FP8 3,958 TFLOPS sparse.
     (("GH200",), {"bfloat16": 1979e12 / 2, "float8": 3958e12 / 2}),
     # NVIDIA H200 Tensor Core GPU datasheet, H200 NVL column: BF16 1,671 and FP8 3,341 TFLOPS.
@@ -79,7 +81,7 @@ _PRECISION_ALIASES = {"bf16": "bfloat16", "fp8": "float8"}
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device at `precision` ("bfloat16" or "float8").
+    """Dense peak FLOP/s of one device at `precision` ("bfloat16", "float8" or "nvfp4").
 
     `device_name` is torch.cuda.get_device_name(). Unknown devices (CPU included), MIG slices
     (a fraction of the chip) and precisions the table lacks give None: MFU is then unknown.
@@ -95,11 +97,17 @@ def peak_flops(device_name: str, precision: str) -> float | None:
 
 
 def model_flops(
-    args, n_params: int, float8_flops: int, device: torch.device, compute_dtype: torch.dtype
+    args,
+    n_params: int,
+    float8_flops: int,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    low_precision: str = "float8",
 ) -> tuple[int, float | None, str]:
     """(training FLOPs per token, the peak FLOP/s MFU is measured against, a label naming that
     peak when float8 matmuls mix with bf16 ones) for a Llama 3 model with `args`; `float8_flops`
-    of the FLOPs per token run on float8 tensor cores."""
+    of the FLOPs per token run on low-precision tensor cores, float8 ones (float8, MX) or
+    `low_precision` = "nvfp4" ones."""
     embedding = 0 if args.tie_word_embeddings else args.vocab_size * args.dim
     fpt = flops_per_token(
         n_params, embedding, args.n_layers, args.n_heads, args.head_dim, args.max_seq_len
@@ -110,8 +118,8 @@ def model_flops(
     peak = peak_flops(name, str(compute_dtype).split(".")[-1])
     if not float8_flops:
         return fpt, peak, ""
-    peak = mixed_precision_peak(fpt, float8_flops, peak, peak_flops(name, "float8"))
-    return fpt, peak, "of bf16 + float8 peaks"
+    peak = mixed_precision_peak(fpt, float8_flops, peak, peak_flops(name, low_precision))
+    return fpt, peak, f"of bf16 + {low_precision} peaks"
 
 
 def mixed_precision_peak(

@@ -168,8 +168,9 @@ class Trainer(PipelineSteps):
 
     def _build_metrics(self, float8_flops: int) -> MetricsLogger:
         a = self.model_args
+        low = "nvfp4" if converters_of(self.cfg).nvfp4 is not None else "float8"
         self.flops_per_token, peak, label = model_flops(
-            a, self.n_params, float8_flops, self.device, self.compute_dtype
+            a, self.n_params, float8_flops, self.device, self.compute_dtype, low
         )
         return MetricsLogger(
             self.cfg.metrics, self.cfg.job.dump_folder, rank=self.rank, device=self.device,

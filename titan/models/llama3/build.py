@@ -67,7 +67,7 @@ class BuiltModel:
     n_trainable: int  # of those, the ones trained (LoRA: the adapters only)
     stage_ids: list[int] | None = None  # the parts' pipeline stage indices
     n_stages: int = 1
-    float8_flops: int = 0  # per token, in matmuls on float8 (or MX) tensor cores
+    float8_flops: int = 0  # per token, in matmuls on float8 (or MX, NVFP4) tensor cores
 
 
 def build_model(
@@ -85,7 +85,7 @@ def build_model(
     built = BuiltModel([model], n_params=0, n_trainable=0)
     converters = converters_of(cfg)
     try:
-        # (2) converters (float8/MX, LoRA): swap linears before any transform shards or splits them
+        # (2) converters (float8/MX/NVFP4, LoRA): swap linears before any transform shards or splits
         if converters:
             built.float8_flops = apply_converters(model, converters, device, dims.fsdp_enabled)
         built.n_params = sum(p.numel() for p in model.parameters())
