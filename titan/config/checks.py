@@ -20,6 +20,7 @@ from titan.config.job_config import (
     Parallelism,
     QuantizeLinear,
     Resilience,
+    Validation,
 )
 from titan.errors import ConfigError
 
@@ -279,4 +280,27 @@ def check_resilience(r: Resilience, ckpt: Checkpoint) -> None:
     if r.straggler_report_freq < 0:
         raise ConfigError(
             f"resilience.straggler_report_freq = {r.straggler_report_freq} must be >= 0 (0: off)"
+        )
+
+
+def check_validation(v: Validation, d: Data) -> None:
+    """Validation's settings, and that holdout validation has documents held out to read."""
+    if not v.enable:
+        return
+    if v.freq <= 0:
+        raise ConfigError(f"validation.freq = {v.freq} must be > 0")
+    if v.steps != -1 and v.steps < 1:
+        raise ConfigError(f"validation.steps = {v.steps}: use a positive count or -1 (one pass)")
+    if v.dataset != "holdout" or v.path is not None:
+        return
+    if d.blend or d.dataset == "synthetic" or d.holdout_every == 0:
+        why = (
+            "data.blend mixes several sources" if d.blend
+            else "data.dataset = 'synthetic' has no documents" if d.dataset == "synthetic"
+            else "data.holdout_every = 0 holds nothing out"
+        )  # fmt: skip
+        raise ConfigError(
+            f"validation.dataset = 'holdout' reads the documents data.holdout_every holds out of "
+            f"training, but {why}: set --data.holdout_every N (e.g. 100), or name the "
+            "validation data with --validation.path or --validation.dataset"
         )

@@ -27,6 +27,7 @@ from titan.config.checks import (
     check_lora,
     check_optimizer,
     check_resilience,
+    check_validation,
 )
 from titan.config.job_config import JobConfig
 from titan.errors import ConfigError
@@ -331,7 +332,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
     if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.decay_ratio = {s.decay_ratio} must be in [0, 1] or unset")
-    _check_validation(cfg)
+    check_validation(cfg.validation, cfg.data)
     c = cfg.checkpoint
     if c.load_step != -1 and not c.enable:
         raise ConfigError(
@@ -382,28 +383,6 @@ def validate(cfg: JobConfig) -> None:
     check_hf_save(cfg.checkpoint, cfg.model.converters)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
-
-
-def _check_validation(cfg: JobConfig) -> None:
-    v, d = cfg.validation, cfg.data
-    if not v.enable:
-        return
-    _positive(cfg, "validation.freq")
-    if v.steps != -1 and v.steps < 1:
-        raise ConfigError(f"validation.steps = {v.steps}: use a positive count or -1 (one pass)")
-    if v.dataset != "holdout" or v.path is not None:
-        return
-    if d.blend or d.dataset == "synthetic" or d.holdout_every == 0:
-        why = (
-            "data.blend mixes several sources" if d.blend
-            else "data.dataset = 'synthetic' has no documents" if d.dataset == "synthetic"
-            else "data.holdout_every = 0 holds nothing out"
-        )  # fmt: skip
-        raise ConfigError(
-            f"validation.dataset = 'holdout' reads the documents data.holdout_every holds out of "
-            f"training, but {why}: set --data.holdout_every N (e.g. 100), or name the "
-            "validation data with --validation.path or --validation.dataset"
-        )
 
 
 def _get(cfg: JobConfig, dotted: str) -> Any:
