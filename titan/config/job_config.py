@@ -8,8 +8,10 @@ and validates the result. Builders take their own section only:
 from dataclasses import dataclass, field
 
 from titan.config.converter_config import MX, Float8, Lora, Quantize, QuantizeLinear
+from titan.config.ft_config import FaultTolerance
 
-__all__ = ["MX", "Float8", "Lora", "Quantize", "QuantizeLinear"]  # with the sections below
+# with the sections below
+__all__ = ["MX", "FaultTolerance", "Float8", "Lora", "Quantize", "QuantizeLinear"]
 
 
 @dataclass
@@ -385,3 +387,4 @@ class JobConfig:
     lora: Lora = field(default_factory=Lora)
     resilience: Resilience = field(default_factory=Resilience)
     dry_run: DryRun = field(default_factory=DryRun)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
