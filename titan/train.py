@@ -22,6 +22,7 @@ from titan.elastic_errors import write_error_file
 from titan.errors import AnomalyError, CheckpointError, ConfigError, DataError
 from titan.logger import init_logger, logger
 from titan.parallelisms.distributed import comm_mode
+from titan.trainer.ft_trainer import FaultTolerantTrainer
 from titan.trainer.preemption import Preempted, log_preempted
 from titan.trainer.trainer import Trainer
 
@@ -62,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         if comm_mode() == "fake_backend":
             from titan.trainer import dry_run  # only a dry run traces
 
+            if cfg.fault_tolerance.enable:
+                logger.info(
+                    "dry run: one torchft replica group (its WORLD_SIZE ranks), without the "
+                    "quorum or the cross-group gradient sum (one extra bucket of gradients)"
+                )
             return dry_run.main(cfg, Trainer)
-        trainer = Trainer(cfg)
+        trainer = (FaultTolerantTrainer if cfg.fault_tolerance.enable else Trainer)(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)
             return 0
