@@ -8,6 +8,7 @@ the global batch. torchft is imported only when [fault_tolerance] is enabled.
 """
 
 import os
+import socket
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -103,7 +104,11 @@ class ReplicaGroups:
         """(address, port, store): the group's TCPStore that torchft's Manager joins. torchrun
         serves one at MASTER_ADDR:MASTER_PORT; one process without a process group starts its
         own."""
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        host = os.environ.get("MASTER_ADDR", "localhost")
+        if host in ("localhost", "127.0.0.1", "::1"):
+            # other groups connect to this address (the quorum's store can be any group's):
+            # on one node run_train.sh says localhost, which means nothing on another machine
+            host = socket.gethostname()
         if world > 1 or dist.is_initialized():
             return host, int(os.environ["MASTER_PORT"]), None
         store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
