@@ -39,8 +39,8 @@ def _torchft():
         import torchft
     except ImportError:
         raise ConfigError(
-            "fault_tolerance.enable needs torchft: pip install torchft (0.2.0; its wheel does "
-            "not pin torch, install it with --no-deps to keep the torch you have)"
+            "fault_tolerance.enable needs torchft: pip install 'titan[ft]' (torchft 0.2, which "
+            "also brings the lighthouse, torchft_lighthouse)"
         ) from None
     return torchft
 
