@@ -34,10 +34,16 @@ KILL_STEPS = sorted(random.Random(0).sample(range(3, 14), 5))
 
 @pytest.mark.parametrize("kill_step", KILL_STEPS)
 def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
-    steps = 20
+    steps = 40
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000"]  # saves the last step only
-    ft = run_ft(tmp_path, 2, 2, ["--training.steps", str(steps), *FSDP2, *ckpt],
-                kill=(1, kill_step), min_replicas=1, port=29510 + kill_step)  # fmt: skip
+    # every rank 0 sleeps 1 s a step: the live group is still training when the killed one is
+    # back (a restart takes 10-20 s here), so it heals instead of starting a run of its own
+    ft = run_ft(
+        tmp_path, 2, 2, ["--training.steps", str(steps), *FSDP2, *ckpt], kill=(1, kill_step),
+        min_replicas=1, port=29510 + kill_step, TITAN_FAULT_INJECTION="sleep@*/0=1",
+    )  # fmt: skip
+    log = (tmp_path / "logs" / "group_1.log").read_text()
+    assert "group 1 exited" in log and "torchft: healed from a live peer at step" in log
     # the live group stepped through: every step once, none lost or repeated
     assert [s for s, _ in ft[0]] == list(range(1, steps + 1))
     # the killed group logged up to its death, then from the step it healed at to the end

@@ -78,11 +78,12 @@ def run_ft(
     min_replicas: int | None = None,
     timeout: int = 600,
     port: int = 29510,
+    **extra_env,
 ) -> dict[int, list[tuple[int, float]]]:
     """Train under torchft; `kill` = (group, step): once that group has logged the step, one of
     its workers (picked at random) gets SIGKILL and the launcher restarts the group."""
     env = _env(
-        REPLICA_GROUPS=groups, NGPU=ngpu, RESTART=int(kill is not None),
+        **extra_env, REPLICA_GROUPS=groups, NGPU=ngpu, RESTART=int(kill is not None),
         MIN_REPLICAS=min_replicas or groups, LOG_DIR=folder / "logs",
         LIGHTHOUSE_PORT=port, GROUP_PORT=port + 100,
     )  # fmt: skip
