@@ -10,6 +10,7 @@ import torch
 
 from titan.config import load_config
 from titan.config.ft_config import FaultTolerance
+from titan.errors import ConfigError
 from titan.trainer import fault_tolerance
 from titan.trainer.fault_tolerance import ReplicaGroups, data_slot
 from titan.trainer.ft_trainer import FaultTolerantTrainer
@@ -147,3 +148,10 @@ def test_one_group_under_a_lighthouse_matches_the_trainer(tmp_path):
         lighthouse.shutdown()
     assert losses == pytest.approx(plain, abs=1e-6, rel=0)
     assert ft.ft.manager.current_step() == 3
+
+
+def test_no_lighthouse_is_a_config_error(monkeypatch):
+    pytest.importorskip("torchft")
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    with pytest.raises(ConfigError, match="name the lighthouse with --fault_tolerance.lighthouse"):
+        ReplicaGroups(FaultTolerance(enable=True), torch.device("cpu"), dict, print, step=0)
