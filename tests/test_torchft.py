@@ -43,6 +43,9 @@ class _TwoGroups:
     def __init__(self, other):
         self.other, self.calls = other, 0
 
+    def errored(self):
+        return None
+
     def allreduce(self, t, reduce_op):
         self.calls += 1
         t += self.other(t)
@@ -57,7 +60,7 @@ class _TwoGroups:
 def _groups(manager, group=0, groups=2) -> ReplicaGroups:
     rg = ReplicaGroups.__new__(ReplicaGroups)  # no lighthouse: the sums only
     rg.cfg = FaultTolerance(enable=True, replica_group=group, replica_groups=groups)
-    rg.device, rg.manager, rg.members = torch.device("cpu"), manager, []
+    rg.device, rg.manager, rg.members, rg.group_world = torch.device("cpu"), manager, [], 1
     return rg
 
 
@@ -83,6 +86,16 @@ def test_sum_targets_counts_only_the_groups_present():
     rg = _groups(_TwoGroups(other_group), group=0, groups=3)
     assert rg.sum_targets(60.0) == 160.0
     assert rg.members == [0, 2]
+
+
+def test_groups_of_other_sizes_are_refused():
+    def other_group(t):  # group 1 runs 4 ranks, this one 1
+        o = torch.zeros_like(t)
+        o[0], o[1 + 1] = 10.0, 4.0
+        return o
+
+    with pytest.raises(ConfigError, match=r"different numbers of ranks \(\{0: 1, 1: 4\}\)"):
+        _groups(_TwoGroups(other_group)).sum_targets(1.0)
 
 
 def _roundtrip(state):

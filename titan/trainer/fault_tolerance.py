@@ -72,6 +72,7 @@ class ReplicaGroups:
             )
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
+        self.group_world = world
         store_addr, store_port, self._store = self._group_store(world)
         self.manager = torchft.Manager(
             pg=pg,
@@ -126,12 +127,20 @@ class ReplicaGroups:
 
     def sum_targets(self, group_targets: float) -> float:
         """The step's target count over the groups in the quorum (each group's own count: its
-        data-parallel sum); also records which groups those are, in one all-reduce."""
-        n = self.cfg.replica_groups
+        data-parallel sum); also records which groups those are, and checks that they run as
+        many ranks as this one, in one all-reduce (each group writes its world size in its slot)."""
+        n, world = self.cfg.replica_groups, self.group_world
         t = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
-        t[0], t[1 + self.cfg.replica_group] = group_targets, 1.0
+        t[0], t[1 + self.cfg.replica_group] = group_targets, float(world)
         t = self._sum(t).cpu()
         members = [g for g in range(n) if t[1 + g] > 0.5]
+        sizes = {g: int(t[1 + g]) for g in members}
+        if self.manager.errored() is None and any(size != world for size in sizes.values()):
+            # rank r of each group forms one torchft process group: the layouts must match
+            raise ConfigError(
+                f"torchft replica groups run different numbers of ranks ({sizes}): start every "
+                "group with the same NGPU and parallel degrees"
+            )
         if members != self.members and members:
             logger.info(f"torchft: groups {members} of {n} in the quorum")
         self.members = members
