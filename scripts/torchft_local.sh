@@ -47,6 +47,7 @@ trap cleanup EXIT
 
 run_group() {  # group id: run it (again, with RESTART=1, after a failure)
   local g=$1 status=0 devices=""
+  shift
   if command -v nvidia-smi >/dev/null 2>&1; then
     devices=$(seq -s, $((g * NGPU)) $((g * NGPU + NGPU - 1)))
   fi
