@@ -35,7 +35,9 @@ KILL_STEPS = sorted(random.Random(0).sample(range(3, 14), 5))
 @pytest.mark.parametrize("kill_step", KILL_STEPS)
 def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
     steps = 50
-    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000"]  # saves the last step only
+    # saves the last step only, whole (model and optimizer)
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000",
+            "--checkpoint.last_save_model_only", "false"]  # fmt: skip
     # every rank 0 sleeps 1 s a step: the live group is still training when the killed one is
     # back (a restart takes 10-20 s here), so it heals instead of starting a run of its own
     ft = run_ft(
@@ -47,8 +49,11 @@ def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
     )  # fmt: skip
     log = (tmp_path / "logs" / "group_1.log").read_text()
     assert "group 1 exited" in log and "torchft: healed from a live peer at step" in log
-    # the live group stepped through: every step once, none lost or repeated
-    assert [s for s, _ in ft[0]] == list(range(1, steps + 1))
+    # the live group stepped through: every step once, none lost or repeated (it may have
+    # started a step late: with min_replicas 1 the first group up runs step 1 alone, and the
+    # other heals into step 2)
+    live_steps = [s for s, _ in ft[0]]
+    assert live_steps[0] <= 2 and live_steps == list(range(live_steps[0], steps + 1))
     # the killed group logged up to its death, then from the step it healed at to the end
     logged = [s for s, _ in ft[1]]
     first = next(i for i in range(len(logged) - 1, -1, -1)
