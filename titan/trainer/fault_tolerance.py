@@ -133,9 +133,11 @@ class ReplicaGroups:
         t = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
         t[0], t[1 + self.cfg.replica_group] = group_targets, float(world)
         t = self._sum(t).cpu()
+        if self.manager.errored() is not None:  # a peer failed: the sums are partial, and the
+            return float(t[0])  # step will not commit (it is redone); keep the last members
         members = [g for g in range(n) if t[1 + g] > 0.5]
         sizes = {g: int(t[1 + g]) for g in members}
-        if self.manager.errored() is None and any(size != world for size in sizes.values()):
+        if any(size != world for size in sizes.values()):
             # rank r of each group forms one torchft process group: the layouts must match
             raise ConfigError(
                 f"torchft replica groups run different numbers of ranks ({sizes}): start every "

@@ -122,7 +122,7 @@ class FaultTolerantTrainer(Trainer):
             self.loss_scale *= self.poison
         missing = [g for g in range(self.cfg.fault_tolerance.replica_groups)
                    if g not in self.ft.members]  # fmt: skip
-        if missing:
+        if missing and self.ft.manager.errored() is None:  # (else the step is redone)
             c, b = self._data_state["windows"], self.dataloader.global_batch
             logger.warning(f"step {self.step}: groups {missing} are not in the quorum: their "
                            f"slices of windows [{c}, {c + b}) are not trained")  # fmt: skip
