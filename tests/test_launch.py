@@ -194,9 +194,9 @@ def _slurm_job_id() -> int:
     raise AssertionError("no free port in 20000-29999")
 
 
-def test_slurm_batch_script_on_two_fake_nodes(tmp_path, one_process):
-    """scripts/slurm/train.sbatch under stand-ins for srun and scontrol: every launch setting
-    comes from Slurm's variables, and the two nodes train as one TP 2 run."""
+def _fake_slurm(tmp_path: Path) -> tuple[int, dict[str, str]]:
+    """(job id, environment) of a 2-node Slurm job whose srun and scontrol are the stand-ins
+    above (put first on PATH)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("scontrol", SCONTROL), ("srun", SRUN)):
@@ -206,13 +206,20 @@ def test_slurm_batch_script_on_two_fake_nodes(tmp_path, one_process):
     slurm = {
         "SLURM_JOB_ID": str(job_id), "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[01-02]",
         "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(ROOT),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }  # fmt: skip
+    return job_id, slurm
+
+
+def test_slurm_batch_script_on_two_fake_nodes(tmp_path, one_process):
+    """scripts/slurm/train.sbatch under stand-ins for srun and scontrol: every launch setting
+    comes from Slurm's variables, and the two nodes train as one TP 2 run."""
+    job_id, slurm = _fake_slurm(tmp_path)
     cmd = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *SMALL, *TP2]
     cmd.append(f"--job.dump_folder={tmp_path / 'dump'}")
     # run from elsewhere: Slurm runs a copy of the script from its spool directory
     with open(tmp_path / "sbatch.log", "w") as out:
-        proc = _start(cmd, out, cwd=tmp_path, FAKE_SLURM_DIR=str(tmp_path),
-                      PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm)  # fmt: skip
+        proc = _start(cmd, out, cwd=tmp_path, FAKE_SLURM_DIR=str(tmp_path), **slurm)
     [code] = _wait_all([proc], timeout=240)
     texts = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     sbatch_log = (tmp_path / "sbatch.log").read_text()

@@ -245,7 +245,8 @@ def _wandb_items(items) -> dict:
     return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def test_wandb_offline(tmp_path, monkeypatch):
+def wandb_offline(tmp_path, monkeypatch) -> None:
+    """W&B in offline mode, writing only under tmp_path (its home, cache and config too)."""
     for key, value in {
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path),
@@ -255,6 +256,10 @@ def test_wandb_offline(tmp_path, monkeypatch):
         "HOME": str(tmp_path),
     }.items():
         monkeypatch.setenv(key, value)
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    wandb_offline(tmp_path, monkeypatch)
     dump = tmp_path / "run"
     cfg = Metrics(enable_wandb=True, wandb_project="titan-test")
     config = {"model": {"flavor": "debugmodel"}, "training": {"steps": 4, "seed": 0}}

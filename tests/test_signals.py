@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 from test_launch import (
     ROOT,
-    SCONTROL,
     SMALL,
-    SRUN,
     TP2,
+    _fake_slurm,
     _losses,
-    _slurm_job_id,
     _start,
     _stop,
     _train,
@@ -242,22 +240,12 @@ def test_slurm_time_limit_saves_and_requeues(tmp_path):
     """train.sbatch under stand-ins for srun and scontrol: Slurm's USR1 to the batch script
     (--signal=B:USR1@120) reaches both nodes' torchrun through srun, they save the step in
     progress, and the script requeues the job."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("scontrol", SCONTROL), ("srun", SRUN)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    job_id = _slurm_job_id()
-    slurm = {
-        "SLURM_JOB_ID": str(job_id), "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[01-02]",
-        "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_PER_TASK": "1", "SLURM_SUBMIT_DIR": str(ROOT),
-    }  # fmt: skip
+    job_id, slurm = _fake_slurm(tmp_path)
     dump = tmp_path / "dump"
     cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *PREEMPT_ARGS, *TP2,
            "--training.steps", "50", f"--job.dump_folder={dump}"]  # fmt: skip
     with open(tmp_path / "sbatch.log", "w") as out:
-        proc = _start(cmd, out, cwd=tmp_path, FAKE_SLURM_DIR=str(tmp_path),
-                      PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm)  # fmt: skip
+        proc = _start(cmd, out, cwd=tmp_path, FAKE_SLURM_DIR=str(tmp_path), **slurm)
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     deadline = time.monotonic() + 180
     while not any(p.exists() and "INFO step:" in p.read_text() for p in logs):

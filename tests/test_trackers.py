@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import wandb
-from test_metrics import _wandb_records
+from test_metrics import _wandb_records, wandb_offline
 
 from titan.config.job_config import Metrics
 from titan.trainer.metrics import MetricsLogger
@@ -68,15 +68,7 @@ def _offline_run(path: str):
 
 
 def test_wandb_resume_continues_the_run(tmp_path, monkeypatch):
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
-        "WANDB_SILENT": "true",
-        "HOME": str(tmp_path),
-    }.items():
-        monkeypatch.setenv(key, value)
+    wandb_offline(tmp_path, monkeypatch)
     dump = tmp_path / "llama3_8b_run7"
     cfg = Metrics(enable_wandb=True, wandb_project="titan-test")
     for start, steps in ((0, (1, 2)), (2, (3, 4))):  # a start, then a restart from step 2

@@ -94,6 +94,11 @@ def _local_and_sharded_dims(grad: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     return grad.to_local(), (grad.device_mesh, dims) if dims else ()
 
 
+def _local_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Each gradient's local values on this rank (a DTensor's shard), where there is one."""
+    return [_local_and_sharded_dims(p.grad)[0] for p in params if p.grad is not None]
+
+
 def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     if tensors[0].device.type == "cpu":
         # CPU norm kernels accumulate in the input dtype, ~1e-4 off for a large fp32 gradient;
@@ -154,7 +159,7 @@ def clip_to_norm_(params: list[torch.nn.Parameter], max_norm: float, norm: torch
     global norm from clip_grad_norm_tensor_(params, 0.0, ...); max_norm 0: no clipping."""
     if max_norm <= 0:
         return
-    locals_ = [_local_and_sharded_dims(p.grad)[0] for p in params if p.grad is not None]
+    locals_ = _local_grads(params)
     if not locals_:
         return
     # below 1 when the norm is above max_norm; 1 (no change) otherwise or when not finite
@@ -170,5 +175,5 @@ def clip_to_norm_(params: list[torch.nn.Parameter], max_norm: float, norm: torch
 def local_grad_sum_of_squares(params: list[torch.nn.Parameter]) -> float:
     """This rank's own gradient pieces' sum of squares (float64): what a replayed step compares
     to name the ranks whose gradients changed."""
-    locals_ = [_local_and_sharded_dims(p.grad)[0] for p in params if p.grad is not None]
+    locals_ = _local_grads(params)
     return float(_sum_of_squares(locals_)) if locals_ else 0.0

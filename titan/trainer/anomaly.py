@@ -72,14 +72,17 @@ class AnomalyGuard:
         if len(self.history) < self.cfg.spike_window:
             return None
         losses, norms = zip(*self.history, strict=True)
-        mean, std = statistics.fmean(losses), statistics.pstdev(losses)
-        if self.cfg.spike_sigma and loss > mean + self.cfg.spike_sigma * std:
-            return (f"loss spike ({loss:.6f} > mean {mean:.6f} + {self.cfg.spike_sigma:g} x std "
-                    f"{std:.6f} of the last {len(losses)} steps)")  # fmt: skip
-        mean_norm, factor = statistics.fmean(norms), self.cfg.grad_norm_spike_factor
-        if factor and grad_norm > factor * mean_norm:
-            return (f"grad norm spike ({grad_norm:.4g} > {factor:g} x mean {mean_norm:.4g} of the "
-                    f"last {len(norms)} steps)")  # fmt: skip
+        sigma, factor = self.cfg.spike_sigma, self.cfg.grad_norm_spike_factor
+        if sigma:  # off by default: no statistics are computed for a test that is off
+            mean, std = statistics.fmean(losses), statistics.pstdev(losses)
+            if loss > mean + sigma * std:
+                return (f"loss spike ({loss:.6f} > mean {mean:.6f} + {sigma:g} x std {std:.6f} "
+                        f"of the last {len(losses)} steps)")  # fmt: skip
+        if factor:
+            mean_norm = statistics.fmean(norms)
+            if grad_norm > factor * mean_norm:
+                return (f"grad norm spike ({grad_norm:.4g} > {factor:g} x mean {mean_norm:.4g} "
+                        f"of the last {len(norms)} steps)")  # fmt: skip
         return None
 
     def check(
