@@ -8,6 +8,7 @@
 # stdout/stderr go to <LOG_DIR>/group_<g>.log (LOG_DIR default ./outputs/torchft_logs).
 # RESTART=1: a group that exits with a failure (a killed rank) is started again; it joins the
 # next quorum and heals from a live peer (weights, optimizer, LR schedule, step, data position).
+# RESTART_DELAY (seconds, default 1) before such a restart.
 # MIN_REPLICAS (default REPLICA_GROUPS): the groups the lighthouse waits for before the first
 # quorum, and the groups a step needs to commit (fault_tolerance.min_replicas). With 1, a group
 # that starts late heals and misses the first steps' slices; the others go on alone when one dies.
@@ -65,7 +66,7 @@ run_group() {  # group id: run it (again, with RESTART=1, after a failure)
     fi
     echo "torchft_local.sh: group $g exited with status $status: restarting it" \
       | tee -a "$LOG_DIR/group_$g.log" >&2
-    sleep 1
+    sleep "${RESTART_DELAY:-1}"
   done
 }
 

@@ -1,18 +1,23 @@
 """torchft end to end on CPU/gloo (heavy: several multi-process launches): 2 replica groups of 2
-ranks against HSDP 2x2 and one process, and a group SIGKILLed at a random step that is
-restarted, heals from the live group and ends bit-identical to it."""
+ranks against HSDP 2x2 and one process; a group SIGKILLed at a random step that is restarted,
+heals from the live group and ends bit-identical to it; and one that stays away for a while,
+during which the live group trains alone on its own slice."""
 
 import random
 import re
+from pathlib import Path
 
 import pytest
-from torchft_harness import final_state, run_ft, run_plain
+from torchft_harness import final_state, rows, run_ft, run_plain
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.heavy
 
 STEPS = 6
 FSDP2 = ["--parallelism.data_parallel_shard_degree", "2"]
+# saves the last step only, whole (model and optimizer)
+CKPT = ["--checkpoint.enable", "--checkpoint.interval", "1000",
+        "--checkpoint.last_save_model_only", "false"]  # fmt: skip
 
 
 def test_two_groups_match_hsdp_and_one_process(tmp_path):
@@ -29,35 +34,27 @@ def test_two_groups_match_hsdp_and_one_process(tmp_path):
         assert got == pytest.approx([loss for _, loss in one], abs=1e-5, rel=0), group
 
 
-# the moments to kill at, drawn once so that a failure can be rerun with the same ones
-KILL_STEPS = sorted(random.Random(0).sample(range(3, 14), 5))
-
-
-@pytest.mark.parametrize("kill_step", KILL_STEPS)
-def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
-    steps = 50
-    # saves the last step only, whole (model and optimizer)
-    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "1000",
-            "--checkpoint.last_save_model_only", "false"]  # fmt: skip
+def _kill_and_rejoin(folder: Path, steps: int, kill_step: int, **env) -> tuple[list, int]:
+    """Train 2 groups of 2 ranks, SIGKILL a worker of group 1 once it logged `kill_step`, and
+    check what every such run must show: the live group logged every step once (none lost or
+    repeated); group 1, restarted, healed at a step >= the one it died in, logged every step
+    from there with the live group's loss, and ended bit-identical to it (weights and optimizer
+    state). Returns the live group's metrics rows and the step group 1 healed at."""
     # every rank 0 sleeps 1 s a step: the live group is still training when the killed one is
-    # back (a restart takes 10-20 s here), so it heals instead of starting a run of its own
+    # back (a restart takes 10-20 s here), so it heals instead of starting a run of its own;
+    # torchrun SIGTERMs the killed rank's peer, which tries to finish its step (it cannot: its
+    # group's rank is gone): end it after 5 s instead of 30
     ft = run_ft(
-        tmp_path, 2, 2, ["--training.steps", str(steps), *FSDP2, *ckpt], kill=(1, kill_step),
+        folder, 2, 2, ["--training.steps", str(steps), *FSDP2, *CKPT], kill=(1, kill_step),
         min_replicas=1, port=29510 + kill_step, TITAN_FAULT_INJECTION="sleep@*/0=1",
-        # torchrun SIGTERMs the killed rank's peer, which tries to finish its step (it cannot:
-        # its group's rank is gone): end it after 5 s instead of 30
-        TORCH_ELASTIC_SHUTDOWN_TIMEOUT=5,
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT=5, **env,
     )  # fmt: skip
-    log = (tmp_path / "logs" / "group_1.log").read_text()
+    log = (folder / "logs" / "group_1.log").read_text()
     assert "group 1 exited" in log and "torchft: healed from a live peer at step" in log
-    # the live group stepped through: every step once, none lost or repeated (it may have
-    # started a step late: with min_replicas 1 the first group up runs step 1 alone, and the
-    # other heals into step 2)
+    # the live group may have started a step late: with min_replicas 1 the first group up runs
+    # step 1 alone, and the other heals into step 2
     live_steps = [s for s, _ in ft[0]]
     assert live_steps[0] <= 2 and live_steps == list(range(live_steps[0], steps + 1))
-    # the killed group, restarted, healed at step `healed` (>= the step it died in; the live
-    # group may have waited for it in its redo of that step) and logged every step from there,
-    # each with the same global loss as the live group
     restart = log.index("group 1 exited")
     healed = int(re.findall(r"healed from a live peer at step (\d+)", log[restart:])[-1])
     assert healed >= kill_step
@@ -66,10 +63,37 @@ def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
     live = dict(ft[0])
     for s, loss in rejoined:
         assert loss == pytest.approx(live[s], abs=1e-6), s
-    a, b = final_state(tmp_path, 0), final_state(tmp_path, 1)
+    a, b = final_state(folder, 0), final_state(folder, 1)
     # the weights (top-level keys) and the optimizer's state; not the RNG or data position
     keys = sorted(k for k in a if not k.startswith(("train_state", "dataloader")))
     assert any(k.startswith("optimizer.state") for k in keys) and "output.weight" in keys
     assert keys == sorted(k for k in b if not k.startswith(("train_state", "dataloader")))
     different = [k for k in keys if not (a[k].shape == b[k].shape and a[k].equal(b[k]))]
     assert not different, different[:5]
+    return rows(folder / "replica_0"), healed
+
+
+# the moments to kill at, drawn once so that a failure can be rerun with the same ones
+KILL_STEPS = sorted(random.Random(0).sample(range(3, 14), 5))
+
+
+@pytest.mark.parametrize("kill_step", KILL_STEPS)
+def test_killed_group_rejoins_and_heals(tmp_path, kill_step):
+    _kill_and_rejoin(tmp_path, 50, kill_step)
+
+
+def test_live_group_trains_alone_while_the_killed_one_is_away(tmp_path):
+    """Group 1 is restarted 15 s after it dies: group 0 commits steps alone meanwhile, each
+    with its own slice only (half the targets, a warning naming the untrained windows), then
+    group 1 heals into the step after the last solo one."""
+    kill_step = 4
+    live, healed = _kill_and_rejoin(tmp_path, 50, kill_step, RESTART_DELAY=15)
+    solo = [r["step"] for r in live if r["ft_groups"] == 1 and r["step"] > 2]
+    assert len(solo) >= 5 and solo == list(range(solo[0], healed)), (solo, healed)
+    assert solo[0] in (kill_step, kill_step + 1)  # the step group 1 died in is redone alone
+    both = [r["targets"] for r in live if r["ft_groups"] == 2]
+    assert both and set(both) == {both[0]}
+    assert {r["targets"] for r in live if r["step"] in solo} == {both[0] / 2}
+    warned = re.findall(r"step (\d+): groups \[1\] are not in the quorum",
+                        (tmp_path / "logs" / "group_0.log").read_text())  # fmt: skip
+    assert set(solo) <= {int(s) for s in warned}

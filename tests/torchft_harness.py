@@ -35,12 +35,18 @@ def _env(**extra) -> dict[str, str]:
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
-def metrics(folder: Path) -> list[tuple[int, float]]:
+def rows(folder: Path) -> list[dict]:
+    """The training lines of the folder's metrics.jsonl (step, loss, ..., under torchft
+    ft_groups and targets)."""
     path = folder / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if "loss" in r]
+
+
+def metrics(folder: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in rows(folder)]
 
 
 def run_plain(folder: Path, ngpu: int, args: list[str], timeout: int = 600):

@@ -152,6 +152,10 @@ class FaultTolerantTrainer(Trainer):
             self.dataloader.load_state_dict(self._data_state)
             microbatches = self.next_microbatches(self.dataloader)
 
+    def step_metrics(self) -> dict[str, float]:
+        """The groups in the step's quorum and the target tokens they trained."""
+        return {"ft_groups": float(len(self.ft.members)), "targets": self.n_targets}
+
     def train(self) -> list[float]:
         try:
             return super().train()

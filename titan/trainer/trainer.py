@@ -324,6 +324,10 @@ class Trainer(PipelineSteps):
                 "training.steps"
             ) from None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Further metrics of the step just taken, logged with it (none here)."""
+        return {}
+
     def train(self) -> list[float]:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
@@ -376,7 +380,7 @@ class Trainer(PipelineSteps):
                     now = time.perf_counter()
                     self.metrics.log(
                         self.step, loss=loss, grad_norm=grad_norm, lr=lr, ntokens=ntokens,
-                        elapsed_s=now - last, data_s=data_s,
+                        elapsed_s=now - last, data_s=data_s, extra=self.step_metrics(),
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
                 if self.validator is not None and self.validator.due(self.step, t.steps):
