@@ -171,10 +171,6 @@ def test_effective_config_round_trips(tmp_path):
             "the replica dimension is fault_tolerance.replica_groups",
         ),
         (
-            ["--fault_tolerance.enable", "--parallelism.pipeline_parallel_degree", "2"],
-            "fault_tolerance.enable with pipeline parallel is not supported yet",
-        ),
-        (
             [
                 "--fault_tolerance.enable",
                 "--resilience.on_anomaly",

@@ -237,11 +237,6 @@ def check_fault_tolerance(ft: FaultTolerance, p: Parallelism, r: Resilience) -> 
             "(one job per group); set parallelism.data_parallel_replicate_degree = 1 "
             f"(not {p.data_parallel_replicate_degree}) and shard inside each group"
         )
-    if p.pipeline_parallel_degree > 1:
-        raise ConfigError(
-            "fault_tolerance.enable with pipeline parallel is not supported yet: use FSDP, TP "
-            "or CP inside each replica group (pipeline_parallel_degree = 1)"
-        )
     if r.on_anomaly == "rollback":
         raise ConfigError(
             "resilience.on_anomaly = 'rollback' with fault_tolerance.enable: a group rolling "
