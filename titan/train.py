@@ -60,16 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.checkpoint.create_seed_checkpoint:
             # one process, whatever the config's layout: the seed is the full, unsharded model
             cfg = dataclasses.replace(cfg, parallelism=Parallelism())
+        # a dry run traces one torchft group: its step, not the quorum (no lighthouse)
+        trainer_cls = FaultTolerantTrainer if cfg.fault_tolerance.enable else Trainer
         if comm_mode() == "fake_backend":
             from titan.trainer import dry_run  # only a dry run traces
 
-            if cfg.fault_tolerance.enable:
-                logger.info(
-                    "dry run: one torchft replica group (its WORLD_SIZE ranks), without the "
-                    "quorum or the cross-group gradient sum (one extra bucket of gradients)"
-                )
-            return dry_run.main(cfg, Trainer)
-        trainer = (FaultTolerantTrainer if cfg.fault_tolerance.enable else Trainer)(cfg)
+            return dry_run.main(cfg, trainer_cls)
+        trainer = trainer_cls(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)
             return 0

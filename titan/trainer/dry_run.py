@@ -200,6 +200,8 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         held = {name: tensor_bytes(ts) for name, ts in static_state(model, optimizer).items()}
         held["gradients"] = tensor_bytes([p.grad for p in params if p.grad is not None])
         tracer.optimizer_phase = True
+        if hasattr(trainer, "ft"):  # a torchft group: its gradient buckets, summed across groups
+            trainer.ft.sum_grads(trainer.local_grads())
         clip_grad_norm_tensor_(params, trainer.cfg.training.max_norm, trainer.pp_mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -133,7 +133,7 @@ class ReplicaGroups:
         t = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
         t[0], t[1 + self.cfg.replica_group] = group_targets, float(world)
         t = self._sum(t).cpu()
-        if self.manager.errored() is not None:  # a peer failed: the sums are partial, and the
+        if self.errored() is not None:  # a peer failed: the sums are partial, and the
             return float(t[0])  # step will not commit (it is redone); keep the last members
         members = [g for g in range(n) if t[1 + g] > 0.5]
         sizes = {g: int(t[1 + g]) for g in members}
@@ -173,5 +173,35 @@ class ReplicaGroups:
         """The quorum's vote on this step's update (after its last collective across groups)."""
         return self.manager.should_commit()
 
+    def errored(self) -> Exception | None:
+        """The error of this step's cross-group work, if any (the step will not commit)."""
+        return self.manager.errored()
+
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
+
+
+class TracedGroups(ReplicaGroups):
+    """What a dry run runs in place of ReplicaGroups: the same step (the target-count tensor, the
+    gradient buckets and their copies, traced like every other allocation), with the sums across
+    groups left as they are, as every collective on the fake backend leaves its tensor; no
+    lighthouse, no quorum, every step committed by this group alone."""
+
+    def __init__(self, ft: FaultTolerance, device: torch.device, *_, **__):
+        self.cfg, self.device, self.members = ft, device, [ft.replica_group]
+        self.group_world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def start_step(self) -> None:
+        pass
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def should_commit(self) -> bool:
+        return True
+
+    def errored(self) -> Exception | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass

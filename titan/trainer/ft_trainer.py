@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from titan.config.job_config import JobConfig
 from titan.data.tokens import GlobalBatchLoader
 from titan.errors import ConfigError
 from titan.logger import logger
 from titan.parallelisms.distributed import local_tensor
-from titan.trainer.fault_tolerance import ReplicaGroups
+from titan.trainer.fault_tolerance import ReplicaGroups, TracedGroups, TracedGroups
 from titan.trainer.trainer import Trainer
 
 
@@ -43,7 +44,7 @@ class FaultTolerantTrainer(Trainer):
             )
         self.committed, self.healed = True, False
         self._data_state = self.dataloader.state_dict()
-        self.ft = ReplicaGroups(
+        self.ft = (TracedGroups if self.dry_run else ReplicaGroups)(
             self.cfg.fault_tolerance, self.device, self.heal_state_dict,
             self.load_heal_state_dict, step=self.step,
         )  # fmt: skip
@@ -116,13 +117,14 @@ class FaultTolerantTrainer(Trainer):
         """As the Trainer's, with the target count of the groups in the quorum: the loss stays
         the sum over the trained tokens / their count, whichever groups took part."""
         super()._set_loss_scale(microbatches)  # this group's count over its dp ranks
-        self.n_targets = self.ft.sum_targets(self.n_targets)
+        with unset_fake_temporarily():  # real counts, in a dry run too
+            self.n_targets = self.ft.sum_targets(self.n_targets)
         self.loss_scale = self.grad_average_over / max(self.n_targets, 1.0)
         if self.poison is not None:
             self.loss_scale *= self.poison
         missing = [g for g in range(self.cfg.fault_tolerance.replica_groups)
                    if g not in self.ft.members]  # fmt: skip
-        if missing and self.ft.manager.errored() is None:  # (else the step is redone)
+        if missing and self.ft.errored() is None and not self.dry_run:  # (errored: redone)
             c, b = self._data_state["windows"], self.dataloader.global_batch
             logger.warning(f"step {self.step}: groups {missing} are not in the quorum: their "
                            f"slices of windows [{c}, {c + b}) are not trained")  # fmt: skip
@@ -130,11 +132,14 @@ class FaultTolerantTrainer(Trainer):
     def _step_loss(self, local_loss: torch.Tensor) -> torch.Tensor:
         return self.ft.sum_loss(super()._step_loss(local_loss))
 
+    def local_grads(self) -> list[torch.Tensor]:
+        """This rank's pieces of the gradients (FSDP's shards, TP's local parts)."""
+        return [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
+
     def optimizer_step(self, loss: torch.Tensor, replay=None) -> tuple[float, float]:
         """Sum the gradients over the groups, then apply them only if the quorum commits (no
         replay: a replay's collectives would follow the commit vote)."""
-        grads = [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
-        self.ft.sum_grads(grads)
+        self.ft.sum_grads(self.local_grads())
         self.committed = self.ft.should_commit()
         if not self.committed:
             self.optimizer.zero_grad(set_to_none=True)
@@ -148,7 +153,7 @@ class FaultTolerantTrainer(Trainer):
             if self.committed:
                 return result
             logger.warning(f"step {self.step}: not committed by the quorum "
-                           f"({self.ft.manager.errored()}); redoing it")  # fmt: skip
+                           f"({self.ft.errored()}); redoing it")  # fmt: skip
             self.dataloader.load_state_dict(self._data_state)
             microbatches = self.next_microbatches(self.dataloader)
 
