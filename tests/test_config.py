@@ -174,6 +174,41 @@ def test_effective_config_round_trips(tmp_path):
         (["--resilience.spike_sigma", "-1"], "resilience.spike_sigma = -1.0 must be >= 0"),
         (["--resilience.spike_window", "1"], "resilience.spike_window = 1 must be >= 2"),
         (["--resilience.straggler_report_freq", "-1"], "must be >= 0 (0: off)"),
+        (
+            [
+                "--fault_tolerance.enable",
+                "--fault_tolerance.replica_groups",
+                "2",
+                "--fault_tolerance.replica_group",
+                "2",
+            ],
+            "fault_tolerance.replica_group = 2 must be in [0, replica_groups = 2)",
+        ),  # fmt: skip
+        (
+            ["--fault_tolerance.enable", "--fault_tolerance.min_replicas", "2"],
+            "fault_tolerance.min_replicas = 2 must be in [1, replica_groups = 1]",
+        ),
+        (
+            ["--fault_tolerance.enable", "--fault_tolerance.process_group", "mpi"],
+            "fault_tolerance.process_group = 'mpi' is not one of gloo, nccl",
+        ),
+        (
+            ["--fault_tolerance.enable", "--fault_tolerance.timeout_s", "0"],
+            "fault_tolerance.timeout_s = 0 must be >= 1",
+        ),
+        (
+            ["--fault_tolerance.enable", "--parallelism.data_parallel_replicate_degree", "2"],
+            "the replica dimension is fault_tolerance.replica_groups",
+        ),
+        (
+            [
+                "--fault_tolerance.enable",
+                "--resilience.on_anomaly",
+                "rollback",
+                "--checkpoint.enable",
+            ],
+            "resilience.on_anomaly = 'rollback' with fault_tolerance.enable",
+        ),  # fmt: skip
         (["training.steps", "3"], "unexpected argument 'training.steps'"),
         (["--job.config_file", "/nonexistent.toml"], "config file not found: /nonexistent.toml"),
     ],
@@ -182,6 +217,26 @@ def test_bad_config_errors(args, message):
     with pytest.raises(ConfigError) as e:
         load_config(args)
     assert message in str(e.value)
+
+
+def test_fault_tolerance_off_takes_any_values():
+    """The [fault_tolerance] checks apply only with enable: a disabled section never stops a run."""
+    cfg = load_config(
+        ["--fault_tolerance.replica_group", "7", "--fault_tolerance.min_replicas", "0"]
+    )
+    assert not cfg.fault_tolerance.enable and cfg.fault_tolerance.replica_group == 7
+    cfg = load_config(
+        [
+            "--fault_tolerance.enable",
+            "--fault_tolerance.replica_groups",
+            "3",
+            "--fault_tolerance.replica_group",
+            "2",
+            "--fault_tolerance.min_replicas",
+            "2",
+        ]
+    )
+    assert (cfg.fault_tolerance.replica_group, cfg.fault_tolerance.min_replicas) == (2, 2)
 
 
 def test_bad_toml_errors(tmp_path):

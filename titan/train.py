@@ -22,6 +22,7 @@ from titan.elastic_errors import write_error_file
 from titan.errors import AnomalyError, CheckpointError, ConfigError, DataError
 from titan.logger import init_logger, logger
 from titan.parallelisms.distributed import comm_mode
+from titan.trainer.ft_trainer import FaultTolerantTrainer
 from titan.trainer.preemption import Preempted, log_preempted
 from titan.trainer.trainer import Trainer
 
@@ -59,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.checkpoint.create_seed_checkpoint:
             # one process, whatever the config's layout: the seed is the full, unsharded model
             cfg = dataclasses.replace(cfg, parallelism=Parallelism())
+        # a dry run traces one torchft group: its step, not the quorum (no lighthouse)
+        trainer_cls = FaultTolerantTrainer if cfg.fault_tolerance.enable else Trainer
         if comm_mode() == "fake_backend":
             from titan.trainer import dry_run  # only a dry run traces
 
-            return dry_run.main(cfg, Trainer)
-        trainer = Trainer(cfg)
+            return dry_run.main(cfg, trainer_cls)
+        trainer = trainer_cls(cfg)
         if cfg.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save_model_only(step=0)
             return 0

@@ -13,6 +13,7 @@ from titan.config.job_config import (
     NVFP4,
     Checkpoint,
     Data,
+    FaultTolerance,
     Float8,
     JobConfig,
     Lora,
@@ -303,4 +304,43 @@ def check_validation(v: Validation, d: Data) -> None:
             f"validation.dataset = 'holdout' reads the documents data.holdout_every holds out of "
             f"training, but {why}: set --data.holdout_every N (e.g. 100), or name the "
             "validation data with --validation.path or --validation.dataset"
+        )
+
+
+FT_BACKENDS = ("gloo", "nccl")
+
+
+def check_fault_tolerance(ft: FaultTolerance, p: Parallelism, r: Resilience) -> None:
+    """torchft's replica groups: their ids and count, and the layouts and policies this
+    integration does not take (yet)."""
+    if not ft.enable:
+        return
+    if ft.replica_groups < 1 or not 0 <= ft.replica_group < ft.replica_groups:
+        raise ConfigError(
+            f"fault_tolerance.replica_group = {ft.replica_group} must be in [0, replica_groups = "
+            f"{ft.replica_groups})"
+        )
+    if not 1 <= ft.min_replicas <= ft.replica_groups:
+        raise ConfigError(
+            f"fault_tolerance.min_replicas = {ft.min_replicas} must be in [1, replica_groups = "
+            f"{ft.replica_groups}]"
+        )
+    if ft.process_group not in FT_BACKENDS:
+        raise ConfigError(
+            f"fault_tolerance.process_group = {ft.process_group!r} is not one of "
+            f"{', '.join(FT_BACKENDS)}"
+        )
+    for key in ("timeout_s", "quorum_timeout_s"):
+        if getattr(ft, key) < 1:
+            raise ConfigError(f"fault_tolerance.{key} = {getattr(ft, key)} must be >= 1")
+    if p.data_parallel_replicate_degree != 1:
+        raise ConfigError(
+            "fault_tolerance.enable: the replica dimension is fault_tolerance.replica_groups "
+            "(one job per group); set parallelism.data_parallel_replicate_degree = 1 "
+            f"(not {p.data_parallel_replicate_degree}) and shard inside each group"
+        )
+    if r.on_anomaly == "rollback":
+        raise ConfigError(
+            "resilience.on_anomaly = 'rollback' with fault_tolerance.enable: a group rolling "
+            "back alone would leave the quorum's step; use 'stop' or 'skip'"
         )

@@ -8,11 +8,13 @@ and validates the result. Builders take their own section only:
 from dataclasses import dataclass, field
 
 from titan.config.converter_config import MX, NVFP4, Float8, Lora, Quantize, QuantizeLinear
+from titan.config.ft_config import FaultTolerance
 from titan.config.optimizer_config import LRScheduler, Optimizer
 
 # with the sections below
 __all__ = [
-    "MX", "NVFP4", "Float8", "LRScheduler", "Lora", "Optimizer", "Quantize", "QuantizeLinear"
+    "MX", "NVFP4", "FaultTolerance", "Float8", "LRScheduler", "Lora", "Optimizer", "Quantize",
+    "QuantizeLinear",
 ]  # fmt: skip
 
 
@@ -354,3 +356,4 @@ class JobConfig:
     lora: Lora = field(default_factory=Lora)
     resilience: Resilience = field(default_factory=Resilience)
     dry_run: DryRun = field(default_factory=DryRun)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)

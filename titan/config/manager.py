@@ -23,6 +23,7 @@ from titan.config.checks import (
     check_chat_config,
     check_converters,
     check_degrees,
+    check_fault_tolerance,
     check_hf_save,
     check_lora,
     check_optimizer,
@@ -381,6 +382,7 @@ def validate(cfg: JobConfig) -> None:
     check_chat_config(cfg.data, cfg.model.attn_mask_type)
     check_resilience(cfg.resilience, cfg.checkpoint)
     check_hf_save(cfg.checkpoint, cfg.model.converters)
+    check_fault_tolerance(cfg.fault_tolerance, p, cfg.resilience)
     if not set(cfg.compile.components) <= {"model", "loss"}:
         raise ConfigError(f"compile.components = {cfg.compile.components}: choose from model, loss")
 

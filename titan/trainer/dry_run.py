@@ -207,6 +207,8 @@ def trace_step(trainer, rank: int, label: str) -> MemoryEstimate:
         held["gradients"] = tensor_bytes([p.grad for p in params if p.grad is not None])
         tracer.optimizer_phase, tracer.optimizer_peak = True, tracer.total
         step_start = tracer.total
+        if hasattr(trainer, "ft"):  # a torchft group: its gradient buckets, summed across groups
+            trainer.ft.sum_grads(trainer.local_grads())
         clip_grad_norm_tensor_(params, trainer.cfg.training.max_norm, trainer.pp_mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -37,13 +37,8 @@ from titan.parallelisms.distributed import (
     local_tensor,
 )
 from titan.parallelisms.parallel_dims import init_parallel
-from titan.trainer.anomaly import (
-    AnomalyGuard,
-    rng_state,
-    rollback,
-    set_rng_state,
-    skip_recorded,
-)
+from titan.trainer.anomaly import AnomalyGuard, rng_state, rollback, set_rng_state, skip_recorded
+from titan.trainer.fault_tolerance import data_slot
 from titan.trainer.loss import IGNORE_INDEX, build_loss_fn
 from titan.trainer.metrics import MetricsLogger, model_flops
 from titan.trainer.monitor import StepMonitor
@@ -94,11 +89,13 @@ class Trainer(PipelineSteps):
         self.loss_fn = build_loss_fn(cfg.compile, t.loss_chunk_tokens)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        accumulation = grad_accumulation_steps(t, dims.dp)  # [(first window, steps)]
+        # torchft replica groups read as the dp ranks of one HSDP run over all groups
+        data_rank, data_degree = data_slot(cfg.fault_tolerance, self.dp_rank, dims.dp)
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
-            dp_rank=self.dp_rank, dp_degree=dims.dp, accumulation=accumulation,
-            seed=t.seed, vocab_size=self.model_args.vocab_size, dry_run=self.dry_run,
+            dp_rank=data_rank, dp_degree=data_degree, seed=t.seed, dry_run=self.dry_run,
+            accumulation=grad_accumulation_steps(t, data_degree),  # [(first window, steps)]
+            vocab_size=self.model_args.vocab_size,
         )  # fmt: skip
         self.validator = None if self.dry_run else build_validator(  # a dry run: no validation
             cfg.validation, cfg.data, t, self.tokenizer, self.model_args.vocab_size,
@@ -328,6 +325,10 @@ class Trainer(PipelineSteps):
                 "training.steps"
             ) from None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Further metrics of the step just taken, logged with it (none here)."""
+        return {}
+
     def train(self) -> list[float]:
         """Run training.steps steps; returns the loss of every step."""
         t, job = self.cfg.training, self.cfg.job
@@ -380,7 +381,7 @@ class Trainer(PipelineSteps):
                     now = time.perf_counter()
                     self.metrics.log(
                         self.step, loss=loss, grad_norm=grad_norm, lr=lr, ntokens=ntokens,
-                        elapsed_s=now - last, data_s=data_s,
+                        elapsed_s=now - last, data_s=data_s, extra=self.step_metrics(),
                     )  # fmt: skip
                     ntokens, data_s, last = 0, 0.0, now
                 if self.validator is not None and self.validator.due(self.step, t.steps):
