@@ -231,7 +231,7 @@ def test_initial_weights_load_into_the_base_and_adapters_keep_their_init(tmp_pat
         ),
         (
             ["--model.converters", "float8,lora"],
-            "lora cannot be combined with float8 or mx",
+            "lora cannot be combined with float8, mx or nvfp4",
         ),
     ],
 )
