@@ -18,6 +18,7 @@ ORDER = [
     "titan_float8_rowwise",
     "titan_flex_block_causal",
     "titan_bf16_eager",
+    "titan_muon",
 ]
 STATUSES = ("ok", "skipped", "failed", "timeout", "out_of_time")
 
@@ -51,6 +52,7 @@ COMPARISONS = [
     Comparison("float8 rowwise / bf16", "titan_float8_rowwise", "titan_bf16"),
     Comparison("flex block_causal / causal", "titan_flex_block_causal", "titan_bf16"),
     Comparison("compile / eager", "titan_bf16", "titan_bf16_eager"),
+    Comparison("Muon / AdamW", "titan_muon", "titan_bf16"),
 ]
 
 
@@ -113,6 +115,7 @@ def _training_spec(s: Shapes, **extra) -> dict:
     spec = {k: getattr(s, k) for k in keys} | {"config": str(ROOT / s.config)}
     # float8's size filter keeps linears too small to gain in bf16: all of a smoke model's
     spec |= {"converters": [], "recipe": None, "float8_auto_filter": s.flavor != "debugmodel"}
+    spec |= {"optimizer": "AdamW"}
     return spec | {"mask": "causal"} | extra
 
 
@@ -149,6 +152,10 @@ def plan(shapes: Shapes, smoke: bool) -> list[Case]:
         # the dry run traces the eager step: this is the case its estimate should match
         Case("titan_bf16_eager", "titan", f"titan, {dt}, causal (SDPA), eager",
              _training_spec(s, compile=False), **limits(120, 40), dry_run=True),
+        # Muon's step: the gathered Newton-Schulz per block matrix against AdamW's (last: the
+        # case a short budget drops first)
+        Case("titan_muon", "titan", f"titan, {dt}, Muon on the blocks' matrices",
+             _training_spec(s, optimizer="Muon"), **limits(180, 60), dry_run=True),
     ]  # fmt: skip
     assert [c.name for c in cases] == ORDER
     return cases

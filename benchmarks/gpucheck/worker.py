@@ -51,6 +51,7 @@ def titan_overrides(spec: dict) -> list[str]:
         "--activation_checkpoint.mode", "selective",
         "--activation_checkpoint.selective_ac_option", "op",
         "--lr_scheduler.warmup_steps", "1",
+        "--optimizer.name", spec.get("optimizer", "AdamW"),
     ]  # fmt: skip
     if spec["converters"]:
         args += ["--model.converters", ",".join(spec["converters"])]
