@@ -3,7 +3,7 @@
 # environment with that torch and titan installed as a user installs it (pip install -e .[dev]),
 # a check that the install kept that torch, then the tests that touch every private torch API
 # titan uses (titan/compat.py lists them): compat, model, config, pipeline, context parallel,
-# dry runs, float8/MX, and real 2-process pipeline and context-parallel runs of run_train.sh.
+# dry runs, float8/MX, Muon (torch.optim._muon), torchft, and real 2-process pipeline and context-parallel runs of run_train.sh.
 #   scripts/check_torch_versions.sh                  # 2.11.0 2.14.1 2.15.0
 #   scripts/check_torch_versions.sh 2.12.1 2.13.0    # others
 # Each environment (TITAN_VENVS, default ./.venvs/torch-<version>) is made once and reused.
@@ -20,6 +20,7 @@ versions=("$@")
 TESTS=(tests/test_compat.py tests/test_model.py tests/test_config.py tests/test_pipeline.py
        "tests/test_transforms.py::test_tp_embedding_gradient_is_formed_on_the_ranks_rows_only"
        tests/test_context_parallel.py tests/test_dry_run.py tests/test_float8.py
+       tests/test_muon.py tests/test_torchft.py
        "tests/test_parallel_launch.py::test_run_train_sh_multi_process")
 LAUNCH=(-k "not test_run_train_sh_multi_process or pp2 or cp2")  # the pipeline and CP launches
 
