@@ -3,7 +3,8 @@
 # environment with that torch and titan installed as a user installs it (pip install -e .[dev]),
 # a check that the install kept that torch, then the tests that touch every private torch API
 # titan uses (titan/compat.py lists them): compat, model, config, pipeline, context parallel,
-# dry runs, float8/MX, Muon (torch.optim._muon), torchft, and real 2-process pipeline and context-parallel runs of run_train.sh.
+# dry runs, float8/MX, Muon (torch.optim._muon), torchft, and real 2-process pipeline and
+# context-parallel runs of run_train.sh.
 #   scripts/check_torch_versions.sh                  # 2.11.0 2.14.1 2.15.0
 #   scripts/check_torch_versions.sh 2.12.1 2.13.0    # others
 # Each environment (TITAN_VENVS, default ./.venvs/torch-<version>) is made once and reused.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fault-tolerant training with torchft on one machine: a lighthouse and REPLICA_GROUPS replica
-# groups, each its own ./run_train.sh job of NGPU processes (FSDP/TP/CP inside a group), passed
+# groups, each its own ./run_train.sh job of NGPU processes (FSDP/TP/CP/PP inside a group), passed
 # the [fault_tolerance] flags; arguments go to every group:
 #   REPLICA_GROUPS=2 NGPU=2 CONFIG_FILE=titan/train_configs/debug_model.toml \
 #       scripts/torchft_local.sh --training.steps 50 --job.dump_folder ./outputs/ft

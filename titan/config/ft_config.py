@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class FaultTolerance:
     enable: bool = False
     """Per-step fault tolerance with torchft: each replica group is its own run_train.sh job
-    (its own torchrun, FSDP/TP/CP inside it), the groups average gradients over the replicas
+    (its own torchrun, FSDP/TP/CP/PP inside it), the groups average gradients over the replicas
     present in each step's quorum, and a restarted group heals from a live peer
     (scripts/torchft_local.sh starts a lighthouse and the groups on one machine)."""
     replica_group: int = 0
